@@ -1,0 +1,34 @@
+# Every target installs what it needs first (idempotently), so each works on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: deps demo test bench lint clean
+
+deps: $(STAMP)
+	@command -v redis-server >/dev/null || bash scripts/install-system-deps.sh
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: deps
+	$(BIN)/tallyflow demo
+
+test: deps
+	$(BIN)/pytest -q
+
+bench: deps
+	$(BIN)/tallyflow bench
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

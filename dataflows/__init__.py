@@ -1,0 +1,1 @@
+"""Bytewax wiring: sources, sinks and the dataflows that connect them to `operators/`."""

@@ -1,0 +1,150 @@
+"""The rating dataflow: usage.events -> validate -> shard -> rate -> alerts / rated / dlq.
+
+Run it with `tallyflow rate` or `python -m bytewax.run "dataflows.rating:get_flow()"`;
+both read the TALLYFLOW_* settings. Tenants map to a fixed number of shards (crc32), so
+one tenant's state lives in one engine on one worker, and each item is a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+import zlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
+from confluent_kafka import Message
+
+from dataflows.kafka_io import KafkaBatchSink, KafkaBatchSource, Record
+from operators.catalog_index import CatalogIndex
+from operators.periods import iso
+from operators.rating import EngineConfig, Out, ShardEngine, TenantState
+from operators.stats import Stats
+from operators.validate import Accepted, Validator
+from schemas.catalog import load_catalog
+from schemas.outputs import ENCODER, DeadLetter
+from tallyflow.config import Settings, kafka_config, load_settings
+
+log = logging.getLogger(__name__)
+
+# Process-wide counters: every engine and validator in this process adds to them.
+STATS = Stats()
+
+
+def engine_config(s: Settings) -> EngineConfig:
+    return EngineConfig(
+        window_ms=int(s.window_seconds * 1000),
+        allowed_lateness_ms=int(s.allowed_lateness_seconds * 1000),
+        grace_ms=int(s.grace_seconds * 1000),
+        dedup_horizon_ms=int(s.dedup_horizon_seconds * 1000),
+        idle_timeout_s=s.idle_timeout_seconds,
+    )
+
+
+class _Encoder:
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+
+    def dead(self, dead: list[DeadLetter]) -> list[Record]:
+        return [(self.s.dlq_topic, d.tenant_id.encode() if d.tenant_id else None, ENCODER.encode(d)) for d in dead]
+
+    def out(self, o: Out) -> list[Record]:
+        s = self.s
+        recs: list[Record] = [(s.alerts_topic, a.tenant_id.encode(), ENCODER.encode(a)) for a in o.alerts]
+        recs += [(s.rated_topic, ln.tenant_id.encode(), ENCODER.encode(ln)) for ln in o.lines]
+        recs += self.dead(o.dead)
+        return recs
+
+
+class _ShardLogic(StatefulBatchLogic[list[Accepted], list[Record], bytes]):
+    def __init__(self, engine: ShardEngine, enc: _Encoder) -> None:
+        self.engine = engine
+        self.enc = enc
+
+    def on_batch(self, values: list[list[Accepted]]) -> tuple[list[list[Record]], bool]:
+        now = time.time()
+        received = iso(int(now * 1000))
+        recs: list[Record] = []
+        for batch in values:
+            recs += self.enc.out(self.engine.process(batch, now, received))
+        return ([recs] if recs else [], self.RETAIN)
+
+    def on_notify(self) -> tuple[list[list[Record]], bool]:
+        recs = self.enc.out(self.engine.flush_idle(time.time()))
+        return ([recs] if recs else [], self.RETAIN)
+
+    def on_eof(self) -> tuple[list[list[Record]], bool]:
+        recs = self.enc.out(self.engine.flush_all())
+        return ([recs] if recs else [], self.RETAIN)
+
+    def notify_at(self) -> datetime | None:
+        d = self.engine.next_idle_deadline()
+        return datetime.fromtimestamp(d, UTC) if d is not None else None
+
+    def snapshot(self) -> bytes:
+        # Bytewax asks every epoch, recovery or not; a pickle is an immutable copy and
+        # several times cheaper than deepcopy.
+        return pickle.dumps(self.engine.state(), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, stats: Stats = STATS) -> Dataflow:
+    """Wire the rating dataflow. `end_offsets` bounds the input (demo, tests, backfills)."""
+    catalog = CatalogIndex.build(load_catalog(s.catalog))
+    cfg = engine_config(s)
+    validator = Validator(catalog, stats)
+    enc = _Encoder(s)
+    n_shards = s.shards
+    shard_of: dict[str, str] = {}
+
+    def validate(msgs: list[Message]) -> list[Any]:
+        """Per consumed batch: dead letters as one item, accepted events grouped by shard."""
+        received = iso(int(time.time() * 1000))
+        accepted: list[Accepted] = []
+        dead: list[DeadLetter] = []
+        if msgs:
+            m0 = msgs[0]  # a source item holds one partition's messages
+            values = ((m.value(), m.offset()) for m in msgs)
+            validator.parse_batch(values, m0.topic() or "", m0.partition() or 0, received, accepted, dead)  # type: ignore[arg-type]
+        groups: dict[str, list[Accepted]] = {}
+        for a in accepted:
+            k = shard_of.get(a.tenant_id)
+            if k is None:
+                k = shard_of[a.tenant_id] = f"s{zlib.crc32(a.tenant_id.encode()) % n_shards:04d}"
+            g = groups.get(k)
+            if g is None:
+                groups[k] = [a]
+            else:
+                g.append(a)
+        items: list[Any] = list(groups.items())
+        if dead:
+            items.append(enc.dead(dead))
+        return items
+
+    def build_logic(resume: bytes | None) -> _ShardLogic:
+        state: dict[str, TenantState] | None = pickle.loads(resume) if resume is not None else None
+        return _ShardLogic(ShardEngine.resume(catalog, cfg, stats, state), enc)
+
+    flow = Dataflow("tallyflow-rating")
+    raw = op.input(
+        "events",
+        flow,
+        KafkaBatchSource(kafka_config(s), s.input_topic, batch_size=s.batch_size, start_from=s.start_from, end_offsets=end_offsets),
+    )
+    items = op.flat_map("validate", raw, validate)
+    split = op.branch("split", items, lambda x: isinstance(x, tuple))
+    rated = op.stateful_batch("rate", split.trues, build_logic)
+    out = op.merge("outputs", split.falses, op.map("unkey", rated, lambda kv: kv[1]))
+    op.output("kafka", out, KafkaBatchSink(kafka_config(s)))
+    return flow
+
+
+def get_flow() -> Dataflow:
+    """Entry for `python -m bytewax.run "dataflows.rating:get_flow()"`."""
+    s = load_settings()
+    log.info("tallyflow rating settings: %s", s.masked())
+    return build_flow(s)

@@ -1,0 +1,142 @@
+"""Regenerate examples/catalog.yaml: 3 plans, 5 meters, 1,000 tenants (the demo's catalog)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEAD = """\
+# Tallyflow example catalog (used by `make demo`). Regenerate: python examples/make_catalog.py
+# Money is written as strings so it is exact; quantities may be numbers.
+meters:
+  - {slug: api_calls, event_type: api.request, aggregation: COUNT}
+  - {slug: tokens, event_type: llm.tokens, aggregation: SUM, value_path: tokens}
+  - {slug: storage_gb, event_type: storage.snapshot, aggregation: MAX, value_path: usage.gb}
+  - {slug: active_users, event_type: user.active, aggregation: UNIQUE_COUNT, unique_path: user_id}
+  - {slug: seats, event_type: seats.updated, aggregation: LATEST, value_path: seats}
+
+plans:
+  - id: starter
+    version: 1
+    currency: USD
+    meters:
+      api_calls:
+        included: 200
+        product_code: SKU-API-CALLS
+        price: {model: per_unit, unit_price: "0.0125"}
+        thresholds:
+          - {fraction: 0.8, notify: [success]}
+          - {fraction: 1.0}
+          - {fraction: 1.2}
+          - {fraction: 1.0, sustained_periods: 2, name: expansion}
+      tokens:
+        included: 50000
+        product_code: SKU-LLM-TOKENS
+        price:
+          model: graduated
+          tiers:
+            - {up_to: 100000, unit_price: "0.00004"}
+            - {up_to: 500000, unit_price: "0.00003", flat_fee: "1.50"}
+            - {up_to: null, unit_price: "0.000015"}
+        thresholds:
+          - {fraction: 0.8}
+          - {fraction: 1.0}
+      storage_gb:
+        product_code: SKU-STORAGE
+        included: 5
+        price: {model: per_unit, unit_price: "0.25"}
+      active_users:
+        product_code: SKU-MAU
+        included: 10
+        price: {model: package, package_size: 10, package_price: "4.00"}
+      seats:
+        product_code: SKU-SEATS
+        price: {model: per_unit, unit_price: "12.00"}
+  - id: pro
+    version: 1
+    currency: USD
+    meters:
+      api_calls:
+        included: 1000
+        product_code: SKU-API-CALLS
+        price: {model: package, package_size: 100, package_price: "0.99"}
+        thresholds:
+          - {fraction: 0.8, notify: [success]}
+          - {fraction: 1.0}
+          - {absolute: 5000, name: heavy}
+      tokens:
+        included: 200000
+        product_code: SKU-LLM-TOKENS
+        price:
+          model: volume
+          tiers:
+            - {up_to: 500000, unit_price: "0.00003"}
+            - {up_to: null, unit_price: "0.00002"}
+        thresholds:
+          - {fraction: 0.8}
+          - {fraction: 1.0}
+          - {fraction: 1.2}
+      storage_gb:
+        product_code: SKU-STORAGE
+        included: 50
+        price: {model: per_unit, unit_price: "0.20"}
+      active_users:
+        product_code: SKU-MAU
+        included: 50
+        price: {model: per_unit, unit_price: "0.35"}
+      seats:
+        product_code: SKU-SEATS
+        price: {model: per_unit, unit_price: "10.00"}
+  - id: enterprise
+    version: 3
+    currency: EUR
+    meters:
+      api_calls:
+        included: 2000
+        product_code: EU-API-CALLS
+        price:
+          model: graduated
+          tiers:
+            - {up_to: 10000, unit_price: "0.004"}
+            - {up_to: null, unit_price: "0.002"}
+        thresholds:
+          - {fraction: 1.0}
+      tokens:
+        included: 1000000
+        product_code: EU-LLM-TOKENS
+        price: {model: per_unit, unit_price: "0.000011"}
+        thresholds:
+          - {fraction: 0.8}
+          - {fraction: 1.0}
+      storage_gb:
+        product_code: EU-STORAGE
+        included: 500
+        price: {model: per_unit, unit_price: "0.18"}
+      active_users:
+        product_code: EU-MAU
+        included: 500
+        price: {model: volume, tiers: [{up_to: 1000, unit_price: "0.30"}, {up_to: null, unit_price: "0.25"}]}
+      seats:
+        product_code: EU-SEATS
+        price: {model: per_unit, unit_price: "9.50"}
+
+# Every 50th tenant upgrades from starter to pro at 23:50 on 31 October, in the middle of the demo.
+tenants:
+"""
+
+
+def main() -> None:
+    lines = [HEAD]
+    for i in range(1, 1001):
+        plan = "enterprise" if i % 10 == 0 else ("pro" if i % 10 in (3, 6, 9) else "starter")
+        extra = ""
+        if plan == "starter" and i % 50 == 1:
+            extra = ", plan_changes: [{plan: pro, effective_from: '2026-10-31T23:50:00Z'}]"
+        lines.append(
+            f"  - {{tenant_id: t-{i:04d}, plan: {plan}, crm_account_id: CRM-{i:05d}, erp_customer_id: ERP-{i:05d}, "
+            f"contract_id: C-{2026}-{i:04d}{extra}}}\n"
+        )
+    Path(__file__).with_name("catalog.yaml").write_text("".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Lookup structures compiled once from a validated catalog, for the per-event hot path."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from operators.pricing import Rater
+from schemas.catalog import Catalog, Meter, Plan, PlanMeter, Tenant, Threshold
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """A threshold resolved to an absolute limit for one plan meter."""
+
+    name: str
+    limit: Decimal
+    threshold: Threshold
+
+
+@dataclass(slots=True)
+class MeterSpec:
+    """How to read one meter's value from an event."""
+
+    meter: Meter
+    value_path: tuple[str, ...] | None
+    unique_path: tuple[str, ...] | None
+
+
+@dataclass(slots=True)
+class PlanMeterIndex:
+    slug: str
+    aggregation: str
+    plan: Plan
+    meter: PlanMeter
+    rater: Rater
+    levels: list[Level]  # ascending by limit: crossings fire in level order
+
+
+@dataclass(slots=True)
+class PlanIndex:
+    plan: Plan
+    pricing_version: str
+    meters: dict[str, PlanMeterIndex]
+
+
+@dataclass(slots=True)
+class TenantIndex:
+    tenant: Tenant
+    from_ms: int | None
+    until_ms: int | None
+    change_ms: list[int]  # sorted effective times of plan assignments
+    plans: list[PlanIndex]
+
+    def plan_at(self, ts_ms: int) -> PlanIndex | None:
+        if len(self.plans) == 1:
+            return self.plans[0] if ts_ms >= self.change_ms[0] else None
+        i = bisect.bisect_right(self.change_ms, ts_ms) - 1
+        return self.plans[i] if i >= 0 else None
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.astimezone(UTC).timestamp() * 1000)
+
+
+def _path(p: str | None) -> tuple[str, ...] | None:
+    return tuple(p.split(".")) if p else None
+
+
+@dataclass(slots=True)
+class CatalogIndex:
+    catalog: Catalog
+    meters_by_type: dict[str, list[MeterSpec]] = field(default_factory=dict)
+    tenants: dict[str, TenantIndex] = field(default_factory=dict)
+    plans_by_version: dict[str, PlanIndex] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, catalog: Catalog) -> CatalogIndex:
+        idx = cls(catalog)
+        for m in catalog.meters:
+            idx.meters_by_type.setdefault(m.event_type, []).append(MeterSpec(m, _path(m.value_path), _path(m.unique_path)))
+        by_slug = {m.slug: m for m in catalog.meters}
+        plans = {p.id: _plan_index(p, by_slug) for p in catalog.plans}
+        idx.plans_by_version = {p.pricing_version: p for p in plans.values()}
+        for t in catalog.tenants:
+            start = _ms(t.effective_from) if t.effective_from else None
+            changes = sorted(
+                [(start if start is not None else -(2**62), t.plan)] + [(_ms(c.effective_from), c.plan) for c in t.plan_changes]
+            )
+            idx.tenants[t.tenant_id] = TenantIndex(
+                tenant=t,
+                from_ms=start,
+                until_ms=_ms(t.effective_until) if t.effective_until else None,
+                change_ms=[c[0] for c in changes],
+                plans=[plans[c[1]] for c in changes],
+            )
+        return idx
+
+
+def _plan_index(plan: Plan, meters_by_slug: dict[str, Meter]) -> PlanIndex:
+    meters: dict[str, PlanMeterIndex] = {}
+    for slug, pm in plan.meters.items():
+        levels = sorted(
+            (Level(th.level, th.absolute if th.absolute is not None else pm.included * (th.fraction or 0), th) for th in pm.thresholds),
+            key=lambda lv: lv.limit,
+        )
+        meters[slug] = PlanMeterIndex(
+            slug=slug,
+            aggregation=meters_by_slug[slug].aggregation,
+            plan=plan,
+            meter=pm,
+            rater=Rater(pm.price, pm.included, plan.currency),
+            levels=levels,
+        )
+    return PlanIndex(plan, plan.pricing_version, meters)

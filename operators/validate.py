@@ -1,0 +1,258 @@
+"""Turn raw Kafka message bytes into accepted usage or dead letters with a reason.
+
+Any byte string yields dead letters or accepted events: a bad element inside a JSON array
+is dead-lettered alone, so its neighbours still count (SPEC §3.7).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from operators.catalog_index import CatalogIndex
+from operators.stats import Stats
+from schemas.events import CloudEvent, EventDecoder, Quantity, UniqueValue
+from schemas.outputs import DeadLetter, DeadLetterReason
+
+
+class Accepted(msgspec.Struct, gc=False):
+    """A schema-valid, enriched event on its way to its tenant's shard. It holds ids, not
+    catalog objects, because batches cross workers."""
+
+    tenant_id: str
+    pricing_version: str
+    key: str  # dedup key within the tenant: source + id
+    event_id: str
+    ts_ms: int
+    values: list[tuple[str, Any]]  # (meter slug, quantity or unique value)
+    payload: bytes
+    topic: str
+    partition: int
+    offset: int
+    index: int | None
+
+
+# (meter slug, reads the quantity from the event or None for COUNT, is a quantity)
+Reader = tuple[str, Callable[[Any], Any] | None, bool]
+
+
+def _classify(e: msgspec.ValidationError) -> DeadLetterReason:
+    msg = str(e)
+    if "Invalid value" in msg and msg.endswith(".type`"):
+        return "unknown_meter"
+    if ".data" in msg or "field `data`" in msg:
+        return "bad_quantity"
+    return "schema"
+
+
+class Validator:
+    """Stateless per message: decode, check schema, resolve tenant, plan and meters."""
+
+    def __init__(self, catalog: CatalogIndex, stats: Stats) -> None:
+        self.cat = catalog
+        self.stats = stats
+        fields: dict[str, list[tuple[str, Any]]] = {}
+        readers: dict[str, list[Reader]] = {}
+        for etype, specs in catalog.meters_by_type.items():
+            fields[etype], readers[etype] = [], []
+            for spec in specs:
+                m = spec.meter
+                if m.aggregation == "COUNT":
+                    readers[etype].append((m.slug, None, True))
+                    continue
+                path, typ = (m.unique_path, UniqueValue) if m.aggregation == "UNIQUE_COUNT" else (m.value_path, Quantity)
+                assert path is not None
+                fields[etype].append((path, typ))
+                readers[etype].append((m.slug, operator.attrgetter(f"data.{path}"), typ is Quantity))
+        self.decoder = EventDecoder(fields)
+        self.readers = {cls: readers[etype] for cls, etype in self.decoder.classes.items()}
+
+    def parse_batch(
+        self,
+        values: Iterable[tuple[bytes | None, int]],
+        topic: str,
+        partition: int,
+        received_at: str,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+    ) -> None:
+        """Judge (value, offset) pairs from one topic partition; append outcomes in order."""
+        decode = self.decoder.single_or_batch.decode
+        one = self._one
+        for value, offset in values:
+            try:
+                decoded = decode(value or b"")
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                self.parse(value, topic, partition, offset, received_at, accepted, dead)
+                continue
+            if type(decoded) is list:
+                self.parse(value, topic, partition, offset, received_at, accepted, dead)
+            else:
+                one(decoded, value, topic, partition, offset, None, received_at, accepted, dead)  # type: ignore[arg-type]
+
+    def parse(
+        self,
+        value: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        received_at: str,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+    ) -> None:
+        """Judge one message: a single event, a JSON array of events, or a dead letter."""
+        payload = value or b""
+        try:
+            decoded = self.decoder.single_or_batch.decode(payload)
+        except msgspec.ValidationError as e:
+            if payload.lstrip()[:1] != b"[":
+                return self._dead(dead, _classify(e), f"{e}", payload, topic, partition, offset, received_at)
+            self._elements(payload, topic, partition, offset, received_at, accepted, dead)
+            return
+        except msgspec.DecodeError as e:
+            msg = f"not JSON: {e}" if payload else "empty message (a tombstone?)"
+            return self._dead(dead, "invalid_json", msg, payload, topic, partition, offset, received_at)
+        except UnicodeDecodeError as e:
+            return self._dead(dead, "invalid_json", f"not UTF-8: {e}", payload, topic, partition, offset, received_at)
+        if isinstance(decoded, list):
+            if not decoded:
+                return self._dead(dead, "schema", "an empty JSON array holds no events", payload, topic, partition, offset, received_at)
+            for i, ev in enumerate(decoded):
+                # Elements share the message as payload; `index` says which one a dead letter is.
+                self._one(ev, payload, topic, partition, offset, i, received_at, accepted, dead)
+        else:
+            self._one(decoded, payload, topic, partition, offset, None, received_at, accepted, dead)
+
+    def _elements(
+        self, payload: bytes, topic: str, partition: int, offset: int, received_at: str, accepted: list[Accepted], dead: list[DeadLetter]
+    ) -> None:
+        """Slow path for an array with a bad element: judge each element on its own."""
+        for i, raw in enumerate(self.decoder.raw_array.decode(payload)):
+            try:
+                ev = self.decoder.one.decode(raw)
+            except msgspec.ValidationError as e:
+                self._dead(dead, _classify(e), f"{e}", bytes(raw), topic, partition, offset, received_at, i)
+                continue
+            except UnicodeDecodeError as e:
+                self._dead(dead, "invalid_json", f"not UTF-8: {e}", bytes(raw), topic, partition, offset, received_at, i)
+                continue
+            self._one(ev, bytes(raw), topic, partition, offset, i, received_at, accepted, dead)
+
+    def _dead(
+        self,
+        dead: list[DeadLetter],
+        reason: DeadLetterReason,
+        message: str,
+        raw: bytes,
+        topic: str,
+        partition: int,
+        offset: int,
+        received_at: str,
+        index: int | None = None,
+        ev: CloudEvent | None = None,
+    ) -> None:
+        self.stats.records_in += 1
+        self.stats.dead[reason] += 1
+        dead.append(
+            DeadLetter(
+                reason=reason,
+                message=message,
+                payload=raw,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                received_at=received_at,
+                index=index,
+                event_id=ev.id if ev else None,
+                tenant_id=ev.subject if ev else None,
+            )
+        )
+
+    def _one(
+        self,
+        ev: Any,
+        raw: bytes,
+        topic: str,
+        partition: int,
+        offset: int,
+        index: int | None,
+        received_at: str,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+    ) -> None:
+        tenant = self.cat.tenants.get(ev.subject)
+        if tenant is None:
+            return self._dead(
+                dead,
+                "unknown_tenant",
+                f"tenant '{ev.subject}' is not in the catalog",
+                raw,
+                topic,
+                partition,
+                offset,
+                received_at,
+                index,
+                ev,
+            )
+        # Exact to the microsecond: float seconds carry < 0.5 µs error at today's epoch.
+        ts_ms = round(ev.time.timestamp() * 1_000_000) // 1000
+        plan = tenant.plan_at(ts_ms)
+        if plan is None or (tenant.until_ms is not None and ts_ms >= tenant.until_ms):
+            return self._dead(
+                dead,
+                "unknown_tenant",
+                f"tenant '{ev.subject}' has no contract in force at {ev.time.isoformat()}",
+                raw,
+                topic,
+                partition,
+                offset,
+                received_at,
+                index,
+                ev,
+            )
+        priced = plan.meters
+        values: list[tuple[str, Any]] = []
+        for slug, read, is_qty in self.readers[type(ev)]:
+            if slug not in priced:
+                continue
+            if read is None:
+                values.append((slug, 1))
+                continue
+            v = read(ev)
+            if is_qty and type(v) is Decimal and (not v.is_finite() or v < 0):
+                return self._dead(
+                    dead,
+                    "bad_quantity",
+                    f"meter '{slug}' needs a finite non-negative quantity, got {v}",
+                    raw,
+                    topic,
+                    partition,
+                    offset,
+                    received_at,
+                    index,
+                    ev,
+                )
+            values.append((slug, v))
+        if not values:
+            return self._dead(
+                dead,
+                "unknown_meter",
+                f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'",
+                raw,
+                topic,
+                partition,
+                offset,
+                received_at,
+                index,
+                ev,
+            )
+        self.stats.records_in += 1
+        accepted.append(
+            Accepted(
+                ev.subject, plan.pricing_version, f"{ev.source}\x1f{ev.id}", ev.id, ts_ms, values, raw, topic, partition, offset, index
+            )
+        )

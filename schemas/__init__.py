@@ -1,0 +1,1 @@
+"""msgspec types for every contract Tallyflow reads or writes (SPEC §2)."""

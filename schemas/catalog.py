@@ -1,0 +1,248 @@
+"""The catalog: meters, plans with prices and thresholds, tenants (SPEC §2.2).
+
+`load_catalog` validates structure with msgspec (which names the failing path) and then
+the cross-references msgspec cannot see, so a bad catalog stops start-up with one
+message naming the field and what to do about it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+NonNeg = Decimal  # msgspec cannot bound Decimals; check_catalog does
+Aggregation = Literal["SUM", "COUNT", "MAX", "UNIQUE_COUNT", "LATEST"]
+BillingPeriod = Literal["month", "day"]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class CatalogError(ValueError):
+    """A catalog that cannot be used; the message names the field and the fix."""
+
+
+class Meter(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    slug: Slug
+    event_type: str
+    aggregation: Aggregation
+    value_path: str | None = None
+    unique_path: str | None = None
+
+
+class Tier(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    up_to: NonNeg | None
+    unit_price: NonNeg
+    flat_fee: NonNeg = Decimal(0)
+
+
+class PerUnit(msgspec.Struct, tag="per_unit", tag_field="model", forbid_unknown_fields=True, frozen=True):
+    unit_price: NonNeg
+
+
+class Graduated(msgspec.Struct, tag="graduated", tag_field="model", forbid_unknown_fields=True, frozen=True):
+    tiers: list[Tier]
+
+
+class Volume(msgspec.Struct, tag="volume", tag_field="model", forbid_unknown_fields=True, frozen=True):
+    tiers: list[Tier]
+
+
+class Package(msgspec.Struct, tag="package", tag_field="model", forbid_unknown_fields=True, frozen=True):
+    package_size: Decimal
+    package_price: NonNeg
+
+
+PriceModel = PerUnit | Graduated | Volume | Package
+
+
+class Threshold(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A level as a fraction of `included` or an absolute quantity (exactly one)."""
+
+    fraction: Decimal | None = None
+    absolute: Decimal | None = None
+    name: str | None = None
+    sustained_periods: Annotated[int, msgspec.Meta(ge=2)] | None = None
+    notify: list[Literal["crm", "success"]] = msgspec.field(default_factory=lambda: ["crm", "success"])
+
+    @property
+    def level(self) -> str:
+        if self.name:
+            return self.name
+        base = f"{(self.fraction or 0) * 100:f}".rstrip("0").rstrip(".") + "%" if self.fraction else f"abs:{self.absolute}"
+        return f"{base}x{self.sustained_periods}" if self.sustained_periods else base
+
+
+class PlanMeter(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    product_code: str
+    price: PriceModel
+    included: NonNeg = Decimal(0)
+    thresholds: list[Threshold] = []
+
+
+class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    id: Slug
+    version: Annotated[int, msgspec.Meta(ge=1)]
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+    meters: dict[str, PlanMeter]
+    billing_period: BillingPeriod = "month"
+
+    @property
+    def pricing_version(self) -> str:
+        return f"{self.id}:v{self.version}"
+
+
+class PlanChange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    plan: str
+    effective_from: datetime
+
+
+class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tenant_id: Annotated[str, msgspec.Meta(min_length=1)]
+    plan: str
+    crm_account_id: str
+    erp_customer_id: str
+    contract_id: str
+    legal_entity: str | None = None
+    region: str | None = None
+    effective_from: datetime | None = None
+    effective_until: datetime | None = None
+    plan_changes: list[PlanChange] = []
+
+
+class Catalog(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    meters: list[Meter]
+    plans: list[Plan]
+    tenants: list[Tenant]
+
+
+def _utc(dt: datetime, where: str) -> datetime:
+    if dt.tzinfo is None:
+        raise CatalogError(f"{where}: '{dt.isoformat()}' has no time zone; write it as RFC 3339 with 'Z' or an offset")
+    return dt.astimezone(UTC)
+
+
+def check_catalog(cat: Catalog) -> None:
+    """Cross-reference checks that the type system cannot express."""
+    slugs: set[str] = set()
+    for i, m in enumerate(cat.meters):
+        where = f"$.meters[{i}]"
+        if m.slug in slugs:
+            raise CatalogError(f"{where}.slug: meter '{m.slug}' is declared twice; give each meter a unique slug")
+        slugs.add(m.slug)
+        if m.aggregation in ("SUM", "MAX", "LATEST") and not m.value_path:
+            raise CatalogError(f"{where}.value_path: {m.aggregation} meter '{m.slug}' needs a value_path such as 'tokens'")
+        if m.aggregation == "UNIQUE_COUNT" and not m.unique_path:
+            raise CatalogError(f"{where}.unique_path: UNIQUE_COUNT meter '{m.slug}' needs a unique_path such as 'user_id'")
+    plan_ids: set[str] = set()
+    for i, p in enumerate(cat.plans):
+        where = f"$.plans[{i}]"
+        if p.id in plan_ids:
+            raise CatalogError(f"{where}.id: plan '{p.id}' is declared twice; bump 'version' in place instead")
+        plan_ids.add(p.id)
+        for slug, pm in p.meters.items():
+            mw = f"{where}.meters.{slug}"
+            if slug not in slugs:
+                raise CatalogError(f"{mw}: no meter '{slug}' is declared; add it under 'meters' or remove it here")
+            _check_money(pm, mw)
+            if isinstance(pm.price, Graduated | Volume):
+                _check_tiers(pm.price.tiers, f"{mw}.price.tiers")
+            for j, th in enumerate(pm.thresholds):
+                if (th.fraction is None) == (th.absolute is None):
+                    raise CatalogError(f"{mw}.thresholds[{j}]: set exactly one of 'fraction' or 'absolute'")
+                if th.fraction is not None and pm.included == 0:
+                    raise CatalogError(
+                        f"{mw}.thresholds[{j}].fraction: 'included' is 0, so a fraction of it is meaningless; use 'absolute'"
+                    )
+            levels = [th.level for th in pm.thresholds]
+            if len(levels) != len(set(levels)):
+                raise CatalogError(f"{mw}.thresholds: two thresholds share a level name; give one a distinct 'name'")
+    tenant_ids: set[str] = set()
+    for i, t in enumerate(cat.tenants):
+        where = f"$.tenants[{i}]"
+        if t.tenant_id in tenant_ids:
+            raise CatalogError(f"{where}.tenant_id: tenant '{t.tenant_id}' is declared twice")
+        tenant_ids.add(t.tenant_id)
+        for field, pid in [("plan", t.plan)] + [(f"plan_changes[{j}].plan", c.plan) for j, c in enumerate(t.plan_changes)]:
+            if pid not in plan_ids:
+                raise CatalogError(f"{where}.{field}: no plan '{pid}' is declared; use one of {sorted(plan_ids)}")
+        for field, dt in (("effective_from", t.effective_from), ("effective_until", t.effective_until)):
+            if dt is not None:
+                _utc(dt, f"{where}.{field}")
+        for j, c in enumerate(t.plan_changes):
+            _utc(c.effective_from, f"{where}.plan_changes[{j}].effective_from")
+
+
+def _nonneg(v: Decimal, where: str, strict: bool = False) -> None:
+    if not v.is_finite() or v < 0 or (strict and v == 0):
+        raise CatalogError(f"{where}: {v} is not allowed; use a {'positive' if strict else 'non-negative'} number")
+
+
+def _check_money(pm: PlanMeter, where: str) -> None:
+    _nonneg(pm.included, f"{where}.included")
+    model = pm.price
+    if isinstance(model, PerUnit):
+        _nonneg(model.unit_price, f"{where}.price.unit_price")
+    elif isinstance(model, Package):
+        _nonneg(model.package_size, f"{where}.price.package_size", strict=True)
+        _nonneg(model.package_price, f"{where}.price.package_price")
+    else:
+        for j, t in enumerate(model.tiers):
+            _nonneg(t.unit_price, f"{where}.price.tiers[{j}].unit_price")
+            _nonneg(t.flat_fee, f"{where}.price.tiers[{j}].flat_fee")
+    for j, th in enumerate(pm.thresholds):
+        for name in ("fraction", "absolute"):
+            v = getattr(th, name)
+            if v is not None:
+                _nonneg(v, f"{where}.thresholds[{j}].{name}", strict=True)
+
+
+def _check_tiers(tiers: list[Tier], where: str) -> None:
+    if not tiers:
+        raise CatalogError(f"{where}: at least one tier is needed")
+    prev = Decimal(-1)
+    for j, tier in enumerate(tiers):
+        last = j == len(tiers) - 1
+        if tier.up_to is None and not last:
+            raise CatalogError(f"{where}[{j}].up_to: only the last tier may be open-ended (up_to: null)")
+        if tier.up_to is not None and tier.up_to <= prev:
+            raise CatalogError(f"{where}[{j}].up_to: tiers must have strictly increasing 'up_to'")
+        if last and tier.up_to is not None:
+            raise CatalogError(f"{where}[{j}].up_to: the last tier must be open-ended (up_to: null) so every quantity has a price")
+        prev = tier.up_to if tier.up_to is not None else prev
+
+
+def parse_catalog(raw: object) -> Catalog:
+    try:
+        cat = msgspec.convert(raw, Catalog, strict=False)
+    except msgspec.ValidationError as e:
+        hint = ""
+        if "price.model" in str(e) or "price`" in str(e):
+            hint = "; price models are per_unit, graduated, volume and package"
+        elif "aggregation" in str(e):
+            hint = "; aggregations are SUM, COUNT, MAX, UNIQUE_COUNT and LATEST"
+        raise CatalogError(f"catalog is invalid: {e}{hint}") from None
+    check_catalog(cat)
+    return cat
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read a YAML or JSON catalog file; raise CatalogError with the field and the fix."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise CatalogError(f"catalog file {p}: {e.strerror}; set TALLYFLOW_CATALOG to a readable file") from None
+    try:
+        # YAML is a superset of JSON; plain floats in YAML are converted exactly by msgspec.
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: 8x faster
+    except yaml.YAMLError as e:
+        raise CatalogError(f"catalog file {p} is not valid YAML/JSON: {e}") from None
+    try:
+        return parse_catalog(raw)
+    except CatalogError as e:
+        raise CatalogError(f"{p}: {e}") from None

@@ -1,0 +1,172 @@
+"""`make bench`: the rating dataflow against a hand-written confluent-kafka + msgspec loop
+doing the same work on the same input, in one run, printed as JSON (ratios, not absolute
+times, are what to compare across these noisy machines)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import sys
+import time
+import tracemalloc
+import zlib
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from dataflows.kafka_io import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
+from operators.catalog_index import CatalogIndex
+from operators.dedup import GenerationalDedup
+from operators.periods import iso
+from operators.rating import Out, ShardEngine
+from operators.stats import Stats
+from operators.validate import Accepted, Validator
+from schemas.catalog import load_catalog
+from schemas.outputs import ENCODER, DeadLetter
+from tallyflow.config import Settings, load_settings
+from tallyflow.generator import GenSpec, produce
+from tallyflow.stack import LocalStack
+
+
+def tune_gc() -> None:
+    """Long-lived state makes the default collector rescan it constantly (measured: halves
+    batched throughput); collect young objects rarely and freeze what start-up built."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
+def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
+    """The bar: one consumer, the same operators, outputs produced to the same topics."""
+    from dataflows.rating import engine_config
+
+    stats = Stats()
+    cat = CatalogIndex.build(load_catalog(s.catalog))
+    validator = Validator(cat, stats)
+    cfg = engine_config(s)
+    engines: dict[int, ShardEngine] = {}
+    consumer = Consumer({**CONSUMER_DEFAULTS, "bootstrap.servers": s.brokers})
+    consumer.assign([TopicPartition(s.input_topic, p, 0) for p in end_offsets])
+    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": s.brokers})
+    remaining = {p: e for p, e in end_offsets.items() if e > 0}
+
+    def emit(topic: str, items: list[Any]) -> None:
+        for it in items:
+            while True:
+                try:
+                    producer.produce(topic, ENCODER.encode(it), it.tenant_id.encode() if it.tenant_id else None)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+
+    def emit_out(o: Out) -> None:
+        emit(s.alerts_topic, o.alerts)
+        emit(s.rated_topic, o.lines)
+        emit(s.dlq_topic, o.dead)
+
+    while remaining:
+        msgs = consumer.consume(s.batch_size, 0.1)
+        if not msgs:
+            continue
+        now = time.time()
+        received = iso(int(now * 1000))
+        by_part: dict[int, list[tuple[bytes | None, int]]] = {}
+        for m in msgs:
+            p, off = m.partition(), m.offset()
+            if m.error() is None and p is not None and off is not None:
+                by_part.setdefault(p, []).append((m.value(), off))
+        accepted: list[Accepted] = []
+        dead: list[DeadLetter] = []
+        for p, vals in by_part.items():
+            validator.parse_batch(vals, s.input_topic, p, received, accepted, dead)
+            if vals[-1][1] + 1 >= remaining.get(p, 0):
+                remaining.pop(p, None)
+        emit(s.dlq_topic, dead)
+        groups: dict[int, list[Accepted]] = {}
+        for a in accepted:
+            groups.setdefault(zlib.crc32(a.tenant_id.encode()) % s.shards, []).append(a)
+        for shard, batch in groups.items():
+            eng = engines.get(shard)
+            if eng is None:
+                eng = engines[shard] = ShardEngine(cat, cfg, stats)
+            emit_out(eng.process(batch, now, received))
+        producer.poll(0)
+    for eng in engines.values():
+        emit_out(eng.flush_all())
+    producer.flush()
+    consumer.close()
+    return stats
+
+
+def run_dataflow(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
+    from bytewax._bytewax import cli_main
+
+    from dataflows.rating import build_flow
+
+    stats = Stats()
+    cli_main(build_flow(s, end_offsets=end_offsets, stats=stats))  # type: ignore[no-untyped-call]
+    return stats
+
+
+def dedup_bytes_per_id(n: int = 200_000) -> float:
+    """Memory the dedup window holds per live id (keys shaped like the generator's)."""
+    tracemalloc.start()
+    d = GenerationalDedup(3_600_000)
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        d.seen(f"svc/llm\x1f7-{i:09d}")
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return used / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="tallyflow bench", description=__doc__)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate reference and dataflow runs this many times")
+    args = ap.parse_args(argv)
+    results: dict[str, Any] = {"events": args.events, "partitions": args.partitions}
+    with LocalStack(redis=False) as st:
+        s = load_settings(brokers=st.brokers)
+        st.create_topics({s.input_topic: args.partitions, s.alerts_topic: 1, s.rated_topic: 1, s.dlq_topic: 1})
+        cat = load_catalog(s.catalog)
+        # Traffic of 1,000 tenants at 20k events/s of event time: 1-minute windows fill up.
+        spec = GenSpec(total=args.events, span=timedelta(seconds=args.events / 20_000))
+        gen = produce(st.brokers, s.input_topic, spec, cat, progress=sys.stderr.isatty())
+        results["produce_events_per_s"] = round(gen.produced / gen.seconds)
+        tune_gc()
+        ref_rates, flow_rates = [], []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            ref = reference_loop(s, gen.end_offsets)
+            ref_rates.append(args.events / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            flow = run_dataflow(s, gen.end_offsets)
+            flow_rates.append(args.events / (time.perf_counter() - t0))
+            for name, stt in (("reference", ref), ("dataflow", flow)):
+                if stt.conservation_gap() != 0 or stt.records_in != args.events:
+                    raise SystemExit(f"{name} lost records: {stt}")
+            if (ref.accepted, ref.duplicates, ref.lines) != (flow.accepted, flow.duplicates, flow.lines):
+                raise SystemExit(f"reference and dataflow disagree: {ref} vs {flow}")
+        results.update(
+            dataflow_events_per_s=round(max(flow_rates)),
+            reference_events_per_s=round(max(ref_rates)),
+            ratio=round(max(flow_rates) / max(ref_rates), 3),
+            rated_lines=flow.lines,
+            alerts=sum(flow.alerts.values()),
+            dedup_bytes_per_live_id=round(dedup_bytes_per_id(), 1),
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            target={"dataflow_events_per_s": 250_000, "ratio": 0.7},
+        )
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

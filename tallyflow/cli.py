@@ -1,0 +1,158 @@
+"""`tallyflow` command line: run dataflows, generate traffic, the local stack, checks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+from datetime import datetime, timedelta
+
+from schemas.catalog import CatalogError, load_catalog
+from tallyflow.config import ConfigError, load_settings
+
+
+def _rate(rest: list[str]) -> int:
+    """Replace this process with `python -m bytewax.run` on the rating flow, so every
+    Bytewax option (-w, -i/-a, -r/-s/-b, the StatefulSet environment) works unchanged."""
+    s = load_settings()
+    load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
+    print(json.dumps({"tallyflow": "rate", "settings": s.masked()}), file=sys.stderr, flush=True)
+    args = [sys.executable, "-m", "bytewax.run", "dataflows.rating:get_flow()", *rest]
+    os.execv(sys.executable, args)
+    return 0  # pragma: no cover
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from tallyflow.generator import GenSpec, produce
+
+    s = load_settings()
+    spec = GenSpec(
+        total=a.total,
+        tenants=a.tenants,
+        duplicate_pct=a.duplicates,
+        late_pct=a.late,
+        malformed_pct=a.malformed,
+        seed=a.seed,
+        rate=a.rate,
+        start=datetime.fromisoformat(a.start) if a.start else GenSpec.start,
+        span=timedelta(seconds=a.span) if a.span else timedelta(seconds=a.total / (a.rate or 20_000)),
+    )
+    res = produce(s.brokers, a.topic or s.input_topic, spec, load_catalog(s.catalog), config=s.kafka, progress=True)
+    print(
+        json.dumps(
+            {
+                "produced": res.produced,
+                "kinds": res.kinds,
+                "end_offsets": res.end_offsets,
+                "events_per_s": round(res.produced / res.seconds),
+            }
+        )
+    )
+    return 0
+
+
+def _stack(a: argparse.Namespace) -> int:
+    from tallyflow.stack import LocalStack
+
+    with LocalStack(redis=not a.no_redis) as st:
+        s = load_settings(brokers=st.brokers)
+        st.create_topics({s.input_topic: a.partitions, s.alerts_topic: 1, s.rated_topic: 1, s.dlq_topic: 1})
+        print(f"export TALLYFLOW_BROKERS={st.brokers}")
+        if not a.no_redis:
+            print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
+        print("# local stack running; Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
+
+
+def _topics(a: argparse.Namespace) -> int:
+    from tallyflow.stack import create_topics
+
+    s = load_settings()
+    create_topics(
+        s.brokers,
+        {
+            s.input_topic: a.partitions,
+            s.alerts_topic: a.output_partitions,
+            s.rated_topic: a.output_partitions,
+            s.dlq_topic: a.output_partitions,
+        },
+        s.kafka,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rate"]:
+        return _guard(lambda: _rate(argv[1:]))
+    ap = argparse.ArgumentParser(prog="tallyflow", description="Usage telemetry to alerts, rated usage and dead letters.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("rate", help="run the rating dataflow (any further arguments go to bytewax.run)")
+    g = sub.add_parser("generate", help="produce synthetic usage events to the input topic")
+    g.add_argument("--total", type=int, default=100_000)
+    g.add_argument("--tenants", type=int, default=1000)
+    g.add_argument("--duplicates", type=float, default=1.0, help="percent")
+    g.add_argument("--late", type=float, default=0.5, help="percent")
+    g.add_argument("--malformed", type=float, default=0.1, help="percent")
+    g.add_argument("--seed", type=int, default=7)
+    g.add_argument("--rate", type=float, default=None, help="events/s (default: as fast as possible)")
+    g.add_argument("--start", default=None, help="event time of the first event, RFC 3339")
+    g.add_argument("--span", type=float, default=None, help="seconds of event time the events cover")
+    g.add_argument("--topic", default=None)
+    st = sub.add_parser("stack", help="run a local broker (and redis) until Ctrl-C")
+    st.add_argument("--partitions", type=int, default=4)
+    st.add_argument("--no-redis", action="store_true")
+    t = sub.add_parser("topics", help="create the input and output topics on TALLYFLOW_BROKERS")
+    t.add_argument("--partitions", type=int, default=12)
+    t.add_argument("--output-partitions", type=int, default=3)
+    c = sub.add_parser("check-catalog", help="validate a catalog file")
+    c.add_argument("path", nargs="?")
+    sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    sub.add_parser("demo", help="the whole pipeline locally, then a summary")
+    sub.add_parser("bench", help="dataflow vs hand-written loop throughput, as JSON")
+    a, rest = ap.parse_known_args(argv)
+    if a.cmd == "demo":
+        from tallyflow import demo
+
+        return demo.main(rest)
+    if a.cmd == "bench":
+        from tallyflow import bench
+
+        return bench.main(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if a.cmd == "generate":
+        return _guard(lambda: _generate(a))
+    if a.cmd == "stack":
+        return _stack(a)
+    if a.cmd == "topics":
+        return _guard(lambda: _topics(a))
+    if a.cmd == "config":
+        return _guard(lambda: print(json.dumps(load_settings().masked(), indent=2)) or 0)
+    if a.cmd == "check-catalog":
+
+        def check() -> int:
+            cat = load_catalog(a.path or load_settings().catalog)
+            print(f"catalog OK: {len(cat.meters)} meters, {len(cat.plans)} plans, {len(cat.tenants)} tenants")
+            return 0
+
+        return _guard(check)
+    return 2  # pragma: no cover
+
+
+def _guard(fn: object) -> int:
+    """Configuration and catalog errors end the process with their message, not a traceback."""
+    try:
+        return int(fn())  # type: ignore[operator]
+    except (ConfigError, CatalogError) as e:
+        print(f"tallyflow: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

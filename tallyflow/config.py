@@ -1,0 +1,101 @@
+"""Settings: defaults < config file (TALLYFLOW_CONFIG, YAML) < TALLYFLOW_* environment.
+
+Kafka client settings pass through to librdkafka unchanged: `kafka:` in the file, or
+TALLYFLOW_KAFKA_<NAME> in the environment (`_` becomes `.`, lower-cased), e.g.
+TALLYFLOW_KAFKA_SECURITY_PROTOCOL=SASL_SSL.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+PREFIX = "TALLYFLOW_"
+KAFKA_PREFIX = PREFIX + "KAFKA_"
+_SECRET_WORDS = ("password", "secret", "token", "key", "credential")
+Pos = Annotated[float, msgspec.Meta(gt=0)]
+NonNegF = Annotated[float, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and the fix."""
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    brokers: str = "127.0.0.1:9092"
+    input_topic: str = "usage.events"
+    alerts_topic: str = "usage.alerts"
+    rated_topic: str = "usage.rated"
+    dlq_topic: str = "usage.dlq"
+    catalog: str = str(Path(__file__).resolve().parent.parent / "examples" / "catalog.yaml")
+    window_seconds: Pos = 60.0
+    allowed_lateness_seconds: NonNegF = 0.0
+    grace_seconds: NonNegF = 3600.0
+    dedup_horizon_seconds: Pos = 3600.0
+    idle_timeout_seconds: Pos = 30.0
+    shards: PosInt = 64
+    batch_size: PosInt = 1000
+    start_from: str = "earliest"
+    kafka: dict[str, str] = {}
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration with secrets replaced, for start-up logs."""
+        d: dict[str, Any] = msgspec.to_builtins(self)
+        d["kafka"] = {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka.items()}
+        return d
+
+
+def _env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from file and environment; raise ConfigError naming the culprit."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = env.get(PREFIX + "CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{PREFIX}CONFIG={path}: cannot read it as YAML ({e}); point it at a readable YAML file") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{PREFIX}CONFIG={path}: expected a mapping of setting: value")
+        raw.update(loaded)
+    fields = set(Settings.__struct_fields__)
+    kafka = dict(raw.get("kafka") or {})
+    for k, v in env.items():
+        if k.startswith(KAFKA_PREFIX):
+            kafka[k[len(KAFKA_PREFIX) :].lower().replace("_", ".")] = v
+        elif k.startswith(PREFIX) and k != PREFIX + "CONFIG":
+            name = k[len(PREFIX) :].lower()
+            if name in fields and name != "kafka":
+                raw[name] = v
+    raw["kafka"] = {str(k): str(v) for k, v in kafka.items()}
+    raw.update(overrides)
+    try:
+        s = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        field = msg.rsplit("$.", 1)[-1].split("`")[0].split(".")[0] if "$." in msg else ""
+        hint = f" (set {_env_name(field)} or '{field}:' in the config file)" if field in fields else ""
+        raise ConfigError(f"invalid setting: {msg}{hint}") from None
+    if s.grace_seconds < s.allowed_lateness_seconds:
+        raise ConfigError(
+            f"{_env_name('grace_seconds')} ({s.grace_seconds}) must be >= {_env_name('allowed_lateness_seconds')} "
+            f"({s.allowed_lateness_seconds}); raise the grace or lower the lateness"
+        )
+    if s.start_from not in ("earliest", "latest"):
+        raise ConfigError(f"{_env_name('start_from')}={s.start_from!r}: use 'earliest' or 'latest'")
+    return s
+
+
+def kafka_config(s: Settings, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings: ours first, the user's pass-through last (theirs win)."""
+    return {"bootstrap.servers": s.brokers, **extra, **s.kafka}

@@ -1,0 +1,192 @@
+"""Traffic generator: realistic usage CloudEvents with duplicates, late and malformed ones.
+
+Event time advances uniformly from `start` over `span`; tenant activity is skewed (a few
+heavy tenants cross thresholds, most do not). Produces through confluent-kafka, keyed by
+tenant, and reports the exclusive end offset of every partition it wrote to.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, Message, Producer
+
+from schemas.catalog import Catalog
+
+DEFAULT_START = datetime(2026, 10, 31, 12, 0, tzinfo=UTC)
+_TYPE_MIX = [("api.request", 50), ("llm.tokens", 35), ("storage.snapshot", 5), ("user.active", 6), ("seats.updated", 4)]
+
+
+@dataclass
+class GenSpec:
+    total: int = 500_000
+    tenants: int = 1000
+    duplicate_pct: float = 1.0
+    late_pct: float = 0.5
+    malformed_pct: float = 0.1
+    seed: int = 7
+    start: datetime = DEFAULT_START
+    span: timedelta = timedelta(hours=24)
+    rate: float | None = None  # events/s; None = as fast as possible
+
+
+@dataclass
+class GenResult:
+    produced: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)
+    end_offsets: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _data(rng: random.Random, etype: str) -> dict[str, Any]:
+    if etype == "api.request":
+        return {"route": rng.choice(["/v1/chat", "/v1/embed", "/v1/files"]), "status": 200}
+    if etype == "llm.tokens":
+        return {"tokens": rng.randint(1, 2000), "model": rng.choice(["m-small", "m-large"])}
+    if etype == "storage.snapshot":
+        # A float with two decimals: its shortest repr is exact, and the pipeline reads it as Decimal.
+        return {"usage": {"gb": rng.randint(1, 50_000) / 100}}
+    if etype == "user.active":
+        return {"user_id": f"u-{rng.randint(1, 80)}"}
+    return {"seats": rng.randint(1, 40)}
+
+
+def _malformed(rng: random.Random, good: bytes, ev: dict[str, Any]) -> tuple[str, bytes]:
+    kind = rng.choice(["invalid_json", "schema", "unknown_tenant", "unknown_meter", "bad_quantity"])
+    if kind == "invalid_json":
+        return kind, good[: rng.randint(1, max(1, len(good) - 2))]
+    bad = dict(ev)
+    if kind == "schema":
+        bad.pop(rng.choice(["subject", "time", "id", "specversion"]))
+    elif kind == "unknown_tenant":
+        bad["subject"] = "t-unknown"
+    elif kind == "unknown_meter":
+        bad["type"] = "video.minutes"
+    else:
+        bad["type"], bad["data"] = "llm.tokens", {"tokens": rng.choice([-5, "many", None])}
+    return kind, orjson.dumps(bad)
+
+
+def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (kind, tenant, value) where kind is ok / duplicate / late / a dead-letter reason."""
+    rng = random.Random(spec.seed)
+    tenants = [t.tenant_id for t in catalog.tenants[: spec.tenants]]
+    # Log-normal activity: a long tail of quiet tenants and a few heavy ones.
+    weights = [math.exp(rng.gauss(0, 1.2)) for _ in tenants]
+    types = [t for t, _ in _TYPE_MIX]
+    type_w = [w for _, w in _TYPE_MIX]
+    step = spec.span / max(spec.total, 1)
+    recent: list[tuple[str, bytes]] = []
+    tenant_pick = rng.choices(tenants, weights, k=spec.total)
+    type_pick = rng.choices(types, type_w, k=spec.total)
+    for i in range(spec.total):
+        r = rng.random() * 100
+        if r < spec.duplicate_pct and recent:
+            tenant, value = recent[rng.randrange(len(recent))]
+            yield "duplicate", tenant, value
+            continue
+        tenant, etype = tenant_pick[i], type_pick[i]
+        t = spec.start + step * i
+        kind = "ok"
+        if r < spec.duplicate_pct + spec.late_pct:
+            kind = "late"
+            # Mostly minutes late (corrections); a fifth hours late (too late past a period end).
+            back = timedelta(minutes=rng.uniform(2, 40)) if rng.random() < 0.8 else timedelta(hours=rng.uniform(2, 3))
+            t -= back
+        ev = {
+            "specversion": "1.0",
+            "id": f"{spec.seed}-{i}",
+            "source": f"svc/{etype.split('.')[0]}",
+            "type": etype,
+            "subject": tenant,
+            "time": _iso(t),
+            "data": _data(rng, etype),
+        }
+        value = orjson.dumps(ev)
+        if r >= 100 - spec.malformed_pct:
+            kind, value = _malformed(rng, value, ev)
+        elif len(recent) < 2000:
+            recent.append((tenant, value))
+        else:
+            recent[rng.randrange(2000)] = (tenant, value)
+        yield kind, tenant, value
+
+
+def produce(
+    brokers: str,
+    topic: str,
+    spec: GenSpec,
+    catalog: Catalog,
+    *,
+    config: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    record: list[bytes] | None = None,
+) -> GenResult:
+    """Produce the generated traffic; returns counts by kind and exact end offsets."""
+    res = GenResult()
+    errors: list[KafkaError] = []
+
+    def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            errors.append(err)
+            return
+        p, o = msg.partition(), msg.offset()
+        assert p is not None and o is not None  # set on every delivered message
+        if o + 1 > res.end_offsets.get(p, 0):
+            res.end_offsets[p] = o + 1
+
+    producer = Producer(
+        {
+            "bootstrap.servers": brokers,
+            "compression.type": "lz4",
+            "linger.ms": 20,
+            "batch.num.messages": 10000,
+            "queue.buffering.max.messages": 500_000,
+            "enable.idempotence": True,
+            **(config or {}),
+        }
+    )
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=spec.total, unit="ev", unit_scale=True, desc="generate", mininterval=0.5)
+    t0 = time.monotonic()
+    for n, (kind, tenant, value) in enumerate(events(spec, catalog), 1):
+        res.kinds[kind] = res.kinds.get(kind, 0) + 1
+        if record is not None:
+            record.append(value)
+        while True:
+            try:
+                producer.produce(topic, value, tenant.encode(), on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if n % 5000 == 0:
+            producer.poll(0)
+            if bar is not None:
+                bar.update(5000)
+            if spec.rate:
+                ahead = n / spec.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing to the requested rate
+    producer.flush()
+    if bar is not None:
+        bar.update(spec.total - bar.n)
+        bar.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} events were not delivered, first: {errors[0]}")
+    res.produced = spec.total
+    res.seconds = time.monotonic() - t0
+    return res

@@ -1,0 +1,52 @@
+"""Reading a topic back to its end (demo summary, tests, reconciliation)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from dataflows.kafka_io import CONSUMER_DEFAULTS
+
+
+def read_topic(brokers: str, topic: str, *, timeout_s: float = 30.0, config: Mapping[str, Any] | None = None) -> list[bytes]:
+    """All values of `topic` from the beginning to the end of every partition.
+
+    The end is the partition-EOF event of the fetch response, which is exact on the local
+    broker (its ListOffsets high watermark trails the log end, so that is not used)."""
+    c = Consumer(
+        {
+            **CONSUMER_DEFAULTS,
+            "bootstrap.servers": brokers,
+            "group.id": f"tallyflow-read-{uuid.uuid4()}",
+            "enable.partition.eof": True,
+            **(config or {}),
+        }
+    )
+    try:
+        md = c.list_topics(topic, timeout=10).topics[topic]
+        parts = sorted(md.partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        done: set[int] = set()
+        out: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: no end of partitions {sorted(set(parts) - done)} within {timeout_s}s")
+            for m in c.consume(10_000, 0.2):
+                err = m.error()
+                part = m.partition()
+                assert part is not None
+                if err is None:
+                    out.append(m.value() or b"")
+                    done.discard(part)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    done.add(part)
+                else:
+                    raise RuntimeError(f"{topic}: {err}")
+        return out
+    finally:
+        c.close()

@@ -1,0 +1,37 @@
+import pytest
+
+from tallyflow.config import ConfigError, kafka_config, load_settings
+
+
+def test_precedence_env_over_file_over_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("shards: 8\nbatch_size: 50\nkafka: {security.protocol: SSL}\n")
+    s = load_settings({"TALLYFLOW_CONFIG": str(f), "TALLYFLOW_SHARDS": "16"})
+    assert (s.shards, s.batch_size, s.window_seconds) == (16, 50, 60.0)
+    assert s.kafka == {"security.protocol": "SSL"}
+
+
+def test_kafka_settings_pass_through_and_user_wins():
+    s = load_settings({"TALLYFLOW_KAFKA_SASL_MECHANISM": "PLAIN", "TALLYFLOW_KAFKA_LINGER_MS": "50"})
+    cfg = kafka_config(s, **{"linger.ms": 5})
+    assert cfg["sasl.mechanism"] == "PLAIN" and cfg["linger.ms"] == "50"
+
+
+def test_secrets_are_masked_in_the_printed_configuration():
+    s = load_settings({"TALLYFLOW_KAFKA_SASL_PASSWORD": "hunter2", "TALLYFLOW_KAFKA_SSL_KEY_PASSWORD": "x"})
+    assert "hunter2" not in str(s.masked()) and s.masked()["kafka"]["sasl.password"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"TALLYFLOW_SHARDS": "many"}, "TALLYFLOW_SHARDS"),
+        ({"TALLYFLOW_WINDOW_SECONDS": "0"}, "TALLYFLOW_WINDOW_SECONDS"),
+        ({"TALLYFLOW_GRACE_SECONDS": "1", "TALLYFLOW_ALLOWED_LATENESS_SECONDS": "5"}, "TALLYFLOW_GRACE_SECONDS"),
+        ({"TALLYFLOW_START_FROM": "middle"}, "TALLYFLOW_START_FROM"),
+        ({"TALLYFLOW_CONFIG": "/nonexistent.yaml"}, "TALLYFLOW_CONFIG"),
+    ],
+)
+def test_bad_setting_names_the_variable(env, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(env)

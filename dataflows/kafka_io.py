@@ -119,7 +119,11 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         return _Partition(self._config, self._topic, part, offset, end, self._batch_size)
 
 
-class _SinkPartition(StatelessSinkPartition[list[Record]]):
+# Items reach the sink still keyed by shard: unkeying them would cost a step per item.
+SinkItem = tuple[str, list[Record]]
+
+
+class _SinkPartition(StatelessSinkPartition[SinkItem]):
     def __init__(self, config: dict[str, Any]) -> None:
         self._producer = Producer(config)
         self._errors: list[str] = []
@@ -128,9 +132,9 @@ class _SinkPartition(StatelessSinkPartition[list[Record]]):
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err}")
 
-    def write_batch(self, items: list[list[Record]]) -> None:
+    def write_batch(self, items: list[SinkItem]) -> None:
         p = self._producer
-        for records in items:
+        for _, records in items:
             for topic, key, value in records:
                 while True:
                     try:
@@ -149,8 +153,8 @@ class _SinkPartition(StatelessSinkPartition[list[Record]]):
         self._producer.flush()
 
 
-class KafkaBatchSink(DynamicSink[list[Record]]):
-    """Items are lists of (topic, key, value); one idempotent producer per worker."""
+class KafkaBatchSink(DynamicSink[SinkItem]):
+    """Items are (shard, [(topic, key, value), ...]); one idempotent producer per worker."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self._config = {**PRODUCER_DEFAULTS, **config}

@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -24,11 +22,12 @@ from dataflows.kafka_io import KafkaBatchSink, KafkaBatchSource, Record
 from operators.catalog_index import CatalogIndex
 from operators.periods import iso
 from operators.rating import EngineConfig, Out, ShardEngine, TenantState
+from operators.sharding import Sharder
 from operators.stats import Stats
 from operators.validate import Accepted, Validator
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter
-from tallyflow.config import Settings, kafka_config, load_settings
+from tallyflow.config import Settings, kafka_config, load_settings, tune_gc
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,24 @@ class _Encoder:
         return recs
 
 
-class _ShardLogic(StatefulBatchLogic[list[Accepted], list[Record], bytes]):
+# What the validate step sends a shard: its accepted events, and encoded dead letters that
+# merely ride along (so the flow needs no branch/merge steps, each a per-item Python call).
+ShardItem = tuple[list[Accepted], list[Record]]
+
+
+class _ShardLogic(StatefulBatchLogic[ShardItem, list[Record], bytes]):
     def __init__(self, engine: ShardEngine, enc: _Encoder) -> None:
         self.engine = engine
         self.enc = enc
 
-    def on_batch(self, values: list[list[Accepted]]) -> tuple[list[list[Record]], bool]:
+    def on_batch(self, values: list[ShardItem]) -> tuple[list[list[Record]], bool]:
         now = time.time()
         received = iso(int(now * 1000))
         recs: list[Record] = []
-        for batch in values:
-            recs += self.enc.out(self.engine.process(batch, now, received))
+        for batch, passthrough in values:
+            recs += passthrough
+            if batch:
+                recs += self.enc.out(self.engine.process(batch, now, received))
         return ([recs] if recs else [], self.RETAIN)
 
     def on_notify(self) -> tuple[list[list[Record]], bool]:
@@ -98,11 +104,10 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, sta
     cfg = engine_config(s)
     validator = Validator(catalog, stats)
     enc = _Encoder(s)
-    n_shards = s.shards
-    shard_of: dict[str, str] = {}
+    sharder = Sharder(s.shards)
 
-    def validate(msgs: list[Message]) -> list[Any]:
-        """Per consumed batch: dead letters as one item, accepted events grouped by shard."""
+    def validate(msgs: list[Message]) -> list[tuple[str, ShardItem]]:
+        """Per consumed batch: accepted events grouped by shard; dead letters ride with one."""
         received = iso(int(time.time() * 1000))
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
@@ -110,19 +115,12 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, sta
             m0 = msgs[0]  # a source item holds one partition's messages
             values = ((m.value(), m.offset()) for m in msgs)
             validator.parse_batch(values, m0.topic() or "", m0.partition() or 0, received, accepted, dead)  # type: ignore[arg-type]
-        groups: dict[str, list[Accepted]] = {}
-        for a in accepted:
-            k = shard_of.get(a.tenant_id)
-            if k is None:
-                k = shard_of[a.tenant_id] = f"s{zlib.crc32(a.tenant_id.encode()) % n_shards:04d}"
-            g = groups.get(k)
-            if g is None:
-                groups[k] = [a]
-            else:
-                g.append(a)
-        items: list[Any] = list(groups.items())
+        items: list[tuple[str, ShardItem]] = [(k, (batch, [])) for k, batch in sharder.group(accepted).items()]
         if dead:
-            items.append(enc.dead(dead))
+            if items:
+                items[0][1][1].extend(enc.dead(dead))
+            else:
+                items.append((sharder(dead[0].tenant_id or ""), ([], enc.dead(dead))))
         return items
 
     def build_logic(resume: bytes | None) -> _ShardLogic:
@@ -135,11 +133,9 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, sta
         flow,
         KafkaBatchSource(kafka_config(s), s.input_topic, batch_size=s.batch_size, start_from=s.start_from, end_offsets=end_offsets),
     )
-    items = op.flat_map("validate", raw, validate)
-    split = op.branch("split", items, lambda x: isinstance(x, tuple))
-    rated = op.stateful_batch("rate", split.trues, build_logic)
-    out = op.merge("outputs", split.falses, op.map("unkey", rated, lambda kv: kv[1]))
-    op.output("kafka", out, KafkaBatchSink(kafka_config(s)))
+    keyed = op.flat_map("validate", raw, validate)
+    rated = op.stateful_batch("rate", keyed, build_logic)
+    op.output("kafka", rated, KafkaBatchSink(kafka_config(s)))
     return flow
 
 
@@ -147,4 +143,6 @@ def get_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.rating:get_flow()"`."""
     s = load_settings()
     log.info("tallyflow rating settings: %s", s.masked())
-    return build_flow(s)
+    flow = build_flow(s)
+    tune_gc()
+    return flow

@@ -44,6 +44,7 @@ class PlanIndex:
     plan: Plan
     pricing_version: str
     meters: dict[str, PlanMeterIndex]
+    billing_period: str
 
 
 @dataclass(slots=True)
@@ -53,10 +54,9 @@ class TenantIndex:
     until_ms: int | None
     change_ms: list[int]  # sorted effective times of plan assignments
     plans: list[PlanIndex]
+    only_plan: PlanIndex | None = None  # set when one plan covers all time: no lookup per event
 
     def plan_at(self, ts_ms: int) -> PlanIndex | None:
-        if len(self.plans) == 1:
-            return self.plans[0] if ts_ms >= self.change_ms[0] else None
         i = bisect.bisect_right(self.change_ms, ts_ms) - 1
         return self.plans[i] if i >= 0 else None
 
@@ -89,13 +89,15 @@ class CatalogIndex:
             changes = sorted(
                 [(start if start is not None else -(2**62), t.plan)] + [(_ms(c.effective_from), c.plan) for c in t.plan_changes]
             )
-            idx.tenants[t.tenant_id] = TenantIndex(
+            ti = idx.tenants[t.tenant_id] = TenantIndex(
                 tenant=t,
                 from_ms=start,
                 until_ms=_ms(t.effective_until) if t.effective_until else None,
                 change_ms=[c[0] for c in changes],
                 plans=[plans[c[1]] for c in changes],
             )
+            if len(ti.plans) == 1 and start is None:
+                ti.only_plan = ti.plans[0]
         return idx
 
 
@@ -114,4 +116,4 @@ def _plan_index(plan: Plan, meters_by_slug: dict[str, Meter]) -> PlanIndex:
             rater=Rater(pm.price, pm.included, plan.currency),
             levels=levels,
         )
-    return PlanIndex(plan, plan.pricing_version, meters)
+    return PlanIndex(plan, plan.pricing_version, meters, plan.billing_period)

@@ -84,10 +84,10 @@ class MeterPeriod:
 class Slot:
     """Where a meter's recent events went; consecutive events of a tenant mostly share it."""
 
-    pidx: int
     pv: str
     ws: int
     late: bool
+    summed: bool  # SUM or COUNT: updated inline on the hot path
     mp: MeterPeriod
     acc: WindowAcc
 
@@ -144,9 +144,14 @@ class ShardEngine:
         due: dict[str, TenantState] = {}
         cfg = self.cfg
         W, grace = cfg.window_ms, cfg.grace_ms
-        tenants, plans, _aggs = self.tenants, self.cat.plans_by_version, AGGREGATIONS
-        period_cache = self._periods
+        tenants, plans = self.tenants, self.cat.plans_by_version
+        # The current period and pricing version change rarely within a batch: keep them
+        # in locals and recompute only when an event falls outside.
+        p_start = p_end = final = 0
+        p_kind = ""
         period: Period | None = None
+        pv = ""
+        plan = None
         accepted = duplicates = 0
         for ev in batch:
             tid = ev.tenant_id
@@ -154,10 +159,15 @@ class ShardEngine:
             if t is None:
                 t = tenants[tid] = TenantState(tid, GenerationalDedup(cfg.dedup_horizon_ms))
             ts = ev.ts_ms
-            plan = plans[ev.pricing_version]
-            if period is None or not (period.start_ms <= ts < period.end_ms) or period.kind != plan.plan.billing_period:
-                period = period_cache.get(ts, plan.plan.billing_period)
-            if period.end_ms + grace <= t.watermark:
+            if ev.pricing_version != pv:
+                pv = ev.pricing_version
+                plan = plans[pv]
+            assert plan is not None
+            if not (p_start <= ts < p_end) or p_kind != plan.billing_period:
+                period = self._periods.get(ts, plan.billing_period)
+                p_start, p_end, p_kind, final = period.start_ms, period.end_ms, period.kind, period.end_ms + grace
+            assert period is not None
+            if final <= t.watermark:
                 self._too_late(t, ev, period, received_at, out)
                 continue
             d = t.dedup
@@ -173,27 +183,27 @@ class ShardEngine:
                 if ts >= t.next_due:
                     due[tid] = t
             ws = ts - ts % W
-            we = ws + W
-            if ws < period.start_ms:
-                ws = period.start_ms
-            if we > period.end_ms:
-                we = period.end_ms
-            late = we <= t.closed_through
-            if late:
-                due[tid] = t  # its correction goes out with this batch
-            pv = ev.pricing_version
-            pidx = period.idx
+            if ws < p_start:
+                ws = p_start
+            # A hot slot is valid while its window start and pricing version match: a
+            # window start names one period, and closing windows clears the slots.
             for slug, v in ev.values:
                 slot = t.hot.get(slug)
-                if slot is None or slot.ws != ws or slot.pidx != pidx or slot.pv != pv or slot.late != late:
-                    slot = self._slot(t, plan.meters[slug], period, pv, ws, we, late)
+                if slot is None or slot.ws != ws or slot.pv != pv:
+                    slot = self._slot(t, plan.meters[slug], period, pv, ws)
+                    if slot.late:
+                        due[tid] = t  # its correction goes out with this batch
                 mp = slot.mp
-                live = mp.live
-                live.add(v, ts)
-                if live.value() >= mp.next_limit or mp.levels_of != pv:
-                    self._thresholds(t, mp, plan.meters[slug], pv, ev, out)
                 acc = slot.acc
-                acc.agg.add(v, ts)
+                if slot.summed:
+                    live = mp.live.v = mp.live.v + v  # type: ignore[attr-defined]
+                    acc.agg.v += v  # type: ignore[attr-defined]
+                else:
+                    mp.live.add(v, ts)
+                    live = mp.live.value()
+                    acc.agg.add(v, ts)
+                if live >= mp.next_limit:
+                    self._thresholds(t, mp, plan.meters[slug], pv, ev, out)
                 acc.count += 1
                 if ts < acc.first_ms:
                     acc.first_ms = ts
@@ -205,13 +215,18 @@ class ShardEngine:
             self._maintain(t, out)
         return out
 
-    def _slot(self, t: TenantState, pmi: PlanMeterIndex, period: Period, pv: str, ws: int, we: int, late: bool) -> Slot:
+    def _slot(self, t: TenantState, pmi: PlanMeterIndex, period: Period, pv: str, ws: int) -> Slot:
         """Find or open the window (and period state) an event belongs to; cache it as hot."""
         mk = (pmi.slug, period.idx)
         mp = t.periods.get(mk)
         if mp is None:
             mp = t.periods[mk] = MeterPeriod(period, AGGREGATIONS[pmi.aggregation]())
             t.next_due = min(t.next_due, period.end_ms + self.cfg.grace_ms)
+        if mp.levels_of != pv:
+            mp.levels_of = pv
+            mp.next_limit = self._next_limit(mp, pmi, pv)
+        we = min(ws - ws % self.cfg.window_ms + self.cfg.window_ms, period.end_ms)
+        late = we <= t.closed_through
         wk = (pmi.slug, period.idx, pv, ws)
         windows = t.pending if late else t.open
         acc = windows.get(wk)
@@ -219,7 +234,7 @@ class ShardEngine:
             acc = windows[wk] = WindowAcc(AGGREGATIONS[pmi.aggregation](), ws, we)
             if not late:
                 t.next_due = min(t.next_due, we + self.cfg.allowed_lateness_ms)
-        slot = t.hot[pmi.slug] = Slot(period.idx, pv, ws, late, mp, acc)
+        slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc)
         return slot
 
     def _maintain(self, t: TenantState, out: Out) -> None:
@@ -267,7 +282,6 @@ class ShardEngine:
         """Fire every level the live total has reached, lowest first, once per period.
         Levels come from the plan in force at the event: after an upgrade the new plan's
         levels are new thresholds and fire when the period's usage reaches them."""
-        mp.levels_of = pv
         usage = mp.live.value()
         for lv in pmi.levels:
             if lv.limit > usage:

@@ -70,6 +70,12 @@ class Validator:
                 readers[etype].append((m.slug, operator.attrgetter(f"data.{path}"), typ is Quantity))
         self.decoder = EventDecoder(fields)
         self.readers = {cls: readers[etype] for cls, etype in self.decoder.classes.items()}
+        self._tenants = catalog.tenants
+        # Per pricing version and event class: the readers of the meters that plan prices.
+        self._plan_readers: dict[str, dict[type, list[Reader]]] = {
+            pv: {cls: [r for r in rs if r[0] in plan.meters] for cls, rs in self.readers.items()}
+            for pv, plan in catalog.plans_by_version.items()
+        }
 
     def parse_batch(
         self,
@@ -83,16 +89,18 @@ class Validator:
         """Judge (value, offset) pairs from one topic partition; append outcomes in order."""
         decode = self.decoder.single_or_batch.decode
         one = self._one
+        n0 = len(accepted)
         for value, offset in values:
             try:
                 decoded = decode(value or b"")
             except (msgspec.DecodeError, UnicodeDecodeError):
-                self.parse(value, topic, partition, offset, received_at, accepted, dead)
+                self._parse_slow(value, topic, partition, offset, received_at, accepted, dead)
                 continue
             if type(decoded) is list:
-                self.parse(value, topic, partition, offset, received_at, accepted, dead)
+                self._parse_slow(value, topic, partition, offset, received_at, accepted, dead)
             else:
                 one(decoded, value, topic, partition, offset, None, received_at, accepted, dead)  # type: ignore[arg-type]
+        self.stats.records_in += len(accepted) - n0  # dead letters count themselves in _dead
 
     def parse(
         self,
@@ -105,6 +113,19 @@ class Validator:
         dead: list[DeadLetter],
     ) -> None:
         """Judge one message: a single event, a JSON array of events, or a dead letter."""
+        self.parse_batch([(value, offset)], topic, partition, received_at, accepted, dead)
+
+    def _parse_slow(
+        self,
+        value: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        received_at: str,
+        accepted: list[Accepted],
+        dead: list[DeadLetter],
+    ) -> None:
+        """What the fast path leaves: arrays, and messages that failed to decode."""
         payload = value or b""
         try:
             decoded = self.decoder.single_or_batch.decode(payload)
@@ -184,7 +205,7 @@ class Validator:
         accepted: list[Accepted],
         dead: list[DeadLetter],
     ) -> None:
-        tenant = self.cat.tenants.get(ev.subject)
+        tenant = self._tenants.get(ev.subject)
         if tenant is None:
             return self._dead(
                 dead,
@@ -198,9 +219,15 @@ class Validator:
                 index,
                 ev,
             )
-        # Exact to the microsecond: float seconds carry < 0.5 µs error at today's epoch.
-        ts_ms = round(ev.time.timestamp() * 1_000_000) // 1000
-        plan = tenant.plan_at(ts_ms)
+        ts = ev.time.timestamp()
+        if ts < 0:
+            return self._dead(
+                dead, "schema", f"event time {ev.time.isoformat()} is before 1970", raw, topic, partition, offset, received_at, index, ev
+            )
+        # Exact floor to the millisecond for µs-precision times: the float's error after the
+        # multiplication stays below 0.0005 ms until 2100, and the fraction is a multiple of 0.001.
+        ts_ms = int(ts * 1000 + 0.0005)
+        plan = tenant.only_plan or tenant.plan_at(ts_ms)
         if plan is None or (tenant.until_ms is not None and ts_ms >= tenant.until_ms):
             return self._dead(
                 dead,
@@ -214,11 +241,22 @@ class Validator:
                 index,
                 ev,
             )
-        priced = plan.meters
+        readers = self._plan_readers[plan.pricing_version][type(ev)]
+        if not readers:
+            return self._dead(
+                dead,
+                "unknown_meter",
+                f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'",
+                raw,
+                topic,
+                partition,
+                offset,
+                received_at,
+                index,
+                ev,
+            )
         values: list[tuple[str, Any]] = []
-        for slug, read, is_qty in self.readers[type(ev)]:
-            if slug not in priced:
-                continue
+        for slug, read, is_qty in readers:
             if read is None:
                 values.append((slug, 1))
                 continue
@@ -237,20 +275,6 @@ class Validator:
                     ev,
                 )
             values.append((slug, v))
-        if not values:
-            return self._dead(
-                dead,
-                "unknown_meter",
-                f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'",
-                raw,
-                topic,
-                partition,
-                offset,
-                received_at,
-                index,
-                ev,
-            )
-        self.stats.records_in += 1
         accepted.append(
             Accepted(
                 ev.subject, plan.pricing_version, f"{ev.source}\x1f{ev.id}", ev.id, ts_ms, values, raw, topic, partition, offset, index

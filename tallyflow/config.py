@@ -7,6 +7,7 @@ TALLYFLOW_KAFKA_SECURITY_PROTOCOL=SASL_SSL.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,6 +95,14 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     if s.start_from not in ("earliest", "latest"):
         raise ConfigError(f"{_env_name('start_from')}={s.start_from!r}: use 'earliest' or 'latest'")
     return s
+
+
+def tune_gc() -> None:
+    """Long-lived state makes the default collector rescan it constantly (measured: halves
+    batched throughput); collect young objects rarely and freeze what start-up built."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 def kafka_config(s: Settings, **extra: Any) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import msgspec
 
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from tallyflow.bench import run_dataflow, tune_gc
-from tallyflow.config import load_settings
+from tallyflow.bench import run_dataflow
+from tallyflow.config import load_settings, tune_gc
 from tallyflow.generator import GenSpec, produce
 from tallyflow.stack import LocalStack
 from tallyflow.topics import read_topic

@@ -48,6 +48,18 @@ class PeriodCache:
         return p
 
 
+_DAY_PREFIX: dict[int, str] = {}
+
+
 def iso(ms: int) -> str:
-    """RFC 3339 UTC with milliseconds."""
-    return (_EPOCH + timedelta(milliseconds=ms)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """RFC 3339 UTC with milliseconds; the date part is cached (every line carries four)."""
+    day, rem = divmod(ms, DAY_MS)
+    prefix = _DAY_PREFIX.get(day)
+    if prefix is None:
+        if len(_DAY_PREFIX) > 4096:
+            _DAY_PREFIX.clear()
+        prefix = _DAY_PREFIX[day] = (_EPOCH + timedelta(days=day)).strftime("%Y-%m-%dT")
+    sec, milli = divmod(rem, 1000)
+    h, sec = divmod(sec, 3600)
+    m, sec = divmod(sec, 60)
+    return f"{prefix}{h:02d}:{m:02d}:{sec:02d}.{milli:03d}Z"

@@ -185,3 +185,22 @@ def test_conservation_counts_every_record_once():
     s = h.stats
     assert (s.records_in, s.accepted, s.duplicates, sum(s.dead.values())) == (5, 2, 1, 2)
     assert s.conservation_gap() == 0
+
+
+def test_iso_matches_the_standard_library():
+    from datetime import UTC, datetime
+
+    from operators.periods import iso
+
+    for ms in (0, 1, 999, 86_399_999, 1_761_955_199_999, 1_761_955_200_000, 4_102_444_800_123):
+        expect = datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+        assert iso(ms) == expect
+
+
+def test_stable_id_is_a_standard_uuid5():
+    import uuid
+
+    from operators.rating import _NS, stable_id
+
+    for parts in [("line", "t-1", "tokens", 0, "starter:v1", 0), ("alert", "ä", "x", "2026-11", "p:v1", "80%")]:
+        assert stable_id(*parts) == str(uuid.uuid5(uuid.UUID(bytes=_NS), "|".join(map(str, parts))))

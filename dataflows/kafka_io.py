@@ -16,7 +16,6 @@ from typing import Any
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +101,11 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         self._end = dict(end_offsets) if end_offsets is not None else None
 
     def list_parts(self) -> list[str]:
-        admin = AdminClient({k: v for k, v in self._config.items() if not k.startswith(("fetch.", "queued.", "enable.", "group."))})
-        md = admin.list_topics(self._topic, timeout=10)
-        t = md.topics.get(self._topic)
+        probe = Consumer(self._config)  # the very settings the partitions will use (TLS, SASL, ...)
+        try:
+            t = probe.list_topics(self._topic, timeout=10).topics.get(self._topic)
+        finally:
+            probe.close()
         if t is None or t.error is not None or not t.partitions:
             raise RuntimeError(
                 f"input topic '{self._topic}' does not exist on {self._config.get('bootstrap.servers')}; "

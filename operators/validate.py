@@ -102,19 +102,6 @@ class Validator:
                 one(decoded, value, topic, partition, offset, None, received_at, accepted, dead)  # type: ignore[arg-type]
         self.stats.records_in += len(accepted) - n0  # dead letters count themselves in _dead
 
-    def parse(
-        self,
-        value: bytes | None,
-        topic: str,
-        partition: int,
-        offset: int,
-        received_at: str,
-        accepted: list[Accepted],
-        dead: list[DeadLetter],
-    ) -> None:
-        """Judge one message: a single event, a JSON array of events, or a dead letter."""
-        self.parse_batch([(value, offset)], topic, partition, received_at, accepted, dead)
-
     def _parse_slow(
         self,
         value: bytes | None,

@@ -18,10 +18,9 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Message, Producer
 
-from schemas.catalog import Catalog
+from schemas.catalog import Catalog, Meter
 
 DEFAULT_START = datetime(2026, 10, 31, 12, 0, tzinfo=UTC)
-_TYPE_MIX = [("api.request", 50), ("llm.tokens", 35), ("storage.snapshot", 5), ("user.active", 6), ("seats.updated", 4)]
 
 
 @dataclass
@@ -49,32 +48,73 @@ def _iso(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _data(rng: random.Random, etype: str) -> dict[str, Any]:
-    if etype == "api.request":
-        return {"route": rng.choice(["/v1/chat", "/v1/embed", "/v1/files"]), "status": 200}
-    if etype == "llm.tokens":
-        return {"tokens": rng.randint(1, 2000), "model": rng.choice(["m-small", "m-large"])}
-    if etype == "storage.snapshot":
+@dataclass
+class _Shape:
+    """How to make the `data` of one event type, from the meters that read it."""
+
+    etype: str
+    weight: float
+    fields: list[tuple[list[str], str]]  # (path in data, aggregation)
+
+
+def _shapes(catalog: Catalog) -> list[_Shape]:
+    by_type: dict[str, list[Meter]] = {}
+    for m in catalog.meters:
+        by_type.setdefault(m.event_type, []).append(m)
+    shapes = []
+    for etype, meters in sorted(by_type.items()):
+        fields: list[tuple[list[str], str]] = [
+            ((m.value_path or m.unique_path or "").split("."), m.aggregation) for m in meters if m.aggregation != "COUNT"
+        ]
+        aggs = {a for _, a in fields}
+        # Request-like (COUNT only) traffic dominates, then SUM meters; gauges are rarer.
+        shapes.append(_Shape(etype, 50 if not fields else 35 if "SUM" in aggs else 5, fields))
+    return shapes
+
+
+def _value(rng: random.Random, aggregation: str) -> Any:
+    if aggregation == "SUM":
+        return rng.randint(1, 2000)
+    if aggregation == "MAX":
         # A float with two decimals: its shortest repr is exact, and the pipeline reads it as Decimal.
-        return {"usage": {"gb": rng.randint(1, 50_000) / 100}}
-    if etype == "user.active":
-        return {"user_id": f"u-{rng.randint(1, 80)}"}
-    return {"seats": rng.randint(1, 40)}
+        return rng.randint(1, 50_000) / 100
+    if aggregation == "UNIQUE_COUNT":
+        return f"u-{rng.randint(1, 80)}"
+    return rng.randint(1, 40)  # LATEST
 
 
-def _malformed(rng: random.Random, good: bytes, ev: dict[str, Any]) -> tuple[str, bytes]:
+def _data(rng: random.Random, shape: _Shape) -> dict[str, Any]:
+    data: dict[str, Any] = {"origin": rng.choice(["web", "api", "batch"])}
+    for path, aggregation in shape.fields:
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _value(rng, aggregation)
+    return data
+
+
+def _malformed(rng: random.Random, good: bytes, ev: dict[str, Any], shapes: list[_Shape]) -> tuple[str, bytes]:
     kind = rng.choice(["invalid_json", "schema", "unknown_tenant", "unknown_meter", "bad_quantity"])
     if kind == "invalid_json":
         return kind, good[: rng.randint(1, max(1, len(good) - 2))]
     bad = dict(ev)
-    if kind == "schema":
-        bad.pop(rng.choice(["subject", "time", "id", "specversion"]))
-    elif kind == "unknown_tenant":
+    quantities = [(sh.etype, path) for sh in shapes for path, agg in sh.fields if agg in ("SUM", "MAX", "LATEST")]
+    if kind == "bad_quantity" and quantities:
+        etype, path = rng.choice(quantities)
+        data: dict[str, Any] = {}
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = rng.choice([-5, "many", None])
+        bad["type"], bad["data"] = etype, data
+        return kind, orjson.dumps(bad)
+    if kind == "unknown_tenant":
         bad["subject"] = "t-unknown"
     elif kind == "unknown_meter":
         bad["type"] = "video.minutes"
     else:
-        bad["type"], bad["data"] = "llm.tokens", {"tokens": rng.choice([-5, "many", None])}
+        kind = "schema"
+        bad.pop(rng.choice(["subject", "time", "id", "specversion"]))
     return kind, orjson.dumps(bad)
 
 
@@ -84,19 +124,19 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes]]:
     tenants = [t.tenant_id for t in catalog.tenants[: spec.tenants]]
     # Log-normal activity: a long tail of quiet tenants and a few heavy ones.
     weights = [math.exp(rng.gauss(0, 1.2)) for _ in tenants]
-    types = [t for t, _ in _TYPE_MIX]
-    type_w = [w for _, w in _TYPE_MIX]
+    shapes = _shapes(catalog)
     step = spec.span / max(spec.total, 1)
     recent: list[tuple[str, bytes]] = []
     tenant_pick = rng.choices(tenants, weights, k=spec.total)
-    type_pick = rng.choices(types, type_w, k=spec.total)
+    shape_pick = rng.choices(shapes, [sh.weight for sh in shapes], k=spec.total)
     for i in range(spec.total):
         r = rng.random() * 100
         if r < spec.duplicate_pct and recent:
             tenant, value = recent[rng.randrange(len(recent))]
             yield "duplicate", tenant, value
             continue
-        tenant, etype = tenant_pick[i], type_pick[i]
+        tenant, shape = tenant_pick[i], shape_pick[i]
+        etype = shape.etype
         t = spec.start + step * i
         kind = "ok"
         if r < spec.duplicate_pct + spec.late_pct:
@@ -111,11 +151,11 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes]]:
             "type": etype,
             "subject": tenant,
             "time": _iso(t),
-            "data": _data(rng, etype),
+            "data": _data(rng, shape),
         }
         value = orjson.dumps(ev)
         if r >= 100 - spec.malformed_pct:
-            kind, value = _malformed(rng, value, ev)
+            kind, value = _malformed(rng, value, ev, shapes)
         elif len(recent) < 2000:
             recent.append((tenant, value))
         else:

@@ -137,9 +137,9 @@ class Harness:
 
     def accept(self, *values: bytes) -> list[Accepted]:
         acc: list[Accepted] = []
-        for v in values:
-            self.validator.parse(v, "usage.events", 0, self.offset, "now", acc, self.dead)
-            self.offset += 1
+        batch = [(v, self.offset + i) for i, v in enumerate(values)]
+        self.validator.parse_batch(batch, "usage.events", 0, "now", acc, self.dead)
+        self.offset += len(values)
         return acc
 
     def feed(self, *values: bytes, now: float = 1000.0) -> Any:

@@ -13,16 +13,33 @@ from datetime import datetime, timedelta
 from schemas.catalog import CatalogError, load_catalog
 from tallyflow.config import ConfigError, load_settings
 
+FLOWS = {
+    "rate": "dataflows.rating:get_flow()",
+    "alerts": "dataflows.delivery:alerts_flow()",
+    "erp": "dataflows.delivery:erp_flow()",
+}
 
-def _rate(rest: list[str]) -> int:
-    """Replace this process with `python -m bytewax.run` on the rating flow, so every
-    Bytewax option (-w, -i/-a, -r/-s/-b, the StatefulSet environment) works unchanged."""
+
+def _run_flow(name: str, rest: list[str]) -> int:
+    """Replace this process with `python -m bytewax.run` on a flow, so every Bytewax option
+    (-w, -i/-a, -r/-s/-b, the StatefulSet environment) works unchanged."""
     s = load_settings()
-    load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
-    print(json.dumps({"tallyflow": "rate", "settings": s.masked()}), file=sys.stderr, flush=True)
-    args = [sys.executable, "-m", "bytewax.run", "dataflows.rating:get_flow()", *rest]
-    os.execv(sys.executable, args)
+    if name == "rate":
+        load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
+    print(json.dumps({"tallyflow": name, "settings": s.masked()}), file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *rest])
     return 0  # pragma: no cover
+
+
+def _sandbox(a: argparse.Namespace) -> int:
+    from tallyflow.sandbox import Sandbox
+
+    s = load_settings()
+    with Sandbox(a.port, hmac_key=s.success_hmac_key.encode(), token=s.crm_token) as sb:
+        print(f"sandbox on {sb.url} (open it in a browser); Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -89,10 +106,15 @@ def _topics(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["rate"]:
-        return _guard(lambda: _rate(argv[1:]))
+        return _guard(lambda: _run_flow("rate", argv[1:]))
+    if argv[:1] == ["deliver"] and argv[1:2] and argv[1] in ("alerts", "erp"):
+        return _guard(lambda: _run_flow(argv[1], argv[2:]))
     ap = argparse.ArgumentParser(prog="tallyflow", description="Usage telemetry to alerts, rated usage and dead letters.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("rate", help="run the rating dataflow (any further arguments go to bytewax.run)")
+    sub.add_parser("deliver", help="deliver alerts (`deliver alerts`) or rated usage (`deliver erp`); further arguments go to bytewax.run")
+    sb = sub.add_parser("sandbox", help="local CRM, success-tool and ERP endpoints with fault injection")
+    sb.add_argument("--port", type=int, default=8787)
     g = sub.add_parser("generate", help="produce synthetic usage events to the input topic")
     g.add_argument("--total", type=int, default=100_000)
     g.add_argument("--tenants", type=int, default=1000)
@@ -130,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         return _guard(lambda: _generate(a))
     if a.cmd == "stack":
         return _stack(a)
+    if a.cmd == "sandbox":
+        return _sandbox(a)
+    if a.cmd == "deliver":
+        ap.error("deliver needs a destination class: alerts or erp")
     if a.cmd == "topics":
         return _guard(lambda: _topics(a))
     if a.cmd == "config":

@@ -17,6 +17,9 @@ import msgspec
 import yaml
 
 PREFIX = "TALLYFLOW_"
+# Secrets come from the environment or from a mounted file (TALLYFLOW_<NAME>_FILE), never
+# from the catalog, and are masked wherever settings are printed.
+SECRET_FIELDS = ("crm_token", "erp_token", "success_hmac_key")
 KAFKA_PREFIX = PREFIX + "KAFKA_"
 _SECRET_WORDS = ("password", "secret", "token", "key", "credential")
 Pos = Annotated[float, msgspec.Meta(gt=0)]
@@ -44,10 +47,32 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     batch_size: PosInt = 1000
     start_from: str = "earliest"
     kafka: dict[str, str] = {}
+    # delivery
+    exceptions_topic: str = "usage.exceptions"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ledger_ttl_days: Pos = 35.0
+    crm_url: str = "http://127.0.0.1:8787"
+    success_url: str = "http://127.0.0.1:8787"
+    erp_url: str = "http://127.0.0.1:8787"
+    crm_token: str = ""
+    erp_token: str = ""
+    success_hmac_key: str = ""
+    sink_timeout_seconds: Pos = 5.0
+    crm_rate_per_second: Pos = 50.0
+    success_rate_per_second: Pos = 50.0
+    erp_rate_per_second: Pos = 5.0
+    erp_batch_max_lines: PosInt = 500
+    erp_batch_max_latency_seconds: Pos = 2.0
+    retry_base_seconds: Pos = 0.2
+    retry_cap_seconds: Pos = 10.0
+    breaker_threshold: PosInt = 5
+    breaker_reset_seconds: Pos = 5.0
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration with secrets replaced, for start-up logs."""
         d: dict[str, Any] = msgspec.to_builtins(self)
+        for f in SECRET_FIELDS:
+            d[f] = "***" if d[f] else ""
         d["kafka"] = {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in self.kafka.items()}
         return d
 
@@ -79,6 +104,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             if name in fields and name != "kafka":
                 raw[name] = v
     raw["kafka"] = {str(k): str(v) for k, v in kafka.items()}
+    for f in SECRET_FIELDS:
+        path = env.get(_env_name(f) + "_FILE")
+        if path:
+            try:
+                raw[f] = Path(path).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"{_env_name(f)}_FILE={path}: {e.strerror}; mount the secret there or unset it") from None
     raw.update(overrides)
     try:
         s = msgspec.convert(raw, Settings, strict=False)

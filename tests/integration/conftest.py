@@ -12,7 +12,7 @@ from tallyflow.stack import LocalStack
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
     """One real broker for the session; each test gets its own topics."""
-    with LocalStack(redis=False) as st:
+    with LocalStack(redis=True) as st:
         yield st
 
 

@@ -1,0 +1,287 @@
+"""`tallyflow sandbox`: local CRM, customer-success and ERP endpoints that record what they
+accept, enforce idempotency keys and signatures, and inject faults on demand.
+
+    POST /crm/accounts/{account}/signals     one alert, Idempotency-Key required
+    POST /success/webhook                    one alert, X-Tallyflow-Signature: sha256=<hmac>
+    POST /erp/usage-batches                  {"batch_id", "lines": [...]}, Idempotency-Key required
+    GET  /api/state                          counts, duplicates, totals per tenant, faults
+    GET  /api/items/{crm|success|erp}        everything accepted, with receipt times
+    GET  /api/requests/{crm|success|erp}     every request: time and status
+    POST /api/faults                         {"target": "erp", "mode": "down|error|throttle|latency|timeout|reject",
+                                              "count": N (default: until cleared), "retry_after": s, "latency_ms": ms}
+    DELETE /api/faults                       clear all faults
+    GET  /                                   an HTML page of the above, for people
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+TARGETS = ("crm", "success", "erp")
+
+
+@dataclass
+class Fault:
+    mode: str
+    count: int | None = None  # None: until cleared
+    retry_after: float = 1.0
+    latency_ms: float = 0.0
+
+
+@dataclass
+class Endpoint:
+    accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> item (+ received_at)
+    duplicates: list[str] = field(default_factory=list)  # ids that arrived again under a new key
+    responses: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # idempotency key -> response
+    requests: list[tuple[float, int]] = field(default_factory=list)  # (time, status)
+    replays: int = 0
+    inflight: int = 0  # requests being handled right now
+
+
+class SandboxState:
+    def __init__(self, hmac_key: bytes = b"", token: str = "") -> None:
+        self.lock = threading.Lock()
+        self.endpoints = {t: Endpoint() for t in TARGETS}
+        self.faults: dict[str, Fault] = {}
+        self.hmac_key = hmac_key
+        self.token = token
+
+    def fault_for(self, target: str) -> Fault | None:
+        with self.lock:
+            f = self.faults.get(target)
+            if f is None:
+                return None
+            if f.count is not None:
+                f.count -= 1
+                if f.count <= 0:
+                    del self.faults[target]
+            return f
+
+    def summary(self) -> dict[str, Any]:
+        with self.lock:
+            out: dict[str, Any] = {"faults": {k: vars(v) for k, v in self.faults.items()}}
+            for name, ep in self.endpoints.items():
+                d: dict[str, Any] = {
+                    "accepted": len(ep.accepted),
+                    "duplicates": len(ep.duplicates),
+                    "replayed_keys": ep.replays,
+                    "inflight": ep.inflight,
+                    "requests": len(ep.requests),
+                    "by_status": _count(s for _, s in ep.requests),
+                    "last": list(ep.accepted.values())[-5:],
+                }
+                if name == "erp":
+                    totals: dict[str, dict[str, str]] = {}
+                    for ln in ep.accepted.values():
+                        t = totals.setdefault(ln["tenant_id"], {})
+                        t[ln["currency"]] = str(Decimal(t.get(ln["currency"], "0")) + Decimal(ln["amount"]))
+                    d["totals_per_tenant"] = totals
+                    d["lines_per_request"] = round(len(ep.accepted) / max(1, sum(1 for _, s in ep.requests if s == 200)), 1)
+                out[name] = d
+            return out
+
+
+def _count(it: Any) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for x in it:
+        c[str(x)] = c.get(str(x), 0) + 1
+    return c
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the state is the log
+        return
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj, default=str).encode(), headers=headers)
+
+    def do_GET(self) -> None:
+        st = self.server.state
+        if self.path == "/api/state":
+            return self._json(200, st.summary())
+        m = re.fullmatch(r"/api/(items|requests)/(crm|success|erp)", self.path)
+        if m:
+            with st.lock:
+                ep = st.endpoints[m.group(2)]
+                data = list(ep.accepted.values()) if m.group(1) == "items" else ep.requests
+                return self._json(200, data)
+        if self.path == "/":
+            return self._send(200, _page(st.summary()).encode(), "text/html; charset=utf-8")
+        self._json(404, {"error": "not found"})
+
+    def do_DELETE(self) -> None:
+        if self.path == "/api/faults":
+            with self.server.state.lock:
+                self.server.state.faults.clear()
+            return self._json(200, {"faults": {}})
+        self._json(404, {"error": "not found"})
+
+    def do_POST(self) -> None:
+        st = self.server.state
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/api/faults":
+            spec = json.loads(body)
+            target = spec.pop("target")
+            with st.lock:
+                st.faults[target] = Fault(**spec)
+            return self._json(200, {"faults": {k: vars(v) for k, v in st.faults.items()}})
+        target = (
+            "crm"
+            if self.path.startswith("/crm/accounts/") and self.path.endswith("/signals")
+            else "success"
+            if self.path == "/success/webhook"
+            else "erp"
+            if self.path == "/erp/usage-batches"
+            else None
+        )
+        if target is None:
+            return self._json(404, {"error": "not found"})
+        with st.lock:
+            st.endpoints[target].inflight += 1
+        try:
+            status, resp, hdrs = self._handle(target, body)
+        finally:
+            with st.lock:
+                st.endpoints[target].inflight -= 1
+        with st.lock:
+            st.endpoints[target].requests.append((time.time(), status))
+        self._send(status, resp, headers=hdrs)
+
+    def _handle(self, target: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        st = self.server.state
+        fault = st.fault_for(target)
+        if fault is not None:
+            if fault.mode == "down":
+                return 503, b'{"error": "service unavailable"}', {}
+            if fault.mode == "error":
+                return 500, b'{"error": "internal error"}', {}
+            if fault.mode == "throttle":
+                return 429, b'{"error": "rate limited"}', {"Retry-After": f"{fault.retry_after:g}"}
+            if fault.mode == "reject":
+                return 422, b'{"error": "unprocessable: unknown customer"}', {}
+            if fault.mode in ("latency", "timeout"):
+                # A timeout is a slow answer the client gave up on; the work still happens,
+                # which is exactly when idempotency keys matter.
+                time.sleep(fault.latency_ms / 1000)
+        if st.token and self.headers.get("Authorization") != f"Bearer {st.token}":
+            return 401, b'{"error": "bad token"}', {}
+        if target == "success":
+            sig = self.headers.get("X-Tallyflow-Signature", "")
+            want = "sha256=" + hmac.new(st.hmac_key, body, hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(sig, want):
+                return 401, b'{"error": "bad signature"}', {}
+        key = self.headers.get("Idempotency-Key")
+        if target != "success" and not key:
+            return 400, b'{"error": "Idempotency-Key header required"}', {}
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return 400, b'{"error": "body is not JSON"}', {}
+        now = time.time()
+        with st.lock:
+            ep = st.endpoints[target]
+            if key and key in ep.responses:
+                ep.replays += 1
+                status, resp = ep.responses[key]
+                return status, resp, {"Idempotent-Replayed": "true"}
+            items = doc["lines"] if target == "erp" else [doc]
+            id_field = "line_id" if target == "erp" else "alert_id"
+            for it in items:
+                iid = it[id_field]
+                if iid in ep.accepted:
+                    ep.duplicates.append(iid)
+                else:
+                    ep.accepted[iid] = {**it, "received_at": now}
+            resp = json.dumps({"accepted": len(items)}).encode()
+            if key:
+                ep.responses[key] = (200, resp)
+            return 200, resp, {}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    state: SandboxState
+
+
+class Sandbox:
+    """A sandbox on a loopback port: `with Sandbox() as sb: sb.url`."""
+
+    def __init__(self, port: int = 0, hmac_key: bytes = b"", token: str = "") -> None:
+        self.state = SandboxState(hmac_key, token)
+        self.server = _Server(("127.0.0.1", port), _Handler)
+        self.server.state = self.state
+        self.thread = threading.Thread(target=self.server.serve_forever, name="sandbox", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> Sandbox:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def fault(self, target: str, mode: str, **kw: Any) -> None:
+        with self.state.lock:
+            self.state.faults[target] = Fault(mode, **kw)
+
+    def clear_faults(self) -> None:
+        with self.state.lock:
+            self.state.faults.clear()
+
+
+def _page(s: dict[str, Any]) -> str:
+    rows = []
+    for name in TARGETS:
+        d = s[name]
+        last = "".join(f"<li><code>{html.escape(json.dumps(x, default=str)[:220])}</code></li>" for x in d["last"])
+        rows.append(
+            f"<h2>{name}</h2><p>accepted <b>{d['accepted']}</b> · duplicates <b>{d['duplicates']}</b> · "
+            f"requests {d['requests']} {html.escape(json.dumps(d['by_status']))} · replayed keys {d['replayed_keys']}</p>"
+            f"<ul>{last}</ul>"
+        )
+        if name == "erp":
+            tot = sorted(d["totals_per_tenant"].items())[:50]
+            rows.append(
+                "<table><tr><th>tenant</th><th>totals</th></tr>"
+                + "".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for t, v in tot)
+                + "</table>"
+            )
+    faults = html.escape(json.dumps(s["faults"]))
+    return (
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>"
+        "<title>Tallyflow sandbox</title><style>body{font-family:sans-serif;margin:2em}code{font-size:.8em}"
+        "td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>"
+        f"<h1>Tallyflow sandbox</h1><p>faults: <code>{faults}</code></p>{''.join(rows)}</body></html>"
+    )

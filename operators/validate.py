@@ -139,7 +139,11 @@ class Validator:
         self, payload: bytes, topic: str, partition: int, offset: int, received_at: str, accepted: list[Accepted], dead: list[DeadLetter]
     ) -> None:
         """Slow path for an array with a bad element: judge each element on its own."""
-        for i, raw in enumerate(self.decoder.raw_array.decode(payload)):
+        try:
+            elements = self.decoder.raw_array.decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:  # e.g. b"[0": a bad element seen before the truncation
+            return self._dead(dead, "invalid_json", f"not JSON: {e}", payload, topic, partition, offset, received_at)
+        for i, raw in enumerate(elements):
             try:
                 ev = self.decoder.one.decode(raw)
             except msgspec.ValidationError as e:

@@ -19,6 +19,7 @@ def reasons(h: Harness) -> list[str]:
         (b"", "invalid_json", "empty message"),
         (b'"a string"', "schema", "Expected"),
         (b"[]", "schema", "empty JSON array"),
+        (b"[0", "invalid_json", "truncated"),
         (
             orjson.dumps({"specversion": "1.0", "id": "1", "source": "s", "type": "api.request", "time": "2026-03-10T12:00:00Z"}),
             "schema",

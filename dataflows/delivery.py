@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -86,28 +87,33 @@ class _AlertPartition(StatelessSinkPartition[list[Message]], _Delivery):
             "success": Destination("success", s.success_url, s.success_rate_per_second, s),
         }
         self.key = s.success_hmac_key.encode()
+        self.pool = ThreadPoolExecutor(len(self.dest), thread_name_prefix="alert-delivery")
 
     def write_batch(self, items: list[list[Message]]) -> None:
         alerts = [ALERT.decode(m.value() or b"") for batch in items for m in batch]
-        for name in ("crm", "success"):
-            wanted = [a for a in alerts if name in a.destinations]
-            todo = set(self.redis(lambda w=wanted, n=name: self.ledger.unacked(n, [a.alert_id for a in w])))  # type: ignore[misc]
-            for a in wanted:
-                if a.alert_id not in todo:
-                    continue
-                body = ENCODER.encode(a)
-                if name == "crm":
-                    r = self.dest[name].send(f"/crm/accounts/{a.crm_account_id}/signals", body, {"Idempotency-Key": a.alert_id})
-                else:
-                    # Webhook receivers dedupe on the event id (as in the Standard Webhooks spec).
-                    r = self.dest[name].send(
-                        "/success/webhook", body, {"X-Tallyflow-Signature": sign(self.key, body), "Idempotency-Key": a.alert_id}
-                    )
-                if not r.ok:
-                    self.park(name, [a.alert_id], body, r)
-                self.redis(lambda n=name, a=a, r=r: self.ledger.ack(n, [a.alert_id], "ok" if r.ok else "rejected"))  # type: ignore[misc]
+        # Each destination has its own rate limit and order; neither waits for the other.
+        for f in [self.pool.submit(self._deliver, name, alerts) for name in self.dest]:
+            f.result()
+
+    def _deliver(self, name: str, alerts: list[ThresholdAlert]) -> None:
+        wanted = [a for a in alerts if name in a.destinations]
+        todo = set(self.redis(lambda: self.ledger.unacked(name, [a.alert_id for a in wanted])))
+        for a in wanted:
+            if a.alert_id not in todo:
+                continue
+            body = ENCODER.encode(a)
+            if name == "crm":
+                r = self.dest[name].send(f"/crm/accounts/{a.crm_account_id}/signals", body, {"Idempotency-Key": a.alert_id})
+            else:
+                # Webhook receivers dedupe on the event id (as in the Standard Webhooks spec).
+                headers = {"X-Tallyflow-Signature": sign(self.key, body), "Idempotency-Key": a.alert_id}
+                r = self.dest[name].send("/success/webhook", body, headers)
+            if not r.ok:
+                self.park(name, [a.alert_id], body, r)
+            self.redis(lambda a=a, r=r: self.ledger.ack(name, [a.alert_id], "ok" if r.ok else "rejected"))  # type: ignore[misc]
 
     def close(self) -> None:
+        self.pool.shutdown()
         for d in self.dest.values():
             d.close()
 

@@ -28,6 +28,7 @@ from operators.validate import Accepted, Validator
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter
 from tallyflow.config import Settings, kafka_config, load_settings, tune_gc
+from tallyflow.metrics import serve as serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -144,5 +145,6 @@ def get_flow() -> Dataflow:
     s = load_settings()
     log.info("tallyflow rating settings: %s", s.masked())
     flow = build_flow(s)
+    serve_metrics(STATS, s.metrics_port)
     tune_gc()
     return flow

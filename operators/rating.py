@@ -239,6 +239,7 @@ class ShardEngine:
         if acc is None:
             acc = windows[wk] = WindowAcc(AGGREGATIONS[pmi.aggregation](), ws, we)
             if not late:
+                self.stats.open_windows += 1
                 t.next_due = min(t.next_due, we + self.cfg.allowed_lateness_ms)
         slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc)
         return slot
@@ -336,6 +337,7 @@ class ShardEngine:
         due = sorted((k for k, w in t.open.items() if w.end_ms <= cutoff), key=lambda k: k[3])
         for k in due:
             self._emit(t, k, t.open.pop(k), 0, out)
+        self.stats.open_windows -= len(due)
         if cutoff > t.closed_through:
             t.closed_through = cutoff
 

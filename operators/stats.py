@@ -23,6 +23,7 @@ class Stats:
     lines: int = 0
     corrections: int = 0
     amount: dict[str, Decimal] = field(default_factory=dict)
+    open_windows: int = 0  # a gauge: windows holding usage not yet rated
 
     def conservation_gap(self) -> int:
         """records_in - (accepted + duplicates + dead letters); 0 when nothing is lost."""

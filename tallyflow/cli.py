@@ -13,12 +13,6 @@ from datetime import datetime, timedelta
 from schemas.catalog import CatalogError, load_catalog
 from tallyflow.config import ConfigError, load_settings
 
-FLOWS = {
-    "rate": "dataflows.rating:get_flow()",
-    "alerts": "dataflows.delivery:alerts_flow()",
-    "erp": "dataflows.delivery:erp_flow()",
-}
-
 
 def _run_flow(name: str, rest: list[str]) -> int:
     """Replace this process with `python -m bytewax.run` on a flow, so every Bytewax option
@@ -26,6 +20,8 @@ def _run_flow(name: str, rest: list[str]) -> int:
     s = load_settings()
     if name == "rate":
         load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
+    from tallyflow.pipeline import FLOWS
+
     print(json.dumps({"tallyflow": name, "settings": s.masked()}), file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *rest])
     return 0  # pragma: no cover

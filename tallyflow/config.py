@@ -46,6 +46,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shards: PosInt = 64
     batch_size: PosInt = 1000
     start_from: str = "earliest"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: no /metrics endpoint
     kafka: dict[str, str] = {}
     # delivery
     exceptions_topic: str = "usage.exceptions"
@@ -58,8 +59,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     erp_token: str = ""
     success_hmac_key: str = ""
     sink_timeout_seconds: Pos = 5.0
-    crm_rate_per_second: Pos = 50.0
-    success_rate_per_second: Pos = 50.0
+    crm_rate_per_second: Pos = 100.0
+    success_rate_per_second: Pos = 100.0
     erp_rate_per_second: Pos = 5.0
     erp_batch_max_lines: PosInt = 500
     erp_batch_max_latency_seconds: Pos = 2.0
@@ -127,6 +128,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     if s.start_from not in ("earliest", "latest"):
         raise ConfigError(f"{_env_name('start_from')}={s.start_from!r}: use 'earliest' or 'latest'")
     return s
+
+
+def to_env(s: Settings) -> dict[str, str]:
+    """The TALLYFLOW_* environment that reproduces `s` in another process."""
+    env = {_env_name(k): str(v) for k, v in msgspec.to_builtins(s).items() if k != "kafka"}
+    env.update({KAFKA_PREFIX + k.upper().replace(".", "_"): v for k, v in s.kafka.items()})
+    return env
 
 
 def tune_gc() -> None:

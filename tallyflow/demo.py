@@ -1,37 +1,64 @@
 """`make demo`: the whole pipeline locally on embedded defaults, then what happened.
 
-Starts a broker, generates a day-boundary's worth of traffic for 1,000 tenants (with
-duplicates, late and malformed events), runs the rating dataflow until the input is
-consumed, reads the output topics back and prints a summary with a conservation check.
+Starts a broker, redis-server and the CRM / success / ERP sandbox; runs the rating, alert
+delivery and ERP delivery dataflows as separate processes; generates a day-boundary's
+worth of traffic for 1,000 tenants (duplicates, late and malformed events included); takes
+the ERP down for 20 s halfway through; waits until everything is rated and delivered and
+prints a summary: alert latency during the outage, the ERP backlog draining, and a
+three-way reconciliation of events and money.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import msgspec
 
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from tallyflow.bench import run_dataflow
-from tallyflow.config import load_settings, tune_gc
 from tallyflow.generator import GenSpec, produce
-from tallyflow.stack import LocalStack
+from tallyflow.pipeline import LocalPipeline, wait_until
 from tallyflow.topics import read_topic
 
 # Event time runs from 23:30 on 31 October to 00:30 on 1 November: one billing period
 # closes mid-demo, a plan upgrade happens at 23:50, and a 10-minute grace makes hours-late
 # October events arrive too late once November is 10 minutes old.
 DEMO_START = datetime(2026, 10, 31, 23, 30, tzinfo=UTC)
-DEMO_ENV = {"TALLYFLOW_GRACE_SECONDS": "600"}
+DEMO_ENV = {
+    "TALLYFLOW_GRACE_SECONDS": "600",
+    "TALLYFLOW_IDLE_TIMEOUT_SECONDS": "2",  # flush the last windows soon after traffic stops
+    "TALLYFLOW_ERP_RATE_PER_SECOND": "20",
+    "TALLYFLOW_ERP_BATCH_MAX_LATENCY_SECONDS": "1",
+    "TALLYFLOW_BREAKER_RESET_SECONDS": "2",
+    "TALLYFLOW_RETRY_CAP_SECONDS": "2",
+}
 
 
-def _row(label: str, value: object, width: int = 34) -> str:
+def _row(label: str, value: object, width: int = 40) -> str:
     return f"  {label:<{width}} {value}"
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def _ms(xs: list[float]) -> str:
+    xs = sorted(xs)
+    return f"p50 {_pct(xs, 0.5) * 1000:.0f} ms, p99 {_pct(xs, 0.99) * 1000:.0f} ms, max {xs[-1] * 1000:.0f} ms" if xs else "n/a"
+
+
+def _money(rows: Any) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for cur, amt in rows:
+        out[cur] = out.get(cur, Decimal(0)) + Decimal(amt)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,86 +67,143 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="tallyflow demo", description=__doc__)
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--tenants", type=int, default=1000)
-    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=12_500, help="events/s produced (default: 40 s for 500k)")
+    ap.add_argument("--outage", type=float, default=20, help="seconds the ERP is down, starting halfway")
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args(argv)
-    print("tallyflow demo: starting the local broker ...", flush=True)
-    with LocalStack(redis=False) as st:
-        s = load_settings({**DEMO_ENV}, brokers=st.brokers)
+    print("tallyflow demo: starting broker, redis-server, sandbox and the three dataflows ...", flush=True)
+    with LocalPipeline(DEMO_ENV) as lp:
+        s = lp.settings
+        for name in ("rate", "alerts", "erp"):
+            lp.start(name)
+        print(f"  broker {s.brokers}, redis {s.redis_url}, sandbox {lp.sandbox.url} (open it in a browser)")
         print(
-            f"  broker {st.brokers}; settings: window {s.window_seconds:g}s, grace {s.grace_seconds:g}s, "
-            f"dedup horizon {s.dedup_horizon_seconds:g}s, shards {s.shards}",
+            f"  window {s.window_seconds:g}s, grace {s.grace_seconds:g}s, ERP batches of up to {s.erp_batch_max_lines} "
+            f"lines or {s.erp_batch_max_latency_seconds:g}s, ERP limit {s.erp_rate_per_second:g} req/s",
             flush=True,
         )
-        st.create_topics({s.input_topic: args.partitions, s.alerts_topic: 1, s.rated_topic: 1, s.dlq_topic: 1})
+        wait_until(lambda: "tallyflow_records_total{outcome=in}" in lp.metrics(), 60, "the rating dataflow to start")
+
         cat = load_catalog(s.catalog)
-        spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1))
+        spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1), rate=args.rate)
+        outage: dict[str, float] = {}
+
+        def erp_outage() -> None:
+            time.sleep(spec.total / args.rate / 2)  # the demo's script: halfway through the traffic
+            lp.sandbox.fault("erp", "down")
+            outage["down"] = time.time()
+            print(f"\n  >>> ERP sandbox DOWN for {args.outage:g}s", flush=True)
+            time.sleep(args.outage)
+            lp.sandbox.clear_faults()
+            outage["up"] = time.time()
+            print("\n  >>> ERP sandbox back UP", flush=True)
+
         print(
-            f"generating {spec.total:,} events for {spec.tenants:,} tenants "
+            f"generating {spec.total:,} events for {spec.tenants:,} tenants at {args.rate:,.0f}/s "
             f"({spec.duplicate_pct}% duplicates, {spec.late_pct}% late, {spec.malformed_pct}% malformed) ...",
             flush=True,
         )
-        gen = produce(st.brokers, s.input_topic, spec, cat, progress=sys.stderr.isatty())
-        print(f"  produced {gen.produced:,} in {gen.seconds:.1f}s", flush=True)
-        print("running the rating dataflow until the input is consumed ...", flush=True)
-        tune_gc()
-        t0 = time.perf_counter()
-        stats = run_dataflow(s, gen.end_offsets)
-        secs = time.perf_counter() - t0
-        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(st.brokers, s.alerts_topic)]
-        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(st.brokers, s.rated_topic)]
-        dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(st.brokers, s.dlq_topic)]
+        script = threading.Thread(target=erp_outage, daemon=True)
+        script.start()
+        sent_at: dict[str, float] = {}
+        gen = produce(s.brokers, s.input_topic, spec, cat, progress=sys.stderr.isatty(), sent_at=sent_at)
+        script.join()
+        print(f"  produced {gen.produced:,} in {gen.seconds:.1f}s; waiting for rating and delivery to finish ...", flush=True)
 
-    amounts: dict[str, Decimal] = {}
-    for ln in lines:
-        amounts[ln.currency] = amounts.get(ln.currency, Decimal(0)) + ln.amount
-    by_reason = Counter(d.reason for d in dead)
-    by_level = Counter(a.level for a in alerts)
-    corrections = sum(1 for ln in lines if ln.revision > 0)
-    accounted = stats.accepted + stats.duplicates + len(dead)
-    print()
-    print("summary")
+        def rated_all() -> bool:
+            m = lp.metrics()
+            return m.get("tallyflow_records_total{outcome=in}") == gen.produced and m.get("tallyflow_open_windows") == 0
+
+        wait_until(rated_all, 120, "the rating dataflow to consume and rate everything")
+        m = lp.metrics()
+        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
+        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)]
+        dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, s.dlq_topic)]
+        want = {
+            "crm": {a.alert_id for a in alerts if "crm" in a.destinations},
+            "success": {a.alert_id for a in alerts if "success" in a.destinations},
+            "erp": {ln.line_id for ln in lines},
+        }
+        wait_until(
+            lambda: all(lp.sandbox.state()[k]["accepted"] >= len(want[k]) for k in want), 180, "every alert and line to be delivered"
+        )
+        crm, erp = lp.sandbox.items("crm"), lp.sandbox.items("erp")
+        state = lp.sandbox.state()
+        erp_requests = lp.sandbox.requests("erp")
+        delivered = all(want[k] <= lp.sandbox.items(k).keys() for k in want)
+
+    # -- what happened ---------------------------------------------------------------------
+    accepted, dups = int(m["tallyflow_records_total{outcome=accepted}"]), int(m["tallyflow_records_total{outcome=duplicate}"])
+    records_in = int(m["tallyflow_records_total{outcome=in}"])
+    by_alert = {a.alert_id: a for a in alerts}
+    latency = [crm[i]["received_at"] - sent_at[by_alert[i].correlation_id] for i in want["crm"]]
+    during = [
+        crm[i]["received_at"] - sent_at[by_alert[i].correlation_id]
+        for i in want["crm"]
+        if outage["down"] <= crm[i]["received_at"] <= outage["up"]
+    ]
+    erp_ok = [t for t, st in erp_requests if st == 200]
+    drained = max(x["received_at"] for x in erp.values()) - outage["up"]
+    backlog_at_up = sum(1 for x in erp.values() if x["received_at"] > outage["up"])
+    rated_money = _money((ln.currency, ln.amount) for ln in lines)
+    erp_money = _money((x["currency"], x["amount"]) for x in erp.values())
+    rated_events = sum(ln.event_count for ln in lines)
+    erp_events = sum(x["event_count"] for x in erp.values())
+    per_tenant_ok = _money(((ln.tenant_id, ln.currency), ln.amount) for ln in lines) == _money(
+        ((x["tenant_id"], x["currency"]), x["amount"]) for x in erp.values()
+    )
+    dup_ids = sum(state[k]["duplicates"] for k in ("crm", "success", "erp"))
+    conserved = records_in == gen.produced == accepted + dups + len(dead)
+    reconciled = accepted == rated_events == erp_events and rated_money == erp_money and per_tenant_ok
+    ok = conserved and reconciled and dup_ids == 0 and delivered
+
+    print("\nsummary: rating")
     print(_row("events produced", f"{gen.produced:,}"))
-    print(_row("  of which generated as", ", ".join(f"{k} {v:,}" for k, v in sorted(gen.kinds.items()))))
-    print(_row("records processed", f"{stats.records_in:,} in {secs:.1f}s ({stats.records_in / secs:,.0f}/s)"))
-    print(_row("accepted", f"{stats.accepted:,}"))
-    print(_row("duplicates dropped", f"{stats.duplicates:,}"))
-    print(_row("dead letters (usage.dlq)", f"{len(dead):,}"))
-    for reason, n in sorted(by_reason.items()):
-        print(_row(f"  {reason}", f"{n:,}"))
-    print(_row("alerts (usage.alerts)", f"{len(alerts):,}"))
-    for level, n in sorted(by_level.items()):
-        print(_row(f"  {level}", f"{n:,}"))
-    print(_row("rated lines (usage.rated)", f"{len(lines):,} ({corrections:,} corrections for late events)"))
-    for cur, amt in sorted(amounts.items()):
-        print(_row(f"  amount {cur}", f"{amt:,}"))
-    print(_row("alert_id unique", "yes" if len({a.alert_id for a in alerts}) == len(alerts) else "NO"))
-    print(_row("line_id unique", "yes" if len({ln.line_id for ln in lines}) == len(lines) else "NO"))
-    gap = stats.records_in - accounted
-    topics_agree = len(dead) == sum(stats.dead.values()) and len(lines) == stats.lines and len(alerts) == sum(stats.alerts.values())
-    ok = gap == 0 and stats.records_in == gen.produced and topics_agree
-    verdict = (
-        "OK"
-        if ok
-        else (
-            f"MISMATCH: in {stats.records_in:,} vs produced {gen.produced:,}, "
-            f"difference {gap:,}, topics agree with counters: {topics_agree}"
+    print(_row("accepted", f"{accepted:,}"))
+    print(_row("duplicates dropped", f"{dups:,}"))
+    print(
+        _row(
+            "dead letters (usage.dlq)",
+            f"{len(dead):,}  " + ", ".join(f"{r} {n}" for r, n in sorted(Counter(d.reason for d in dead).items())),
         )
     )
     print(
         _row(
-            "conservation",
-            f"{stats.records_in:,} in = {stats.accepted:,} accepted + {stats.duplicates:,} duplicates "
-            f"+ {len(dead):,} dead letters: {verdict}",
+            "alerts (usage.alerts)",
+            f"{len(alerts):,}  " + ", ".join(f"{lv} {n}" for lv, n in sorted(Counter(a.level for a in alerts).items())),
         )
     )
-    if alerts:
-        print("\nan alert:", msgspec.json.encode(alerts[0]).decode())
-    if corrections:
-        print("a correction:", msgspec.json.encode(next(ln for ln in lines if ln.revision > 0)).decode())
-    if dead:
-        d = dead[0]
-        print(f"a dead letter: reason={d.reason} message={d.message!r} at {d.topic}/{d.partition}@{d.offset}")
+    print(_row("rated lines (usage.rated)", f"{len(lines):,} ({sum(1 for ln in lines if ln.revision):,} corrections)"))
+    print(
+        _row(
+            "conservation",
+            f"{records_in:,} in = {accepted:,} accepted + {dups:,} duplicates + {len(dead):,} dead letters: "
+            + ("OK" if conserved else "MISMATCH"),
+        )
+    )
+    print("\nsummary: delivery")
+    print(_row("ERP outage", f"{outage['up'] - outage['down']:.1f}s"))
+    print(_row("alerts at CRM / success tool", f"{len(want['crm']):,} / {len(want['success']):,}"))
+    print(_row("alert latency, event produced -> CRM", _ms(latency)))
+    print(_row("  of which during the ERP outage", f"{len(during):,} alerts, {_ms(during)}"))
+    print(_row("ERP requests", ", ".join(f"{k}: {v}" for k, v in sorted(state["erp"]["by_status"].items()))))
+    print(
+        _row(
+            "ERP lines accepted",
+            f"{len(erp):,} in {len(erp_ok):,} requests ({len(erp) / max(1, len(erp_ok)):.0f} lines, "
+            f"{erp_events / max(1, len(erp_ok)):,.0f} events per request)",
+        )
+    )
+    print(_row("ERP backlog after the outage", f"{backlog_at_up:,} lines, drained {drained:.1f}s after the ERP came back"))
+    print(_row("duplicate alert_id / line_id at sandbox", dup_ids))
+    print("\nreconciliation (source = rating counters, rated = usage.rated, ERP = accepted by the sandbox)")
+    print(_row("events", f"source {accepted:,} = rated {rated_events:,} = ERP {erp_events:,}"))
+    for cur in sorted(set(rated_money) | set(erp_money)):
+        print(_row(f"amount {cur}", f"rated {rated_money.get(cur, 0):,} = ERP {erp_money.get(cur, 0):,}"))
+    print(_row("per tenant and currency", "all equal" if per_tenant_ok else "DIFFER"))
+    print(_row("verdict", "OK" if ok else "MISMATCH"))
+    if latency:
+        print(f"\n  (median alert latency {statistics.median(latency) * 1000:.0f} ms)")
     return 0 if ok else 1
 
 

@@ -118,22 +118,22 @@ def _malformed(rng: random.Random, good: bytes, ev: dict[str, Any], shapes: list
     return kind, orjson.dumps(bad)
 
 
-def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes]]:
-    """Yield (kind, tenant, value) where kind is ok / duplicate / late / a dead-letter reason."""
+def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes, str]]:
+    """Yield (kind, tenant, value, event id) where kind is ok / duplicate / late / a dead-letter reason."""
     rng = random.Random(spec.seed)
     tenants = [t.tenant_id for t in catalog.tenants[: spec.tenants]]
     # Log-normal activity: a long tail of quiet tenants and a few heavy ones.
     weights = [math.exp(rng.gauss(0, 1.2)) for _ in tenants]
     shapes = _shapes(catalog)
     step = spec.span / max(spec.total, 1)
-    recent: list[tuple[str, bytes]] = []
+    recent: list[tuple[str, bytes, str]] = []
     tenant_pick = rng.choices(tenants, weights, k=spec.total)
     shape_pick = rng.choices(shapes, [sh.weight for sh in shapes], k=spec.total)
     for i in range(spec.total):
         r = rng.random() * 100
         if r < spec.duplicate_pct and recent:
-            tenant, value = recent[rng.randrange(len(recent))]
-            yield "duplicate", tenant, value
+            tenant, value, eid = recent[rng.randrange(len(recent))]
+            yield "duplicate", tenant, value, eid
             continue
         tenant, shape = tenant_pick[i], shape_pick[i]
         etype = shape.etype
@@ -144,9 +144,10 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes]]:
             # Mostly minutes late (corrections); a fifth hours late (too late past a period end).
             back = timedelta(minutes=rng.uniform(2, 40)) if rng.random() < 0.8 else timedelta(hours=rng.uniform(2, 3))
             t -= back
-        ev = {
+        eid = f"{spec.seed}-{i}"
+        ev: dict[str, Any] = {
             "specversion": "1.0",
-            "id": f"{spec.seed}-{i}",
+            "id": eid,
             "source": f"svc/{etype.split('.')[0]}",
             "type": etype,
             "subject": tenant,
@@ -157,10 +158,10 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes]]:
         if r >= 100 - spec.malformed_pct:
             kind, value = _malformed(rng, value, ev, shapes)
         elif len(recent) < 2000:
-            recent.append((tenant, value))
+            recent.append((tenant, value, eid))
         else:
-            recent[rng.randrange(2000)] = (tenant, value)
-        yield kind, tenant, value
+            recent[rng.randrange(2000)] = (tenant, value, eid)
+        yield kind, tenant, value, eid
 
 
 def produce(
@@ -172,8 +173,10 @@ def produce(
     config: Mapping[str, Any] | None = None,
     progress: bool = False,
     record: list[bytes] | None = None,
+    sent_at: dict[str, float] | None = None,
 ) -> GenResult:
-    """Produce the generated traffic; returns counts by kind and exact end offsets."""
+    """Produce the generated traffic; returns counts by kind and exact end offsets.
+    `record` collects the values, `sent_at` the time each event id was first produced."""
     res = GenResult()
     errors: list[KafkaError] = []
 
@@ -203,10 +206,12 @@ def produce(
 
         bar = tqdm(total=spec.total, unit="ev", unit_scale=True, desc="generate", mininterval=0.5)
     t0 = time.monotonic()
-    for n, (kind, tenant, value) in enumerate(events(spec, catalog), 1):
+    for n, (kind, tenant, value, eid) in enumerate(events(spec, catalog), 1):
         res.kinds[kind] = res.kinds.get(kind, 0) + 1
         if record is not None:
             record.append(value)
+        if sent_at is not None:
+            sent_at.setdefault(eid, time.time())
         while True:
             try:
                 producer.produce(topic, value, tenant.encode(), on_delivery=on_delivery)

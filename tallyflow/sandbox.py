@@ -101,6 +101,9 @@ def _count(it: Any) -> dict[str, int]:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle on, every response would wait
+    # for the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the state is the log
         return
@@ -285,3 +288,29 @@ def _page(s: dict[str, Any]) -> str:
         "td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>"
         f"<h1>Tallyflow sandbox</h1><p>faults: <code>{faults}</code></p>{''.join(rows)}</body></html>"
     )
+
+
+class SandboxClient:
+    """Drives a sandbox running in another process (`tallyflow sandbox`) over its API."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def fault(self, target: str, mode: str, **kw: Any) -> None:
+        self.http.post("/api/faults", json={"target": target, "mode": mode, **kw}).raise_for_status()
+
+    def clear_faults(self) -> None:
+        self.http.delete("/api/faults").raise_for_status()
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.http.get("/api/state").json())
+
+    def items(self, target: str) -> dict[str, dict[str, Any]]:
+        key = "line_id" if target == "erp" else "alert_id"
+        return {it[key]: it for it in self.http.get(f"/api/items/{target}").json()}
+
+    def requests(self, target: str) -> list[tuple[float, int]]:
+        return [(t, s) for t, s in self.http.get(f"/api/requests/{target}").json()]

@@ -21,7 +21,8 @@ import pytest
 from confluent_kafka import Producer
 
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
-from tallyflow.config import Settings
+from tallyflow.config import Settings, to_env
+from tallyflow.pipeline import FLOWS, wait_until
 from tallyflow.sandbox import Sandbox
 from tallyflow.stack import LocalStack
 from tallyflow.topics import read_topic
@@ -29,20 +30,9 @@ from tallyflow.topics import read_topic
 HMAC_KEY = "test-hmac-key"
 
 
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll a condition until it holds or the deadline passes (no sleeps as synchronisation)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class FlowProcess:
     def __init__(self, spec: str, s: Settings, log: Path) -> None:
-        env = {**os.environ, **{f"TALLYFLOW_{k.upper()}": str(v) for k, v in msgspec.to_builtins(s).items() if k != "kafka"}}
+        env = {**os.environ, **to_env(s)}
         self.log = log
         self.p = subprocess.Popen([sys.executable, "-m", "bytewax.run", spec], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
@@ -92,7 +82,7 @@ def flows(tmp_path: Path) -> Iterator[Callable[[str, Settings], FlowProcess]]:
     started: list[FlowProcess] = []
 
     def start(which: str, s: Settings) -> FlowProcess:
-        fp = FlowProcess(f"dataflows.delivery:{which}_flow()", s, tmp_path / f"{which}.log")
+        fp = FlowProcess(FLOWS[which], s, tmp_path / f"{which}.log")
         started.append(fp)
         return fp
 

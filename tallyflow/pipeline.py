@@ -1,0 +1,128 @@
+"""The whole pipeline on one machine: broker, redis-server, sandbox and the three dataflows
+as separate processes, as they run in production. Used by the demo and the bench."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tallyflow.config import Settings, load_settings, to_env
+from tallyflow.sandbox import SandboxClient
+from tallyflow.stack import LocalStack, free_port
+
+T = TypeVar("T")
+FLOWS = {
+    "rate": "dataflows.rating:get_flow()",
+    "alerts": "dataflows.delivery:alerts_flow()",
+    "erp": "dataflows.delivery:erp_flow()",
+}
+HMAC_KEY = "local-sandbox-hmac-key"
+
+
+def wait_until(pred: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll a condition until it holds; fail with `what` at the deadline."""
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)  # polling interval of a condition wait
+
+
+class LocalPipeline:
+    def __init__(self, env: dict[str, str] | None = None, partitions: int = 4) -> None:
+        self.env = env or {}
+        self.partitions = partitions
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logdir = Path(tempfile.mkdtemp(prefix="tallyflow-logs-"))
+
+    def __enter__(self) -> LocalPipeline:
+        self.stack = LocalStack(redis=True).__enter__()
+        # The sandbox is a service of its own, as the real CRM and ERP are: in this process
+        # it would compete with the traffic generator for the GIL.
+        port = free_port()
+        self.sandbox_proc = subprocess.Popen(
+            [sys.executable, "-m", "tallyflow.cli", "sandbox", "--port", str(port)],
+            env={**os.environ, "TALLYFLOW_SUCCESS_HMAC_KEY": HMAC_KEY},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        self.sandbox = SandboxClient(f"http://127.0.0.1:{port}")
+        wait_until(self._sandbox_up, 20, "the sandbox to listen")
+        self.metrics_port = free_port()
+        self.settings: Settings = load_settings(
+            self.env,
+            brokers=self.stack.brokers,
+            redis_url=self.stack.redis_url,
+            crm_url=self.sandbox.url,
+            success_url=self.sandbox.url,
+            erp_url=self.sandbox.url,
+            success_hmac_key=HMAC_KEY,
+        )
+        s = self.settings
+        self.stack.create_topics(
+            {s.input_topic: self.partitions, s.alerts_topic: 1, s.rated_topic: 2, s.dlq_topic: 1, s.exceptions_topic: 1}
+        )
+        return self
+
+    def start(self, name: str) -> None:
+        env = {**os.environ, **to_env(self.settings)}
+        if name == "rate":
+            env["TALLYFLOW_METRICS_PORT"] = str(self.metrics_port)
+        log = (self.logdir / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "bytewax.run", FLOWS[name]], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def check_alive(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                tail = (self.logdir / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"the {name} dataflow exited with {p.returncode}:\n{tail}")
+
+    def metrics(self) -> dict[str, float]:
+        """The rating process's metrics as {"name{label=value}": number}."""
+        self.check_alive()
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
+        except httpx.TransportError:
+            return {}
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+                out[f"{smp.name}{{{labels}}}" if labels else smp.name] = smp.value
+        return out
+
+    def _sandbox_up(self) -> bool:
+        if self.sandbox_proc.poll() is not None:
+            raise RuntimeError(f"the sandbox exited with {self.sandbox_proc.returncode}")
+        try:
+            self.sandbox.state()
+            return True
+        except httpx.TransportError:
+            return False
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.sandbox_proc.terminate()
+        self.sandbox_proc.wait(10)
+        self.stack.__exit__(*exc)

@@ -10,9 +10,10 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from dataflows.kafka_io import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
@@ -100,6 +101,67 @@ def run_dataflow(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
     return stats
 
 
+def delivery_bench(events: int, rate: float) -> dict[str, Any]:
+    """Alert latency (event produced -> received by the CRM sandbox) under a steady load, with
+    all three dataflows running as processes, and ERP efficiency (events per request)."""
+    from schemas.outputs import RatedUsageLine, ThresholdAlert
+    from tallyflow.pipeline import LocalPipeline, wait_until
+    from tallyflow.topics import read_topic
+
+    # Measure the pipeline, not a rate limit: this load fires ~150 alerts/s at first, above
+    # the default 100 requests/s per destination, which would queue them by design.
+    limits = {"TALLYFLOW_CRM_RATE_PER_SECOND": "1000", "TALLYFLOW_SUCCESS_RATE_PER_SECOND": "1000"}
+    with LocalPipeline(limits) as lp:
+        s = lp.settings
+        for name in ("rate", "alerts", "erp"):
+            lp.start(name)
+        wait_until(lambda: "tallyflow_records_total{outcome=in}" in lp.metrics(), 60, "the rating dataflow to start")
+        sent_at: dict[str, float] = {}
+        spec = GenSpec(total=events, span=timedelta(seconds=events / 20_000), rate=rate)
+        gen = produce(s.brokers, s.input_topic, spec, load_catalog(s.catalog), sent_at=sent_at)
+
+        def rated() -> bool:
+            m = lp.metrics()
+            return m.get("tallyflow_records_total{outcome=in}") == events and m.get("tallyflow_open_windows") == 0
+
+        wait_until(rated, 300, "rating to finish")
+        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
+        n_lines = len(read_topic(s.brokers, s.rated_topic))
+        n_crm = sum(1 for a in alerts if "crm" in a.destinations)
+        wait_until(
+            lambda: (st := lp.sandbox.state())["crm"]["accepted"] >= n_crm and st["erp"]["accepted"] >= n_lines, 300, "delivery to finish"
+        )
+        crm = lp.sandbox.items("crm")
+        erp_lines = [msgspec.convert(x, RatedUsageLine, strict=False) for x in lp.sandbox.items("erp").values()]
+        erp_ok = sum(1 for _, st in lp.sandbox.requests("erp") if st == 200)
+    got = [a for a in alerts if a.alert_id in crm]
+    detected = {a.alert_id: datetime.fromisoformat(a.detected_at.replace("Z", "+00:00")).timestamp() for a in got}
+    total = [crm[a.alert_id]["received_at"] - sent_at[a.correlation_id] for a in got]
+    rating = [detected[a.alert_id] - sent_at[a.correlation_id] for a in got]
+    delivery = [crm[a.alert_id]["received_at"] - detected[a.alert_id] for a in got]
+    return {
+        "load_events_per_s": round(gen.produced / gen.seconds),
+        "alerts": len(got),
+        "alert_latency_ms": _percentiles(total),
+        "of_which_rating_ms": _percentiles(rating),  # event produced -> alert fired (includes consumer lag)
+        "of_which_delivery_ms": _percentiles(delivery),  # alert fired -> received by the CRM
+        "erp_requests": erp_ok,
+        "erp_lines_per_request": round(len(erp_lines) / max(1, erp_ok), 1),
+        "erp_events_per_request": round(sum(ln.event_count for ln in erp_lines) / max(1, erp_ok), 1),
+        "crm_and_success_rate_limit_per_s": 1000,
+        "target": {"alert_latency_p99_ms": 250},
+    }
+
+
+def _percentiles(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+
+    def at(q: float) -> float:
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))] * 1000, 1)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(xs[-1] * 1000, 1)} if xs else {}
+
+
 def dedup_bytes_per_id(n: int = 200_000) -> float:
     """Memory the dedup window holds per live id (keys shaped like the generator's)."""
     tracemalloc.start()
@@ -119,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="alternate reference and dataflow runs; the best of each counts")
+    ap.add_argument("--delivery-events", type=int, default=750_000, help="events for the alert-latency run (0: skip it)")
+    ap.add_argument("--delivery-rate", type=float, default=50_000, help="steady load of the alert-latency run, events/s")
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"events": args.events, "partitions": args.partitions}
     with LocalStack(redis=False) as st:
@@ -154,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             target={"dataflow_events_per_s": 250_000, "ratio": 0.7},
         )
+    if args.delivery_events:
+        results["delivery"] = delivery_bench(args.delivery_events, args.delivery_rate)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -130,11 +130,14 @@ class _ErpPartition(StatelessSinkPartition[tuple[str, list[bytes]]], _Delivery):
             lines = [LINE.decode(b) for b in raw]
             statuses = self.redis(lambda ls=lines: self.ledger.status("erp", [ln.line_id for ln in ls]))  # type: ignore[misc]
             # Batches a previous process sent without seeing the answer: the same body again.
+            lost: set[str] = set()  # keys whose written-ahead body expired: send their lines afresh
             for key in dict.fromkeys(st[len(PENDING) :] for st in statuses if st and st.startswith(PENDING)):
                 body = self.redis(lambda k=key: self.ledger.intent("erp", k))  # type: ignore[misc]
-                if body is not None:
+                if body is None:
+                    lost.add(PENDING + key)
+                else:
                     self._post(key, [ln["line_id"] for ln in orjson.loads(body)["lines"]], body)
-            fresh = [ln for ln, st in zip(lines, statuses, strict=True) if st is None]
+            fresh = [ln for ln, st in zip(lines, statuses, strict=True) if st is None or st in lost]
             if fresh:
                 ids = [ln.line_id for ln in fresh]
                 key = batch_key(ids)
@@ -193,16 +196,26 @@ class _ErpBatcher(StatefulBatchLogic[bytes, list[bytes], BatchState]):
         return (list(self.mb.items), self.mb.first_at)
 
 
+# A delivery consumer keeps little ahead of its sink: while a destination is down the
+# backlog must wait in Kafka, not in this process.
+DELIVERY_PREFETCH = {"queued.max.messages.kbytes": 4096, "queued.min.messages": 2000}
+
+
+def _source(s: Settings, topic: str, end_offsets: Mapping[int, int] | None) -> KafkaBatchSource:
+    cfg = {**DELIVERY_PREFETCH, **kafka_config(s)}
+    return KafkaBatchSource(cfg, topic, batch_size=s.batch_size, start_from="earliest", end_offsets=end_offsets)
+
+
 def build_alerts_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> Dataflow:
     flow = Dataflow("tallyflow-alert-delivery")
-    src = KafkaBatchSource(kafka_config(s), s.alerts_topic, batch_size=s.batch_size, start_from="earliest", end_offsets=end_offsets)
+    src = _source(s, s.alerts_topic, end_offsets)
     op.output("deliver", op.input("alerts", flow, src), _Sink(lambda: _AlertPartition(s)))
     return flow
 
 
 def build_erp_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> Dataflow:
     flow = Dataflow("tallyflow-erp-delivery")
-    src = KafkaBatchSource(kafka_config(s), s.rated_topic, batch_size=s.batch_size, start_from="earliest", end_offsets=end_offsets)
+    src = _source(s, s.rated_topic, end_offsets)
     lines = op.flat_map("lines", op.input("rated", flow, src), lambda ms: [("erp", m.value() or b"") for m in ms])
     batches = op.stateful_batch("batch", lines, lambda resume: _ErpBatcher(s.erp_batch_max_lines, s.erp_batch_max_latency_seconds, resume))
     op.output("post", batches, _Sink(lambda: _ErpPartition(s)))

@@ -23,14 +23,14 @@ class Ledger:
         self.ttl = ttl_seconds
         self.prefix = prefix
 
-    def _k(self, dest: str, i: str) -> str:
+    def key(self, dest: str, i: str) -> str:
         return f"{self.prefix}:{dest}:{i}"
 
     def status(self, dest: str, ids: list[str]) -> list[str | None]:
         """Per id: None (never sent), "ok", "rejected", or "pending:<key>" (sent, outcome unknown)."""
         if not ids:
             return []
-        return [_text(v) for v in self.r.mget([self._k(dest, i) for i in ids])]
+        return [_text(v) for v in self.r.mget([self.key(dest, i) for i in ids])]
 
     def unacked(self, dest: str, ids: list[str]) -> list[str]:
         """The ids `dest` has not acknowledged (nor had parked), in order."""
@@ -38,13 +38,13 @@ class Ledger:
 
     def intend(self, dest: str, key: str, ids: list[str], body: bytes) -> None:
         p = self.r.pipeline(transaction=True)
-        p.set(self._k(dest, f"intent:{key}"), body, ex=self.ttl)
+        p.set(self.key(dest, f"intent:{key}"), body, ex=self.ttl)
         for i in ids:
-            p.set(self._k(dest, i), PENDING + key, ex=self.ttl)
+            p.set(self.key(dest, i), PENDING + key, ex=self.ttl)
         p.execute()
 
     def intent(self, dest: str, key: str) -> bytes | None:
-        v = self.r.get(self._k(dest, f"intent:{key}"))
+        v = self.r.get(self.key(dest, f"intent:{key}"))
         return v.encode() if isinstance(v, str) else v
 
     def ack(self, dest: str, ids: list[str], outcome: str = "ok") -> None:
@@ -53,7 +53,7 @@ class Ledger:
             return
         p = self.r.pipeline(transaction=False)
         for i in ids:
-            p.set(self._k(dest, i), outcome, ex=self.ttl)
+            p.set(self.key(dest, i), outcome, ex=self.ttl)
         p.execute()
 
 

@@ -180,6 +180,33 @@ def test_alerts_flow_while_the_erp_is_down_and_the_backlog_drains_after(dsetting
     assert 400 / sum(1 for _, st in erp.requests if st == 200) > 10  # lines travel in batches
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_while_the_erp_is_down_the_backlog_waits_in_kafka_not_in_memory(dsettings, sandbox, flows):
+    erp = sandbox.state.endpoints["erp"]
+    sandbox.fault("erp", "down")
+    proc = flows("erp", dsettings)
+    rng = random.Random(5)
+    first = lines(5_000, rng)
+    produce(dsettings, dsettings.rated_topic, first)
+    wait_until(lambda: len(erp.requests) >= 4, 30, "the ERP delivery to be retrying")
+    before = rss_mb(proc.p.pid)
+    backlog = first + lines(60_000, rng)  # ~45 MB of lines arrive while the ERP is down
+    produce(dsettings, dsettings.rated_topic, backlog[5_000:])
+    n = len(erp.requests)
+    wait_until(lambda: len(erp.requests) >= n + 4, 30, "more retries after the backlog grew")
+    grown = rss_mb(proc.p.pid) - before
+    assert grown < 20, f"the delivery process grew by {grown:.0f} MB while the ERP was down: the backlog is in memory"
+    sandbox.clear_faults()
+    wait_until(lambda: len(erp.accepted) == len(backlog), 120, "the backlog to drain")
+    assert erp.duplicates == [] and totals(list(erp.accepted.values())) == totals(backlog)
+
+
 def test_429_storm_keeps_under_the_rate_limit_and_honours_retry_after(dsettings, sandbox, flows):
     s = msgspec.structs.replace(dsettings, erp_rate_per_second=5.0, erp_batch_max_lines=20)
     erp = sandbox.state.endpoints["erp"]
@@ -250,3 +277,17 @@ def test_alerts_are_delivered_once_across_a_restart(dsettings, sandbox, flows):
     # under the same key, and the remote replays it instead of taking it again.
     assert len(crm.requests) - crm.replays == 35 and len(success.requests) - success.replays == 35
     assert crm.replays + success.replays <= 2
+
+
+def test_lines_pending_under_an_expired_intent_are_sent_afresh(dsettings, sandbox, flows):
+    from sinks.ledger import PENDING, Ledger
+
+    erp = sandbox.state.endpoints["erp"]
+    backlog = lines(120, random.Random(6))
+    # A previous process marked these pending, and the written-ahead body has since expired.
+    ledger = Ledger(dsettings.redis_url, 60)
+    ledger.r.mset({ledger.key("erp", ln.line_id): PENDING + "expired-key" for ln in backlog[:70]})
+    produce(dsettings, dsettings.rated_topic, backlog)
+    flows("erp", dsettings)
+    wait_until(lambda: len(erp.accepted) == 120, 60, "every line, including the in-doubt ones")
+    assert erp.duplicates == []

@@ -36,6 +36,13 @@ class Accepted(msgspec.Struct, gc=False):
     index: int | None
 
 
+class _Reject(Exception):
+    """A judgement on one event; caught once in `_one`, where the dead letter is written."""
+
+    def __init__(self, reason: DeadLetterReason, message: str) -> None:
+        self.reason, self.message = reason, message
+
+
 # (meter slug, reads the quantity from the event or None for COUNT, is a quantity)
 Reader = tuple[str, Callable[[Any], Any] | None, bool]
 
@@ -196,76 +203,33 @@ class Validator:
         accepted: list[Accepted],
         dead: list[DeadLetter],
     ) -> None:
-        tenant = self._tenants.get(ev.subject)
-        if tenant is None:
-            return self._dead(
-                dead,
-                "unknown_tenant",
-                f"tenant '{ev.subject}' is not in the catalog",
-                raw,
-                topic,
-                partition,
-                offset,
-                received_at,
-                index,
-                ev,
-            )
-        ts = ev.time.timestamp()
-        if ts < 0:
-            return self._dead(
-                dead, "schema", f"event time {ev.time.isoformat()} is before 1970", raw, topic, partition, offset, received_at, index, ev
-            )
-        # Exact floor to the millisecond for µs-precision times: the float's error after the
-        # multiplication stays below 0.0005 ms until 2100, and the fraction is a multiple of 0.001.
-        ts_ms = int(ts * 1000 + 0.0005)
-        plan = tenant.only_plan or tenant.plan_at(ts_ms)
-        if plan is None or (tenant.until_ms is not None and ts_ms >= tenant.until_ms):
-            return self._dead(
-                dead,
-                "unknown_tenant",
-                f"tenant '{ev.subject}' has no contract in force at {ev.time.isoformat()}",
-                raw,
-                topic,
-                partition,
-                offset,
-                received_at,
-                index,
-                ev,
-            )
-        readers = self._plan_readers[plan.pricing_version][type(ev)]
-        if not readers:
-            return self._dead(
-                dead,
-                "unknown_meter",
-                f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'",
-                raw,
-                topic,
-                partition,
-                offset,
-                received_at,
-                index,
-                ev,
-            )
-        values: list[tuple[str, Any]] = []
-        for slug, read, is_qty in readers:
-            if read is None:
-                values.append((slug, 1))
-                continue
-            v = read(ev)
-            if is_qty and type(v) is Decimal and (not v.is_finite() or v < 0):
-                return self._dead(
-                    dead,
-                    "bad_quantity",
-                    f"meter '{slug}' needs a finite non-negative quantity, got {v}",
-                    raw,
-                    topic,
-                    partition,
-                    offset,
-                    received_at,
-                    index,
-                    ev,
-                )
-            values.append((slug, v))
+        try:
+            tenant = self._tenants.get(ev.subject)
+            if tenant is None:
+                raise _Reject("unknown_tenant", f"tenant '{ev.subject}' is not in the catalog")
+            ts = ev.time.timestamp()
+            if ts < 0:
+                raise _Reject("schema", f"event time {ev.time.isoformat()} is before 1970")
+            # Exact floor to the millisecond for µs-precision times: the float's error after the
+            # multiplication stays below 0.0005 ms until 2100, and the fraction is a multiple of 0.001.
+            ts_ms = int(ts * 1000 + 0.0005)
+            plan = tenant.only_plan or tenant.plan_at(ts_ms)
+            if plan is None or (tenant.until_ms is not None and ts_ms >= tenant.until_ms):
+                raise _Reject("unknown_tenant", f"tenant '{ev.subject}' has no contract in force at {ev.time.isoformat()}")
+            readers = self._plan_readers[plan.pricing_version][type(ev)]
+            if not readers:
+                raise _Reject("unknown_meter", f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'")
+            values: list[tuple[str, Any]] = []
+            for slug, read, is_qty in readers:
+                if read is None:
+                    values.append((slug, 1))
+                    continue
+                v = read(ev)
+                if is_qty and type(v) is Decimal and (not v.is_finite() or v < 0):
+                    raise _Reject("bad_quantity", f"meter '{slug}' needs a finite non-negative quantity, got {v}")
+                values.append((slug, v))
+        except _Reject as r:
+            return self._dead(dead, r.reason, r.message, raw, topic, partition, offset, received_at, index, ev)
         accepted.append(
             Accepted(
                 ev.subject, plan.pricing_version, f"{ev.source}\x1f{ev.id}", ev.id, ts_ms, values, raw, topic, partition, offset, index

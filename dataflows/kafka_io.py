@@ -25,6 +25,7 @@ CONSUMER_DEFAULTS = {
     "enable.auto.commit": False,
     "enable.partition.eof": False,
     "fetch.queue.backoff.ms": 10,
+    "fetch.wait.max.ms": 10,
     "queued.max.messages.kbytes": 65536,
 }
 PRODUCER_DEFAULTS = {"compression.type": "lz4", "linger.ms": 5, "batch.num.messages": 10000, "enable.idempotence": True}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -33,9 +32,16 @@ def _sandbox(a: argparse.Namespace) -> int:
     s = load_settings()
     with Sandbox(a.port, hmac_key=s.success_hmac_key.encode(), token=s.crm_token) as sb:
         print(f"sandbox on {sb.url} (open it in a browser); Ctrl-C stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        _wait_for_stop()
     return 0
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGINT or SIGTERM, then return so `with` blocks stop what they started.
+    The signals must be blocked first, or their default action ends the process at once."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
 
 
 def _generate(a: argparse.Namespace) -> int:
@@ -77,8 +83,7 @@ def _stack(a: argparse.Namespace) -> int:
         if not a.no_redis:
             print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
         print("# local stack running; Ctrl-C stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        _wait_for_stop()
     return 0
 
 

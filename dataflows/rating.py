@@ -8,7 +8,9 @@ one tenant's state lives in one engine on one worker, and each item is a batch.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import sys
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -67,9 +69,10 @@ ShardItem = tuple[list[Accepted], list[Record]]
 
 
 class _ShardLogic(StatefulBatchLogic[ShardItem, list[Record], bytes]):
-    def __init__(self, engine: ShardEngine, enc: _Encoder) -> None:
+    def __init__(self, engine: ShardEngine, enc: _Encoder, snapshots: bool) -> None:
         self.engine = engine
         self.enc = enc
+        self.snapshots = snapshots
 
     def on_batch(self, values: list[ShardItem]) -> tuple[list[list[Record]], bool]:
         now = time.time()
@@ -94,13 +97,17 @@ class _ShardLogic(StatefulBatchLogic[ShardItem, list[Record], bytes]):
         return datetime.fromtimestamp(d, UTC) if d is not None else None
 
     def snapshot(self) -> bytes:
-        # Bytewax asks every epoch, recovery or not; a pickle is an immutable copy and
-        # several times cheaper than deepcopy.
+        # Bytewax asks every epoch for every shard, recovery or not. Without recovery the
+        # answer is thrown away, and pickling all shards' state would stall the worker.
+        if not self.snapshots:
+            return b""
+        # A pickle is an immutable copy and several times cheaper than deepcopy.
         return pickle.dumps(self.engine.state(), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, stats: Stats = STATS) -> Dataflow:
-    """Wire the rating dataflow. `end_offsets` bounds the input (demo, tests, backfills)."""
+def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, stats: Stats = STATS, snapshots: bool = True) -> Dataflow:
+    """Wire the rating dataflow. `end_offsets` bounds the input (demo, tests, backfills);
+    `snapshots=False` only when the run has no recovery store."""
     catalog = CatalogIndex.build(load_catalog(s.catalog))
     cfg = engine_config(s)
     validator = Validator(catalog, stats)
@@ -125,8 +132,8 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, sta
         return items
 
     def build_logic(resume: bytes | None) -> _ShardLogic:
-        state: dict[str, TenantState] | None = pickle.loads(resume) if resume is not None else None
-        return _ShardLogic(ShardEngine.resume(catalog, cfg, stats, state), enc)
+        state: dict[str, TenantState] | None = pickle.loads(resume) if resume else None
+        return _ShardLogic(ShardEngine.resume(catalog, cfg, stats, state), enc, snapshots)
 
     flow = Dataflow("tallyflow-rating")
     raw = op.input(
@@ -140,11 +147,20 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, sta
     return flow
 
 
+def recovery_configured(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> bool:
+    """Whether this `bytewax.run` process has a recovery store (-r or its variable); when in
+    doubt, yes: snapshotting needlessly costs time, not snapshotting loses state."""
+    argv = sys.argv if argv is None else argv
+    env = os.environ if env is None else env
+    flags = ("-r", "--recovery-directory")
+    return bool(env.get("BYTEWAX_RECOVERY_DIRECTORY")) or any(a in flags or a.startswith("--recovery-directory=") for a in argv)
+
+
 def get_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.rating:get_flow()"`."""
     s = load_settings()
     log.info("tallyflow rating settings: %s", s.masked())
-    flow = build_flow(s)
+    flow = build_flow(s, snapshots=recovery_configured())
     serve_metrics(STATS, s.metrics_port)
     tune_gc()
     return flow

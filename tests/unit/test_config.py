@@ -35,3 +35,13 @@ def test_secrets_are_masked_in_the_printed_configuration():
 def test_bad_setting_names_the_variable(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_settings(env)
+
+
+def test_recovery_is_assumed_unless_clearly_absent():
+    from dataflows.rating import recovery_configured
+
+    run = ["bytewax.run", "dataflows.rating:get_flow()"]
+    assert not recovery_configured(run, {})
+    assert recovery_configured([*run, "-r", "/data"], {})
+    assert recovery_configured([*run, "--recovery-directory=/data"], {})
+    assert recovery_configured(run, {"BYTEWAX_RECOVERY_DIRECTORY": "/data"})

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,9 +160,3 @@ def create_topics(brokers: str, topics: Mapping[str, int], config: Mapping[str, 
         except Exception as e:
             if "TOPIC_ALREADY_EXISTS" not in str(e):
                 raise StackError(f"could not create topic {name}: {e}") from e
-
-
-@contextlib.contextmanager
-def local_stack(redis: bool = True) -> Iterator[LocalStack]:
-    with LocalStack(redis=redis) as st:
-        yield st

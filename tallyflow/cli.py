@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
     sub.add_parser("demo", help="the whole pipeline locally, then a summary")
     sub.add_parser("bench", help="dataflow vs hand-written loop throughput, as JSON")
+    sub.add_parser("reconcile", help="source = rated = ERP-acknowledged totals per tenant, meter and period")
     a, rest = ap.parse_known_args(argv)
     if a.cmd == "demo":
         from tallyflow import demo
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from tallyflow import bench
 
         return bench.main(rest)
+    if a.cmd == "reconcile":
+        from tallyflow import reconcile
+
+        return _guard(lambda: reconcile.main(rest))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "generate":

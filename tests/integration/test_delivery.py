@@ -23,6 +23,7 @@ from confluent_kafka import Producer
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
 from tallyflow.config import Settings, to_env
 from tallyflow.pipeline import FLOWS, wait_until
+from tallyflow.reconcile import rated_and_acknowledged
 from tallyflow.sandbox import Sandbox
 from tallyflow.stack import LocalStack
 from tallyflow.topics import read_topic
@@ -178,6 +179,9 @@ def test_alerts_flow_while_the_erp_is_down_and_the_backlog_drains_after(dsetting
     assert erp.duplicates == [] and crm.duplicates == [] and success.duplicates == []
     assert totals(list(erp.accepted.values())) == totals(backlog)
     assert 400 / sum(1 for _, st in erp.requests if st == 200) > 10  # lines travel in batches
+    # The ledger's view (what reconcile calls ERP-acknowledged) agrees with the ERP's.
+    rated, acked = rated_and_acknowledged(dsettings, with_erp=True)
+    assert acked is not None and acked.amount == rated.amount and acked.quantity == rated.quantity
 
 
 def rss_mb(pid: int) -> float:

@@ -16,9 +16,11 @@ from confluent_kafka import Producer
 from dataflows.rating import build_flow
 from operators.stats import Stats
 from schemas.catalog import load_catalog
-from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from tallyflow.config import Settings
+from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine, ThresholdAlert
+from tallyflow.config import Settings, to_env
 from tallyflow.generator import GenSpec, produce
+from tallyflow.reconcile import compare, rated_and_acknowledged, recount
+from tallyflow.reconcile import main as reconcile_main
 from tallyflow.topics import read_topic
 from tests.reference import expected
 
@@ -34,7 +36,7 @@ def run(s: Settings, end_offsets: dict[int, int]) -> tuple[Stats, list[Threshold
     return stats, alerts, lines, dead
 
 
-def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Settings):
+def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Settings, monkeypatch, capsys):
     """40k events around a month end with duplicates, late, hours-late and malformed ones."""
     cat = load_catalog(settings.catalog)
     spec = GenSpec(
@@ -77,6 +79,22 @@ def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Setting
     assert len({(a.tenant_id, a.meter, a.period, a.plan_id, a.level) for a in alerts}) == len(alerts)
     assert all(a.usage >= a.limit for a in alerts)
     assert {a.period for a in alerts} == {"2026-10", "2026-11"}
+
+    # Reconciliation: the recount from the input topic agrees with usage.rated everywhere...
+    source, recounted = recount(settings)
+    rated, _ = rated_and_acknowledged(settings, with_erp=False)
+    assert compare({"source": source, "rated": rated}) == []
+    assert (recounted.accepted, recounted.duplicates) == (stats.accepted, stats.duplicates)
+    # ...and a line that should not be there is reported, with exit code 1.
+    forged = msgspec.structs.replace(lines[0], line_id="forged", quantity=lines[0].quantity + 1)
+    p = Producer({"bootstrap.servers": settings.brokers})
+    p.produce(settings.rated_topic, ENCODER.encode(forged))
+    p.flush()
+    for k, v in to_env(settings).items():
+        monkeypatch.setenv(k, v)
+    assert reconcile_main(["--no-erp", "--json"]) == 1
+    report = orjson.loads(capsys.readouterr().out)
+    assert [(d["tenant"], d["meter"], d["period"]) for d in report["differences"]] == [(forged.tenant_id, forged.meter, forged.period)]
 
 
 def test_malformed_and_batched_messages(settings: Settings):

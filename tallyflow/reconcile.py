@@ -1,0 +1,189 @@
+"""`tallyflow reconcile`: per tenant, meter and billing period, compare
+
+* source totals — recounted from the input topic with the rating rules (validation,
+  dedup, lateness, pricing) in one plain pass, outside any dataflow;
+* rated totals — the sum of `usage.rated` (originals and corrections);
+* ERP-acknowledged totals — the rated lines the delivery ledger records as accepted.
+
+Prints a table of the differences (or a one-line OK) and exits 1 when anything differs.
+The recount reads each partition in order; it matches the live pipeline when each tenant's
+events share a partition (producers key by tenant), as the spec asks them to.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import msgspec
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from dataflows.kafka_io import CONSUMER_DEFAULTS
+from dataflows.rating import engine_config
+from operators.catalog_index import CatalogIndex
+from operators.periods import iso
+from operators.rating import ShardEngine
+from operators.stats import Stats
+from operators.validate import Accepted, Validator
+from schemas.catalog import load_catalog
+from schemas.outputs import DeadLetter, RatedUsageLine
+from tallyflow.config import Settings, kafka_config, load_settings
+from tallyflow.topics import read_topic
+
+Key = tuple[str, str, str]  # tenant, meter, period
+SOURCES = ("source", "rated", "erp")
+
+
+@dataclass
+class Totals:
+    quantity: dict[Key, Decimal] = field(default_factory=dict)
+    amount: dict[Key, Decimal] = field(default_factory=dict)
+    currency: dict[Key, str] = field(default_factory=dict)
+
+    def add(self, ln: RatedUsageLine) -> None:
+        k = (ln.tenant_id, ln.meter, ln.period)
+        self.quantity[k] = self.quantity.get(k, Decimal(0)) + ln.quantity
+        self.amount[k] = self.amount.get(k, Decimal(0)) + ln.amount
+        self.currency[k] = ln.currency
+
+
+def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tuple[bytes | None, int]]]]:
+    """The input topic, partition by partition in offset order, up to its end (partition EOF)."""
+    c = Consumer({**CONSUMER_DEFAULTS, **kafka_config(s), "group.id": f"tallyflow-reconcile-{uuid.uuid4()}", "enable.partition.eof": True})
+    try:
+        parts = sorted(c.list_topics(s.input_topic, timeout=10).topics[s.input_topic].partitions)
+        for p in parts:
+            c.assign([TopicPartition(s.input_topic, p, 0)])
+            deadline = time.monotonic() + timeout_s
+            done = False
+            while not done:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{s.input_topic}[{p}]: no end of partition within {timeout_s}s")
+                chunk: list[tuple[bytes | None, int]] = []
+                for m in c.consume(s.batch_size, 0.5):
+                    err = m.error()
+                    if err is None:
+                        chunk.append((m.value(), m.offset() or 0))
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        done = True
+                    else:
+                        raise RuntimeError(f"{s.input_topic}[{p}]: {err}")
+                if chunk:
+                    yield p, chunk
+    finally:
+        c.close()
+
+
+def recount(s: Settings) -> tuple[Totals, Stats]:
+    """Source totals: the input topic rated again by the same operators, in one pass."""
+    stats = Stats()
+    catalog = CatalogIndex.build(load_catalog(s.catalog))
+    validator = Validator(catalog, stats)
+    engine = ShardEngine(catalog, engine_config(s), stats)  # one engine: every tenant, no sharding needed
+    totals = Totals()
+    now = time.time()
+    received = iso(int(now * 1000))
+    for p, chunk in _batches(s):
+        accepted: list[Accepted] = []
+        dead: list[DeadLetter] = []
+        validator.parse_batch(chunk, s.input_topic, p, received, accepted, dead)
+        for ln in engine.process(accepted, now, received).lines:
+            totals.add(ln)
+    for ln in engine.flush_all().lines:
+        totals.add(ln)
+    return totals, stats
+
+
+def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals | None]:
+    rated = Totals()
+    lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic, config=s.kafka)]
+    for ln in lines:
+        rated.add(ln)
+    if not with_erp:
+        return rated, None
+    from sinks.ledger import Ledger
+
+    ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400))
+    erp = Totals()
+    for i in range(0, len(lines), 1000):
+        part = lines[i : i + 1000]
+        for ln, st in zip(part, ledger.status("erp", [ln.line_id for ln in part]), strict=True):
+            if st == "ok":
+                erp.add(ln)
+    return rated, erp
+
+
+def compare(totals: dict[str, Totals]) -> list[dict[str, object]]:
+    """One row per tenant/meter/period where the sources disagree."""
+    keys = sorted(set().union(*(t.quantity for t in totals.values())))
+    rows: list[dict[str, object]] = []
+    for k in keys:
+        q = {name: t.quantity.get(k, Decimal(0)) for name, t in totals.items()}
+        a = {name: t.amount.get(k, Decimal(0)) for name, t in totals.items()}
+        if len(set(q.values())) > 1 or len(set(a.values())) > 1:
+            cur = next((t.currency[k] for t in totals.values() if k in t.currency), "")
+            rows.append(
+                {
+                    "tenant": k[0],
+                    "meter": k[1],
+                    "period": k[2],
+                    "currency": cur,
+                    **{f"{n}_quantity": str(v) for n, v in q.items()},
+                    **{f"{n}_amount": str(v) for n, v in a.items()},
+                }
+            )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="tallyflow reconcile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print JSON for machines")
+    ap.add_argument("--no-erp", action="store_true", help="skip the ERP-acknowledged column (no delivery ledger)")
+    args = ap.parse_args(argv)
+    s = load_settings()
+    source, stats = recount(s)
+    rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp)
+    totals = {"source": source, "rated": rated, **({"erp": erp} if erp is not None else {})}
+    rows = compare(totals)
+    summary = {
+        "records": stats.records_in,
+        "accepted": stats.accepted,
+        "duplicates": stats.duplicates,
+        "dead_letters": sum(stats.dead.values()),
+        "keys": len(source.quantity),
+        "differences": len(rows),
+        "amount": {
+            name: {
+                cur: str(sum((a for k, a in t.amount.items() if t.currency[k] == cur), Decimal(0)))
+                for cur in sorted(set(t.currency.values()))
+            }
+            for name, t in totals.items()
+        },
+    }
+    if args.json:
+        print(json.dumps({"summary": summary, "differences": rows}, indent=2))
+    else:
+        cols = list(totals)
+        print(f"{summary['keys']:,} tenant/meter/period totals from {stats.records_in:,} input records; compared: {', '.join(cols)}")
+        for name, by_cur in summary["amount"].items():  # type: ignore[attr-defined]
+            print(f"  {name:<7} " + ", ".join(f"{cur} {Decimal(v):,}" for cur, v in by_cur.items()))
+        if not rows:
+            print("OK: every tenant, meter and period agrees")
+        else:
+            print(f"{len(rows)} difference(s):")
+            head = ["tenant", "meter", "period"] + [f"{c}_quantity" for c in cols] + [f"{c}_amount" for c in cols]
+            print("  " + " | ".join(head))
+            for r in rows[:200]:
+                print("  " + " | ".join(str(r[h]) for h in head))
+    return 1 if rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,6 +131,8 @@ class ShardEngine:
         self.stats = stats
         self.tenants: dict[str, TenantState] = {}
         self._periods = PeriodCache()
+        self._deadline: float | None = None
+        self._deadline_known = False
 
     # -- recovery ----------------------------------------------------------------------
     def state(self) -> dict[str, TenantState]:
@@ -239,6 +241,7 @@ class ShardEngine:
         if acc is None:
             acc = windows[wk] = WindowAcc(AGGREGATIONS[pmi.aggregation](), ws, we)
             if not late:
+                self._deadline_known = False
                 self.stats.open_windows += 1
                 t.next_due = min(t.next_due, we + self.cfg.allowed_lateness_ms)
         slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc)
@@ -344,6 +347,7 @@ class ShardEngine:
     def flush_idle(self, now: float) -> Out:
         """Close every open window of tenants quiet for `idle_timeout` (wall clock)."""
         out = Out()
+        self._deadline_known = False
         for t in self.tenants.values():
             if t.open and now - t.last_wall >= self.cfg.idle_timeout_s:
                 self._close(t, max(w.end_ms for w in t.open.values()), out)
@@ -359,8 +363,14 @@ class ShardEngine:
         return out
 
     def next_idle_deadline(self) -> float | None:
-        walls = [t.last_wall for t in self.tenants.values() if t.open]
-        return min(walls) + self.cfg.idle_timeout_s if walls else None
+        """When the idle timer must next look. Asked after every activation, so the O(tenants)
+        scan is cached: only a newly opened window can make the answer earlier (and clears
+        the cache); anything else makes it later, and firing early is harmless."""
+        if not self._deadline_known:
+            walls = [t.last_wall for t in self.tenants.values() if t.open]
+            self._deadline = min(walls) + self.cfg.idle_timeout_s if walls else None
+            self._deadline_known = True
+        return self._deadline
 
     def _corrections(self, t: TenantState, out: Out) -> None:
         t.hot.clear()

@@ -204,3 +204,16 @@ def test_stable_id_is_a_standard_uuid5():
 
     for parts in [("line", "t-1", "tokens", 0, "starter:v1", 0), ("alert", "ä", "x", "2026-11", "p:v1", "80%")]:
         assert stable_id(*parts) == str(uuid.uuid5(uuid.UUID(bytes=_NS), "|".join(map(str, parts))))
+
+
+def test_idle_deadline_may_fire_early_but_never_late():
+    h = Harness(EngineConfig(idle_timeout_s=30))
+    h.feed(ev("acme", at=0 * S), now=1000.0)
+    h.feed(ev("bolt", at=0 * S), now=1010.0)
+    assert h.engine.next_idle_deadline() == 1030.0
+    h.feed(ev("acme", at=1 * S), now=1020.0)  # same window: the cached deadline is now early
+    assert h.engine.next_idle_deadline() == 1030.0
+    assert h.engine.flush_idle(1030.0).lines == []  # early fire: nobody is idle yet
+    assert h.engine.next_idle_deadline() == 1040.0  # recomputed exactly
+    assert [ln.tenant_id for ln in h.engine.flush_idle(1040.0).lines] == ["bolt"]
+    assert h.engine.next_idle_deadline() == 1050.0

@@ -122,7 +122,8 @@ class MicroBatcher(Generic[T]):
         return self.take() if len(self.items) >= self.max_items else None
 
     def due(self, now: float) -> list[T] | None:
-        return self.take() if self.items and self.deadline() is not None and now >= self.deadline() else None  # type: ignore[operator]
+        d = self.deadline()
+        return self.take() if d is not None and now >= d else None
 
     def deadline(self) -> float | None:
         return None if self.first_at is None else self.first_at + self.max_latency

@@ -117,18 +117,12 @@ def delivery_bench(events: int, rate: float) -> dict[str, Any]:
     limits = {"TALLYFLOW_CRM_RATE_PER_SECOND": "1000", "TALLYFLOW_SUCCESS_RATE_PER_SECOND": "1000"}
     with LocalPipeline(limits) as lp:
         s = lp.settings
-        for name in ("rate", "alerts", "erp"):
-            lp.start(name)
-        wait_until(lambda: "tallyflow_records_total{outcome=in}" in lp.metrics(), 60, "the rating dataflow to start")
+        lp.start_all()
         sent_at: dict[str, float] = {}
         spec = GenSpec(total=events, span=timedelta(seconds=events / 20_000), rate=rate)
         gen = produce(s.brokers, s.input_topic, spec, load_catalog(s.catalog), sent_at=sent_at)
 
-        def rated() -> bool:
-            m = lp.metrics()
-            return m.get("tallyflow_records_total{outcome=in}") == events and m.get("tallyflow_open_windows") == 0
-
-        wait_until(rated, 300, "rating to finish")
+        lp.wait_rated(events, 300)
         alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
         n_lines = len(read_topic(s.brokers, s.rated_topic))
         n_crm = sum(1 for a in alerts if "crm" in a.destinations)

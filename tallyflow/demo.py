@@ -24,7 +24,7 @@ import msgspec
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from tallyflow.generator import GenSpec, produce
-from tallyflow.pipeline import LocalPipeline, wait_until
+from tallyflow.pipeline import RECORDS_IN, LocalPipeline, wait_until
 from tallyflow.topics import read_topic
 
 # Event time runs from 23:30 on 31 October to 00:30 on 1 November: one billing period
@@ -74,15 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     print("tallyflow demo: starting broker, redis-server, sandbox and the three dataflows ...", flush=True)
     with LocalPipeline(DEMO_ENV) as lp:
         s = lp.settings
-        for name in ("rate", "alerts", "erp"):
-            lp.start(name)
+        lp.start_all()
         print(f"  broker {s.brokers}, redis {s.redis_url}, sandbox {lp.sandbox.url} (open it in a browser)")
         print(
             f"  window {s.window_seconds:g}s, grace {s.grace_seconds:g}s, ERP batches of up to {s.erp_batch_max_lines} "
             f"lines or {s.erp_batch_max_latency_seconds:g}s, ERP limit {s.erp_rate_per_second:g} req/s",
             flush=True,
         )
-        wait_until(lambda: "tallyflow_records_total{outcome=in}" in lp.metrics(), 60, "the rating dataflow to start")
 
         cat = load_catalog(s.catalog)
         spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1), rate=args.rate)
@@ -110,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         script.join()
         print(f"  produced {gen.produced:,} in {gen.seconds:.1f}s; waiting for rating and delivery to finish ...", flush=True)
 
-        def rated_all() -> bool:
-            m = lp.metrics()
-            return m.get("tallyflow_records_total{outcome=in}") == gen.produced and m.get("tallyflow_open_windows") == 0
-
-        wait_until(rated_all, 120, "the rating dataflow to consume and rate everything")
-        m = lp.metrics()
+        m = lp.wait_rated(gen.produced, 120)
         alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
         lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)]
         dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, s.dlq_topic)]
@@ -134,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- what happened ---------------------------------------------------------------------
     accepted, dups = int(m["tallyflow_records_total{outcome=accepted}"]), int(m["tallyflow_records_total{outcome=duplicate}"])
-    records_in = int(m["tallyflow_records_total{outcome=in}"])
+    records_in = int(m[RECORDS_IN])
     by_alert = {a.alert_id: a for a in alerts}
     latency = [crm[i]["received_at"] - sent_at[by_alert[i].correlation_id] for i in want["crm"]]
     during = [

@@ -26,9 +26,10 @@ FLOWS = {
     "erp": "dataflows.delivery:erp_flow()",
 }
 HMAC_KEY = "local-sandbox-hmac-key"
+RECORDS_IN = "tallyflow_records_total{outcome=in}"
 
 
-def wait_until(pred: Callable[[], T], timeout: float, what: str) -> T:
+def wait_until(pred: Callable[[], T | None], timeout: float, what: str) -> T:
     """Poll a condition until it holds; fail with `what` at the deadline."""
     end = time.monotonic() + timeout
     while True:
@@ -84,6 +85,22 @@ class LocalPipeline:
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "bytewax.run", FLOWS[name]], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+
+    def start_all(self) -> None:
+        """The rating, alert-delivery and ERP-delivery dataflows, once rating serves metrics."""
+        for name in FLOWS:
+            self.start(name)
+        wait_until(lambda: RECORDS_IN in self.metrics(), 60, "the rating dataflow to start")
+
+    def wait_rated(self, records: int, timeout: float) -> dict[str, float]:
+        """Until the rating dataflow has taken `records` input records and closed every
+        window; returns its metrics then."""
+
+        def rated() -> dict[str, float] | None:
+            m = self.metrics()
+            return m if m.get(RECORDS_IN) == records and m.get("tallyflow_open_windows") == 0 else None
+
+        return wait_until(rated, timeout, f"the rating dataflow to rate {records:,} records")
 
     def check_alive(self) -> None:
         for name, p in self.procs.items():

@@ -48,7 +48,7 @@ class _Delivery:
 
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400))
+        self.ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400), f"{s.redis_prefix}:ledger")
         self.exceptions = Producer({**PRODUCER_DEFAULTS, **kafka_config(s)})
         self.backoff = Backoff(s.retry_base_seconds, s.retry_cap_seconds)
 

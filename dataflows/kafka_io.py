@@ -9,7 +9,7 @@ built-in connector.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -84,6 +84,8 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
 
     `end_offsets` (partition -> exclusive end) makes the input bounded: the demo and the
     tests stop exactly where they finished producing, without trusting watermarks.
+    `start_offsets` (partition -> first offset) is where a replay begins; a recovery
+    snapshot, when there is one, wins over both start settings.
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         batch_size: int = 1000,
         start_from: str = "earliest",
         end_offsets: Mapping[int, int] | None = None,
+        start_offsets: Mapping[int, int] | None = None,
     ) -> None:
         self._config = {**CONSUMER_DEFAULTS, **config}
+        self._begin = dict(start_offsets) if start_offsets is not None else None
         self._topic = topic
         self._batch_size = batch_size
         self._start = OFFSET_BEGINNING if start_from == "earliest" else OFFSET_END
@@ -117,7 +121,8 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Partition:
         part = int(for_part.split("-", 1)[0])
         end = None if self._end is None else self._end.get(part, 0)
-        offset = resume_state if resume_state is not None else self._start
+        start = self._start if self._begin is None else self._begin.get(part, self._start)
+        offset = resume_state if resume_state is not None else start
         return _Partition(self._config, self._topic, part, offset, end, self._batch_size)
 
 
@@ -125,10 +130,16 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
 SinkItem = tuple[str, list[Record]]
 
 
+# A record for this topic is not produced: its value goes to `on_flushed` once everything
+# before it in the same write is on the broker (how the emission register learns it).
+AFTER_FLUSH = ""
+
+
 class _SinkPartition(StatelessSinkPartition[SinkItem]):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], on_flushed: Callable[[list[bytes]], None] | None) -> None:
         self._producer = Producer(config)
         self._errors: list[str] = []
+        self._on_flushed = on_flushed
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -136,8 +147,12 @@ class _SinkPartition(StatelessSinkPartition[SinkItem]):
 
     def write_batch(self, items: list[SinkItem]) -> None:
         p = self._producer
+        flushed: list[bytes] = []
         for _, records in items:
             for topic, key, value in records:
+                if topic == AFTER_FLUSH:
+                    flushed.append(value)
+                    continue
                 while True:
                     try:
                         p.produce(topic, value, key, on_delivery=self._on_delivery)
@@ -150,6 +165,8 @@ class _SinkPartition(StatelessSinkPartition[SinkItem]):
         if self._errors:
             errs, self._errors = self._errors, []
             raise KafkaException(f"{len(errs)} output records were not delivered, first: {errs[0]}")
+        if flushed and self._on_flushed is not None:
+            self._on_flushed(flushed)
 
     def close(self) -> None:
         self._producer.flush()
@@ -158,8 +175,9 @@ class _SinkPartition(StatelessSinkPartition[SinkItem]):
 class KafkaBatchSink(DynamicSink[SinkItem]):
     """Items are (shard, [(topic, key, value), ...]); one idempotent producer per worker."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], on_flushed: Callable[[list[bytes]], None] | None = None) -> None:
         self._config = {**PRODUCER_DEFAULTS, **config}
+        self._on_flushed = on_flushed
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
-        return _SinkPartition(self._config)
+        return _SinkPartition(self._config, self._on_flushed)

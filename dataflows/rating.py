@@ -3,6 +3,13 @@
 Run it with `tallyflow rate` or `python -m bytewax.run "dataflows.rating:get_flow()"`;
 both read the TALLYFLOW_* settings. Tenants map to a fixed number of shards (crc32), so
 one tenant's state lives in one engine on one worker, and each item is a batch.
+
+Crash safety (with a recovery directory): Bytewax restores input offsets and engine state
+from the last snapshot and replays the input after it. What the replay re-derives is made
+harmless outside: accepted events are checked against the long-horizon dedup store by
+position (a replayed message is not its own duplicate), rated lines are settled against the
+emission register (only differences go out), and alerts carry deterministic ids that the
+delivery ledger has seen.
 """
 
 from __future__ import annotations
@@ -12,23 +19,27 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 
 import bytewax.operators as op
+import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from confluent_kafka import Message
 
-from dataflows.kafka_io import KafkaBatchSink, KafkaBatchSource, Record
-from operators.catalog_index import CatalogIndex
+from dataflows.kafka_io import AFTER_FLUSH, KafkaBatchSink, KafkaBatchSource, Record
+from operators.catalog_index import CatalogIndex, successor
 from operators.periods import iso
 from operators.rating import EngineConfig, Out, ShardEngine, TenantState
 from operators.sharding import Sharder
 from operators.stats import Stats
 from operators.validate import Accepted, Validator
-from schemas.catalog import load_catalog
+from schemas.catalog import CatalogError, load_catalog
 from schemas.outputs import ENCODER, DeadLetter
+from sinks.dedup_store import DedupStore
+from sinks.register import EmissionRegister
 from tallyflow.config import Settings, kafka_config, load_settings, tune_gc
 from tallyflow.metrics import serve as serve_metrics
 
@@ -49,18 +60,71 @@ def engine_config(s: Settings) -> EngineConfig:
 
 
 class _Encoder:
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, register: EmissionRegister | None, stats: Stats, *, alerts: bool = True) -> None:
         self.s = s
+        self.register = register
+        self.stats = stats
+        self.alerts = alerts
 
     def dead(self, dead: list[DeadLetter]) -> list[Record]:
         return [(self.s.dlq_topic, d.tenant_id.encode() if d.tenant_id else None, ENCODER.encode(d)) for d in dead]
 
     def out(self, o: Out) -> list[Record]:
         s = self.s
-        recs: list[Record] = [(s.alerts_topic, a.tenant_id.encode(), ENCODER.encode(a)) for a in o.alerts]
-        recs += [(s.rated_topic, ln.tenant_id.encode(), ENCODER.encode(ln)) for ln in o.lines]
+        recs: list[Record] = [(s.alerts_topic, a.tenant_id.encode(), ENCODER.encode(a)) for a in o.alerts] if self.alerts else []
+        lines, token = o.lines, None
+        if self.register is not None and lines:
+            settled = self.register.settle(lines, o.totals)
+            lines = settled.lines
+            self.stats.resent_lines += settled.resent
+            token = orjson.dumps(settled.confirm) if settled.confirm else None
+        recs += [(s.rated_topic, ln.tenant_id.encode(), ENCODER.encode(ln)) for ln in lines]
         recs += self.dead(o.dead)
+        if token is not None:
+            recs.append((AFTER_FLUSH, None, token))  # after the flush: confirm the pending lines
         return recs
+
+
+class CatalogWatch:
+    """Reloads the catalog file when it changes, without a restart. A reload that fails its
+    checks is logged and counted, and the catalog in use stays; a bad file at start-up
+    stops the process instead (`load_catalog` in build_flow)."""
+
+    def __init__(self, path: str, index: CatalogIndex, every_s: float, stats: Stats) -> None:
+        self.path = Path(path)
+        self.index = index
+        self.every_s = every_s
+        self.stats = stats
+        self._stamp = self._stat()
+        self._next = time.monotonic() + every_s
+        self.listeners: list[Callable[[CatalogIndex], None]] = []
+
+    def _stat(self) -> tuple[int, int]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
+    def poll(self) -> None:
+        if not self.every_s or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every_s
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            new = successor(self.index, load_catalog(self.path))
+        except CatalogError as e:
+            self.stats.catalog_reload_errors += 1
+            log.error("catalog %s changed but cannot be used, keeping the one in use: %s", self.path, e)
+            return
+        self.index = new
+        for fn in self.listeners:
+            fn(new)
+        self.stats.catalog_reloads += 1
+        log.warning("catalog %s reloaded: %d tenants, %d pricing versions", self.path, len(new.tenants), len(new.plans_by_version))
 
 
 # What the validate step sends a shard: its accepted events, and encoded dead letters that
@@ -105,24 +169,60 @@ class _ShardLogic(StatefulBatchLogic[ShardItem, list[Record], bytes]):
         return pickle.dumps(self.engine.state(), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, stats: Stats = STATS, snapshots: bool = True) -> Dataflow:
-    """Wire the rating dataflow. `end_offsets` bounds the input (demo, tests, backfills);
-    `snapshots=False` only when the run has no recovery store."""
+def build_flow(
+    s: Settings,
+    *,
+    end_offsets: Mapping[int, int] | None = None,
+    start_offsets: Mapping[int, int] | None = None,
+    stats: Stats = STATS,
+    snapshots: bool = True,
+    register: EmissionRegister | None = None,
+    alerts: bool = True,
+    accept: Callable[[Accepted], bool] | None = None,
+) -> Dataflow:
+    """Wire the rating dataflow. `end_offsets`/`start_offsets` bound the input (demo, tests,
+    replays); `snapshots=False` only when the run has no recovery store. A replay passes its
+    own `register` (dry runs), `alerts=False` and an `accept` filter (time range, tenants)."""
     catalog = CatalogIndex.build(load_catalog(s.catalog))
     cfg = engine_config(s)
-    validator = Validator(catalog, stats)
-    enc = _Encoder(s)
+    validators = [Validator(catalog, stats)]
+    redis_up: Callable[[bool], None] = lambda up: setattr(stats, "redis_up", up)  # noqa: E731
+    if register is None and s.emission_register:
+        register = EmissionRegister(s.redis_url, int(s.register_ttl_days * 86400), f"{s.redis_prefix}:emitted", on_change=redis_up)
+    store = (
+        DedupStore(s.redis_url, s.dedup_store_days * 86400, f"{s.redis_prefix}:dedup", on_change=redis_up) if s.dedup_store_days else None
+    )
+    enc = _Encoder(s, register, stats, alerts=alerts)
     sharder = Sharder(s.shards)
+    engines: list[ShardEngine] = []
+    watch = CatalogWatch(s.catalog, catalog, s.catalog_reload_seconds, stats)
+
+    def reloaded(idx: CatalogIndex) -> None:
+        validators[0] = Validator(idx, stats)
+        for eng in engines:
+            eng.cat = idx
+
+    watch.listeners.append(reloaded)
 
     def validate(msgs: list[Message]) -> list[tuple[str, ShardItem]]:
         """Per consumed batch: accepted events grouped by shard; dead letters ride with one."""
+        watch.poll()
         received = iso(int(time.time() * 1000))
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
         if msgs:
             m0 = msgs[0]  # a source item holds one partition's messages
             values = ((m.value(), m.offset()) for m in msgs)
-            validator.parse_batch(values, m0.topic() or "", m0.partition() or 0, received, accepted, dead)  # type: ignore[arg-type]
+            validators[0].parse_batch(values, m0.topic() or "", m0.partition() or 0, received, accepted, dead)  # type: ignore[arg-type]
+        if accept is not None:
+            kept = [a for a in accepted if accept(a)]
+            stats.records_in -= len(accepted) - len(kept)  # outside the replay: not its input
+            accepted = kept
+        if store is not None and accepted:
+            # Marked, not dropped: a copy of a too-late event is too late before it is a
+            # duplicate, and the engine decides that.
+            for i in store.duplicates([(a.tenant_id, a.key, f"{a.partition}:{a.offset}:{a.index}") for a in accepted]):
+                accepted[i].seen = True
         items: list[tuple[str, ShardItem]] = [(k, (batch, [])) for k, batch in sharder.group(accepted).items()]
         if dead:
             if items:
@@ -133,17 +233,26 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None, sta
 
     def build_logic(resume: bytes | None) -> _ShardLogic:
         state: dict[str, TenantState] | None = pickle.loads(resume) if resume else None
-        return _ShardLogic(ShardEngine.resume(catalog, cfg, stats, state), enc, snapshots)
+        engine = ShardEngine.resume(watch.index, cfg, stats, state)
+        engines.append(engine)
+        return _ShardLogic(engine, enc, snapshots)
 
     flow = Dataflow("tallyflow-rating")
     raw = op.input(
         "events",
         flow,
-        KafkaBatchSource(kafka_config(s), s.input_topic, batch_size=s.batch_size, start_from=s.start_from, end_offsets=end_offsets),
+        KafkaBatchSource(
+            kafka_config(s),
+            s.input_topic,
+            batch_size=s.batch_size,
+            start_from=s.start_from,
+            end_offsets=end_offsets,
+            start_offsets=start_offsets,
+        ),
     )
     keyed = op.flat_map("validate", raw, validate)
     rated = op.stateful_batch("rate", keyed, build_logic)
-    op.output("kafka", rated, KafkaBatchSink(kafka_config(s)))
+    op.output("kafka", rated, KafkaBatchSink(kafka_config(s), on_flushed=register.confirm if register else None))
     return flow
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from operators.pricing import Rater
-from schemas.catalog import Catalog, Meter, Plan, PlanMeter, Tenant, Threshold
+from schemas.catalog import Catalog, CatalogError, Meter, Plan, PlanMeter, Tenant, Threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +117,22 @@ def _plan_index(plan: Plan, meters_by_slug: dict[str, Meter]) -> PlanIndex:
             levels=levels,
         )
     return PlanIndex(plan, plan.pricing_version, meters, plan.billing_period)
+
+
+def successor(old: CatalogIndex, new: Catalog) -> CatalogIndex:
+    """The index for a reloaded catalog, checked against the one in use.
+
+    A pricing version is immutable: state already rated under it must keep its meaning, so
+    changing a plan means a new version, and a version that disappears from the file stays
+    known (windows and periods still open under it close at its prices)."""
+    idx = CatalogIndex.build(new)
+    for pv, plan in idx.plans_by_version.items():
+        was = old.plans_by_version.get(pv)
+        if was is not None and was.plan != plan.plan:
+            raise CatalogError(
+                f"plans '{plan.plan.id}' version {plan.plan.version}: its content changed, but usage is already rated "
+                f"under {pv}; publish the change as version {plan.plan.version + 1} and move tenants to it with plan_changes"
+            )
+    for pv, plan in old.plans_by_version.items():
+        idx.plans_by_version.setdefault(pv, plan)
+    return idx

@@ -80,6 +80,7 @@ class MeterPeriod:
     period: Period
     live: Agg
     closed: dict[str, Agg] = field(default_factory=dict)
+    closed_events: dict[str, int] = field(default_factory=dict)  # per pricing version
     fired: set[tuple[str, str]] = field(default_factory=set)  # (pricing version, level)
     next_limit: Decimal = _INF
     levels_of: str = ""  # pricing version that next_limit was computed for
@@ -121,6 +122,9 @@ class TenantState:
 class Out:
     alerts: list[ThresholdAlert] = field(default_factory=list)
     lines: list[RatedUsageLine] = field(default_factory=list)
+    # Per line: the period-to-date (quantity, amount, events) of its tenant, meter, period
+    # and pricing version after it, so an emission register can settle replays by difference.
+    totals: list[tuple[Decimal, Decimal, int]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
 
 
@@ -180,7 +184,7 @@ class ShardEngine:
                 continue
             d = t.dedup
             key = ev.key
-            if key in d.cur or key in d.prev:
+            if key in d.cur or key in d.prev or ev.seen:
                 duplicates += 1
                 continue
             d.cur.add(key)
@@ -391,7 +395,11 @@ class ShardEngine:
         before = closed.value()
         closed.merge(acc.agg)
         after = closed.value()
-        amount = pmi.rater.charge(after) - pmi.rater.charge(before)
+        charged_before = pmi.rater.charge(before)
+        charged = pmi.rater.charge(after)
+        amount = charged - charged_before
+        events = mp.closed_events[pv] = mp.closed_events.get(pv, 0) + acc.count
+        out.totals.append((Decimal(after), charged, events))
         tenant = self.cat.tenants[t.tenant_id].tenant
         currency = plan.plan.currency
         self.stats.lines += 1

@@ -24,6 +24,10 @@ class Stats:
     corrections: int = 0
     amount: dict[str, Decimal] = field(default_factory=dict)
     open_windows: int = 0  # a gauge: windows holding usage not yet rated
+    redis_up: bool = True  # a gauge: false while the dedup store or register waits for Redis
+    resent_lines: int = 0  # pending lines of an earlier process produced again
+    catalog_reloads: int = 0
+    catalog_reload_errors: int = 0
 
     def conservation_gap(self) -> int:
         """records_in - (accepted + duplicates + dead letters); 0 when nothing is lost."""

@@ -34,6 +34,7 @@ class Accepted(msgspec.Struct, gc=False):
     partition: int
     offset: int
     index: int | None
+    seen: bool = False  # the long-horizon dedup store has this key from another position
 
 
 class _Reject(Exception):

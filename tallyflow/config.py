@@ -48,9 +48,18 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     start_from: str = "earliest"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: no /metrics endpoint
     kafka: dict[str, str] = {}
+    # recovery
+    recovery_dir: str = ""  # Bytewax recovery partitions; empty: no recovery (restart re-reads)
+    recovery_partitions: PosInt = 1
+    snapshot_interval_seconds: PosInt = 10
+    dedup_store_days: NonNegF = 7.0  # long-horizon dedup in Redis; 0 turns it off
+    emission_register: bool = True  # settle rated lines against Redis (crash-safe replays)
+    register_ttl_days: Pos = 62.0
+    catalog_reload_seconds: NonNegF = 5.0  # how often to look for a changed catalog file; 0: never
     # delivery
     exceptions_topic: str = "usage.exceptions"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "tallyflow"  # namespaces the ledger, dedup store and register keys
     ledger_ttl_days: Pos = 35.0
     crm_url: str = "http://127.0.0.1:8787"
     success_url: str = "http://127.0.0.1:8787"

@@ -40,6 +40,12 @@ class StatsCollector(Collector):
             amount.add_metric([cur], float(a))  # exposition only; money stays Decimal everywhere else
         yield amount
         yield GaugeMetricFamily("tallyflow_open_windows", "Windows holding usage not yet rated.", value=s.open_windows)
+        yield GaugeMetricFamily("tallyflow_redis_up", "0 while input waits for Redis (dedup store, register).", value=int(s.redis_up))
+        yield CounterMetricFamily("tallyflow_resent_lines", "Pending rated lines of a dead process produced again.", value=s.resent_lines)
+        reloads = CounterMetricFamily("tallyflow_catalog_reloads", "Catalog reloads by outcome.", labels=["outcome"])
+        reloads.add_metric(["ok"], s.catalog_reloads)
+        reloads.add_metric(["error"], s.catalog_reload_errors)
+        yield reloads
 
 
 def serve(stats: Stats, port: int) -> None:

@@ -108,7 +108,7 @@ def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals 
         return rated, None
     from sinks.ledger import Ledger
 
-    ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400))
+    ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400), f"{s.redis_prefix}:ledger")
     erp = Totals()
     for i in range(0, len(lines), 1000):
         part = lines[i : i + 1000]

@@ -22,6 +22,8 @@ def settings(stack: LocalStack) -> Settings:
     s = load_settings(
         {},
         brokers=stack.brokers,
+        redis_url=stack.redis_url,
+        redis_prefix=f"t-{tag}",
         input_topic=f"events-{tag}",
         alerts_topic=f"alerts-{tag}",
         rated_topic=f"rated-{tag}",

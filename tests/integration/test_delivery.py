@@ -289,7 +289,7 @@ def test_lines_pending_under_an_expired_intent_are_sent_afresh(dsettings, sandbo
     erp = sandbox.state.endpoints["erp"]
     backlog = lines(120, random.Random(6))
     # A previous process marked these pending, and the written-ahead body has since expired.
-    ledger = Ledger(dsettings.redis_url, 60)
+    ledger = Ledger(dsettings.redis_url, 60, f"{dsettings.redis_prefix}:ledger")
     ledger.r.mset({ledger.key("erp", ln.line_id): PENDING + "expired-key" for ln in backlog[:70]})
     produce(dsettings, dsettings.rated_topic, backlog)
     flows("erp", dsettings)

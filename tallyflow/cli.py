@@ -20,9 +20,11 @@ def _run_flow(name: str, rest: list[str]) -> int:
     if name == "rate":
         load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
     from tallyflow.pipeline import FLOWS
+    from tallyflow.recovery import bytewax_args
 
-    print(json.dumps({"tallyflow": name, "settings": s.masked()}), file=sys.stderr, flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *rest])
+    args = [*bytewax_args(s, rest), *rest]
+    print(json.dumps({"tallyflow": name, "settings": s.masked(), "bytewax": args}), file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *args])
     return 0  # pragma: no cover
 
 
@@ -104,6 +106,18 @@ def _topics(a: argparse.Namespace) -> int:
     return 0
 
 
+def _recovery(a: argparse.Namespace) -> int:
+    from tallyflow.recovery import ensure_partitions
+
+    s = load_settings()
+    d = a.dir or s.recovery_dir
+    if not d:
+        raise ConfigError("no recovery directory: pass one or set TALLYFLOW_RECOVERY_DIR")
+    n = a.partitions or s.recovery_partitions
+    print(f"{d}: {'initialised ' + str(n) + ' partition(s)' if ensure_partitions(d, n) else 'partitions exist, left as they are'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["rate"]:
@@ -139,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="the whole pipeline locally, then a summary")
     sub.add_parser("bench", help="dataflow vs hand-written loop throughput, as JSON")
     sub.add_parser("reconcile", help="source = rated = ERP-acknowledged totals per tenant, meter and period")
+    sub.add_parser("replay", help="re-rate a period from the input topic; differences go out as corrections (--dry-run)")
+    rc = sub.add_parser("recovery", help="recovery store: `recovery init [DIR] [--partitions N]`")
+    rc.add_argument("action", choices=["init"])
+    rc.add_argument("dir", nargs="?")
+    rc.add_argument("--partitions", type=int, default=None)
     a, rest = ap.parse_known_args(argv)
     if a.cmd == "demo":
         from tallyflow import demo
@@ -152,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         from tallyflow import reconcile
 
         return _guard(lambda: reconcile.main(rest))
+    if a.cmd == "replay":
+        from tallyflow import replay
+
+        return _guard(lambda: replay.main(rest))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if a.cmd == "recovery":
+        return _guard(lambda: _recovery(a))
     if a.cmd == "generate":
         return _guard(lambda: _generate(a))
     if a.cmd == "stack":

@@ -52,6 +52,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     recovery_dir: str = ""  # Bytewax recovery partitions; empty: no recovery (restart re-reads)
     recovery_partitions: PosInt = 1
     snapshot_interval_seconds: PosInt = 10
+    backup_interval_seconds: Annotated[int, msgspec.Meta(ge=0)] = 0  # keep older snapshots this long (for backups of the store)
     dedup_store_days: NonNegF = 7.0  # long-horizon dedup in Redis; 0 turns it off
     emission_register: bool = True  # settle rated lines against Redis (crash-safe replays)
     register_ttl_days: Pos = 62.0

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from tallyflow.config import Settings, load_settings, to_env
+from tallyflow.recovery import bytewax_args
 from tallyflow.sandbox import SandboxClient
 from tallyflow.stack import LocalStack, free_port
 
@@ -42,9 +44,10 @@ def wait_until(pred: Callable[[], T | None], timeout: float, what: str) -> T:
 
 
 class LocalPipeline:
-    def __init__(self, env: dict[str, str] | None = None, partitions: int = 4) -> None:
+    def __init__(self, env: dict[str, str] | None = None, partitions: int = 4, recovery: bool = False) -> None:
         self.env = env or {}
         self.partitions = partitions
+        self.recovery = recovery
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logdir = Path(tempfile.mkdtemp(prefix="tallyflow-logs-"))
 
@@ -81,10 +84,20 @@ class LocalPipeline:
         env = {**os.environ, **to_env(self.settings)}
         if name == "rate":
             env["TALLYFLOW_METRICS_PORT"] = str(self.metrics_port)
+        args: list[str] = []
+        if self.recovery:  # one recovery store per dataflow, kept across restarts
+            s = msgspec.structs.replace(self.settings, recovery_dir=str(self.logdir / f"recovery-{name}"))
+            args = bytewax_args(s, [])
         log = (self.logdir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "bytewax.run", FLOWS[name]], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "bytewax.run", FLOWS[name], *args], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no flush, no snapshot, no goodbye."""
+        p = self.procs[name]
+        p.kill()
+        p.wait(10)
 
     def start_all(self) -> None:
         """The rating, alert-delivery and ERP-delivery dataflows, once rating serves metrics."""

@@ -1,0 +1,34 @@
+"""Bytewax recovery stores, set up by the project rather than by hand.
+
+Each dataflow keeps its own recovery directory (TALLYFLOW_RECOVERY_DIR, one per dataflow
+process or pod). `tallyflow rate|deliver` initialises its partitions on first start and
+passes `-r/-s` to bytewax.run; `tallyflow recovery init` does the same explicitly, e.g.
+from a Kubernetes init container.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bytewax.recovery import init_db_dir
+
+from tallyflow.config import Settings
+
+
+def ensure_partitions(directory: str | Path, count: int) -> bool:
+    """Create `count` empty recovery partitions unless some exist; True if created. Existing
+    partitions are never touched: they hold the state to resume from."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    if any(d.glob("part-*.sqlite3")):
+        return False
+    init_db_dir(d, count)
+    return True
+
+
+def bytewax_args(s: Settings, argv: list[str]) -> list[str]:
+    """The recovery options for bytewax.run that `argv` does not already give."""
+    if not s.recovery_dir or any(a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv):
+        return []
+    ensure_partitions(s.recovery_dir, s.recovery_partitions)
+    return ["-r", s.recovery_dir, "-s", str(s.snapshot_interval_seconds), "-b", str(s.backup_interval_seconds)]

@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -60,13 +61,18 @@ def engine_config(s: Settings) -> EngineConfig:
 
 
 class _Encoder:
-    def __init__(self, s: Settings, register: EmissionRegister | None, stats: Stats, *, alerts: bool = True) -> None:
+    def __init__(
+        self, s: Settings, register: EmissionRegister | None, stats: Stats, *, alerts: bool = True, dead_letters: bool = True
+    ) -> None:
         self.s = s
         self.register = register
         self.stats = stats
         self.alerts = alerts
+        self.dead_letters = dead_letters
 
     def dead(self, dead: list[DeadLetter]) -> list[Record]:
+        if not self.dead_letters:
+            return []
         return [(self.s.dlq_topic, d.tenant_id.encode() if d.tenant_id else None, ENCODER.encode(d)) for d in dead]
 
     def out(self, o: Out) -> list[Record]:
@@ -86,18 +92,25 @@ class _Encoder:
 
 
 class CatalogWatch:
-    """Reloads the catalog file when it changes, without a restart. A reload that fails its
-    checks is logged and counted, and the catalog in use stays; a bad file at start-up
-    stops the process instead (`load_catalog` in build_flow)."""
+    """Reloads the catalog file when it changes, without a restart.
+
+    A thread looks at the file every `every_s` and loads and checks a changed one; the
+    worker swaps it in before its next batch (nothing needs a catalog between batches). A
+    reload that fails its checks is logged and counted, and the catalog in use stays; a bad
+    file at start-up stops the process instead (`load_catalog` in build_flow)."""
 
     def __init__(self, path: str, index: CatalogIndex, every_s: float, stats: Stats) -> None:
         self.path = Path(path)
         self.index = index
         self.every_s = every_s
         self.stats = stats
-        self._stamp = self._stat()
-        self._next = time.monotonic() + every_s
         self.listeners: list[Callable[[CatalogIndex], None]] = []
+        self._ready: CatalogIndex | None = None
+        self._lock = threading.Lock()
+        self._latest = index
+        self._stamp = self._stat()
+        if every_s:
+            threading.Thread(target=self._watch, name="catalog-watch", daemon=True).start()
 
     def _stat(self) -> tuple[int, int]:
         try:
@@ -106,25 +119,39 @@ class CatalogWatch:
             return (0, 0)
         return (st.st_mtime_ns, st.st_size)
 
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.every_s)  # the polling period of the file, not a synchronisation
+            stamp = self._stat()
+            if stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            try:
+                new = successor(self._latest, load_catalog(self.path))
+            except CatalogError as e:
+                self.stats.catalog_reload_errors += 1
+                log.error("catalog %s changed but cannot be used, keeping the one in use: %s", self.path, e)
+                continue
+            with self._lock:
+                self._latest = self._ready = new
+            self.stats.catalog_reloads += 1
+            log.warning(
+                "catalog %s reloaded: %d tenants, %d pricing versions",
+                self.path,
+                len(self._latest.tenants),
+                len(self._latest.plans_by_version),
+            )
+
     def poll(self) -> None:
-        if not self.every_s or time.monotonic() < self._next:
+        """On the worker, before a batch: swap in a reloaded catalog, if any."""
+        if self._ready is None:
             return
-        self._next = time.monotonic() + self.every_s
-        stamp = self._stat()
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
-        try:
-            new = successor(self.index, load_catalog(self.path))
-        except CatalogError as e:
-            self.stats.catalog_reload_errors += 1
-            log.error("catalog %s changed but cannot be used, keeping the one in use: %s", self.path, e)
-            return
-        self.index = new
-        for fn in self.listeners:
-            fn(new)
-        self.stats.catalog_reloads += 1
-        log.warning("catalog %s reloaded: %d tenants, %d pricing versions", self.path, len(new.tenants), len(new.plans_by_version))
+        with self._lock:
+            new, self._ready = self._ready, None
+        if new is not None:
+            self.index = new
+            for fn in self.listeners:
+                fn(new)
 
 
 # What the validate step sends a shard: its accepted events, and encoded dead letters that
@@ -178,11 +205,13 @@ def build_flow(
     snapshots: bool = True,
     register: EmissionRegister | None = None,
     alerts: bool = True,
+    dead_letters: bool = True,
     accept: Callable[[Accepted], bool] | None = None,
 ) -> Dataflow:
     """Wire the rating dataflow. `end_offsets`/`start_offsets` bound the input (demo, tests,
     replays); `snapshots=False` only when the run has no recovery store. A replay passes its
-    own `register` (dry runs), `alerts=False` and an `accept` filter (time range, tenants)."""
+    own `register` (dry runs), `alerts=False`, `dead_letters=False` and an `accept` filter
+    (periods, tenants): what it re-derives was already sent."""
     catalog = CatalogIndex.build(load_catalog(s.catalog))
     cfg = engine_config(s)
     validators = [Validator(catalog, stats)]
@@ -192,7 +221,7 @@ def build_flow(
     store = (
         DedupStore(s.redis_url, s.dedup_store_days * 86400, f"{s.redis_prefix}:dedup", on_change=redis_up) if s.dedup_store_days else None
     )
-    enc = _Encoder(s, register, stats, alerts=alerts)
+    enc = _Encoder(s, register, stats, alerts=alerts, dead_letters=dead_letters)
     sharder = Sharder(s.shards)
     engines: list[ShardEngine] = []
     watch = CatalogWatch(s.catalog, catalog, s.catalog_reload_seconds, stats)

@@ -10,7 +10,11 @@ emitted period-to-date quantity, amount and event count and a sequence number; e
 the engine produces is re-expressed as the difference between the engine's period-to-date
 totals and the register's. When the replay agrees with history the difference is zero and
 nothing is emitted; when it differs, the difference goes out as a correction (revision
->= 1, signed delta). So the ERP's sum always equals the engine's totals.
+>= 1, signed delta). So the ERP's sum always equals the engine's totals. The register also
+remembers the last `HISTORY` totals it emitted per key: a replay passing through one of
+them is re-deriving history (its events were emitted already) and emits nothing, instead of
+a negative correction followed by positive ones. Event counts grow with every emission,
+so a new emission never equals an old state.
 
 Lines are written here *before* they are produced to Kafka, as pending; the Kafka sink
 confirms them after its flush. A pending line found by the next process (it died between
@@ -33,6 +37,7 @@ from schemas.outputs import ENCODER, RatedUsageLine
 from sinks.patience import Patience
 
 _LINE = msgspec.json.Decoder(RatedUsageLine)
+HISTORY = 256
 _ZERO = Decimal(0)
 Totals = tuple[Decimal, Decimal, int]  # period-to-date quantity, amount, event count
 
@@ -60,20 +65,22 @@ class EmissionRegister:
         self.ttl = ttl_seconds
         self.prefix = prefix
         self.patience = Patience("emission register", on_change=on_change)
-        # Keys this process has read: their pending lines were already produced again.
-        self._seen: set[str] = set()
+        # Keys this process has read (their pending lines were produced again), with the
+        # recent emitted totals; this process is their only writer from then on.
+        self._hist: dict[str, set[bytes]] = {}
 
     def key(self, ln: RatedUsageLine) -> str:
         return f"{self.prefix}:{ln.tenant_id}:{ln.meter}:{ln.period}:{ln.pricing_version}"
 
-    def settle(self, lines: list[RatedUsageLine], totals: list[Totals], *, dry_run: bool = False) -> Settled:
+    def settle(self, lines: list[RatedUsageLine], totals: list[Totals], *, dry_run: bool = False, correction: bool = False) -> Settled:
         """Re-express the engine's lines against the register and record them as pending.
-        Two round trips per call, whatever the number of lines."""
+        Two round trips per call, whatever the number of lines. `correction`: every line
+        is a correction of what was emitted (a backfill), and history is not consulted."""
         out = Settled()
         if not lines:
             return out
         keys = list(dict.fromkeys(self.key(ln) for ln in lines))
-        fresh = [k for k in keys if k not in self._seen]
+        fresh = [k for k in keys if k not in self._hist]
 
         def read() -> list[object]:
             p = self.r.pipeline(transaction=False)
@@ -81,24 +88,34 @@ class EmissionRegister:
                 p.hmget(k, "seq", "qty", "amount", "events")
             for k in fresh:
                 p.hvals(k + ":pending")
+                p.lrange(k + ":hist", 0, -1)
             return p.execute()
 
         res = self.patience(read)
         state = {k: _entry(v) for k, v in zip(keys, res[: len(keys)], strict=True)}  # type: ignore[arg-type]
-        if not dry_run:
-            for vals in res[len(keys) :]:
-                out.lines += sorted((_LINE.decode(v) for v in vals), key=lambda ln: ln.line_id)  # type: ignore[attr-defined]
-            out.resent = len(out.lines)
+        hist = {k: self._hist.get(k) or set() for k in keys}
+        for i, k in enumerate(fresh):
+            pend, past = res[len(keys) + 2 * i], res[len(keys) + 2 * i + 1]
+            hist[k] = set(past)  # type: ignore[call-overload]
+            if not dry_run:
+                out.lines += sorted((_LINE.decode(v) for v in pend), key=lambda ln: ln.line_id)  # type: ignore[attr-defined]
+        out.resent = len(out.lines)
         pending: dict[str, dict[str, bytes]] = {}
+        emitted: dict[str, list[bytes]] = {}
         for ln, (q, a, n) in zip(lines, totals, strict=True):
             k = self.key(ln)
             e = state[k]
             dq, da, dn = q - e.qty, a - e.amount, n - e.events
             if not (dq or da or dn):
                 continue  # a replay re-deriving what was already emitted
+            token = f"{q}|{a}|{n}".encode()
+            if token in hist[k] and not correction:
+                continue  # a replay passing through an emitted state
+            hist[k].add(token)
+            emitted.setdefault(k, []).append(token)
             e.seq += 1
             e.qty, e.amount, e.events = q, a, n
-            same = dq == ln.quantity and da == ln.amount and dn == ln.event_count
+            same = dq == ln.quantity and da == ln.amount and dn == ln.event_count and not correction
             rev = ln.revision if same else max(ln.revision, 1)
             new = msgspec.structs.replace(
                 ln,
@@ -119,13 +136,17 @@ class EmissionRegister:
             for k, e in touched.items():
                 p.hset(k, mapping={"seq": e.seq, "qty": str(e.qty), "amount": str(e.amount), "events": e.events})
                 p.hset(k + ":pending", mapping=pending[k])  # type: ignore[arg-type]  # Mapping keys are invariant
-                p.expire(k, self.ttl)
-                p.expire(k + ":pending", self.ttl)
+                p.rpush(k + ":hist", *emitted[k])
+                p.ltrim(k + ":hist", -HISTORY, -1)
+                for suffix in ("", ":pending", ":hist"):
+                    p.expire(k + suffix, self.ttl)
             p.execute()
 
         if touched:
             self.patience(write)
-        self._seen.update(keys)
+        for k in keys:
+            h = hist[k]
+            self._hist[k] = h if len(h) <= 2 * HISTORY else set(emitted.get(k, []))
         out.confirm = {k: list(v) for k, v in pending.items()}
         for ln in out.lines[: out.resent]:
             out.confirm.setdefault(self.key(ln), []).append(ln.line_id)

@@ -172,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return _guard(lambda: reconcile.main(rest))
     if a.cmd == "replay":
-        from tallyflow import replay
+        from tallyflow.replay import main as replay_main
 
-        return _guard(lambda: replay.main(rest))
+        return _guard(lambda: replay_main(rest))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "recovery":

@@ -22,7 +22,7 @@ def ensure_partitions(directory: str | Path, count: int) -> bool:
     d.mkdir(parents=True, exist_ok=True)
     if any(d.glob("part-*.sqlite3")):
         return False
-    init_db_dir(d, count)
+    init_db_dir(d, count)  # type: ignore[no-untyped-call]
     return True
 
 

@@ -50,3 +50,44 @@ def read_topic(brokers: str, topic: str, *, timeout_s: float = 30.0, config: Map
         return out
     finally:
         c.close()
+
+
+def log_ends(brokers: str, topic: str, *, timeout_s: float = 30.0, config: Mapping[str, Any] | None = None) -> dict[int, int]:
+    """The exclusive end offset of every partition now: where a bounded replay stops.
+
+    Reads from the reported high watermark (which may trail on the local broker) to the
+    partition-EOF event, so the answer is exact without reading the whole log."""
+    c = Consumer(
+        {
+            **CONSUMER_DEFAULTS,
+            "bootstrap.servers": brokers,
+            "group.id": f"tallyflow-ends-{uuid.uuid4()}",
+            "enable.partition.eof": True,
+            **(config or {}),
+        }
+    )
+    try:
+        parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends: dict[int, int] = {}
+        for p in parts:
+            _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = max(high, 0)
+        c.assign([TopicPartition(topic, p, ends[p]) for p in parts])
+        done: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: no end of partitions {sorted(set(parts) - done)} within {timeout_s}s")
+            for m in c.consume(10_000, 0.2):
+                part, err = m.partition(), m.error()
+                assert part is not None
+                if err is None:
+                    ends[part] = (m.offset() or 0) + 1
+                    done.discard(part)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    done.add(part)
+                else:
+                    raise RuntimeError(f"{topic}: {err}")
+        return ends
+    finally:
+        c.close()

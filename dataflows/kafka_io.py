@@ -9,7 +9,7 @@ built-in connector.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -130,16 +130,10 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
 SinkItem = tuple[str, list[Record]]
 
 
-# A record for this topic is not produced: its value goes to `on_flushed` once everything
-# before it in the same write is on the broker (how the emission register learns it).
-AFTER_FLUSH = ""
-
-
 class _SinkPartition(StatelessSinkPartition[SinkItem]):
-    def __init__(self, config: dict[str, Any], on_flushed: Callable[[list[bytes]], None] | None) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self._producer = Producer(config)
         self._errors: list[str] = []
-        self._on_flushed = on_flushed
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -147,12 +141,8 @@ class _SinkPartition(StatelessSinkPartition[SinkItem]):
 
     def write_batch(self, items: list[SinkItem]) -> None:
         p = self._producer
-        flushed: list[bytes] = []
         for _, records in items:
             for topic, key, value in records:
-                if topic == AFTER_FLUSH:
-                    flushed.append(value)
-                    continue
                 while True:
                     try:
                         p.produce(topic, value, key, on_delivery=self._on_delivery)
@@ -165,8 +155,6 @@ class _SinkPartition(StatelessSinkPartition[SinkItem]):
         if self._errors:
             errs, self._errors = self._errors, []
             raise KafkaException(f"{len(errs)} output records were not delivered, first: {errs[0]}")
-        if flushed and self._on_flushed is not None:
-            self._on_flushed(flushed)
 
     def close(self) -> None:
         self._producer.flush()
@@ -175,9 +163,8 @@ class _SinkPartition(StatelessSinkPartition[SinkItem]):
 class KafkaBatchSink(DynamicSink[SinkItem]):
     """Items are (shard, [(topic, key, value), ...]); one idempotent producer per worker."""
 
-    def __init__(self, config: Mapping[str, Any], on_flushed: Callable[[list[bytes]], None] | None = None) -> None:
+    def __init__(self, config: Mapping[str, Any]) -> None:
         self._config = {**PRODUCER_DEFAULTS, **config}
-        self._on_flushed = on_flushed
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
-        return _SinkPartition(self._config, self._on_flushed)
+        return _SinkPartition(self._config)

@@ -6,8 +6,8 @@ one tenant's state lives in one engine on one worker, and each item is a batch.
 
 Crash safety (with a recovery directory): Bytewax restores input offsets and engine state
 from the last snapshot and replays the input after it. What the replay re-derives is made
-harmless outside: accepted events are checked against the long-horizon dedup store by
-position (a replayed message is not its own duplicate), rated lines are settled against the
+harmless outside: the long-horizon dedup store knows events by position (a replayed message
+is not its own duplicate) and is drained before each snapshot, rated lines are settled against the
 emission register (only differences go out), and alerts carry deterministic ids that the
 delivery ledger has seen.
 """
@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import bytewax.operators as op
-import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Message
 
-from dataflows.kafka_io import AFTER_FLUSH, KafkaBatchSink, KafkaBatchSource, Record
+from dataflows.kafka_io import KafkaBatchSink, KafkaBatchSource, Record, SinkItem
 from operators.catalog_index import CatalogIndex, successor
 from operators.periods import iso
 from operators.rating import EngineConfig, Out, ShardEngine, TenantState
@@ -38,9 +38,9 @@ from operators.sharding import Sharder
 from operators.stats import Stats
 from operators.validate import Accepted, Validator
 from schemas.catalog import CatalogError, load_catalog
-from schemas.outputs import ENCODER, DeadLetter
+from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
 from sinks.dedup_store import DedupStore
-from sinks.register import EmissionRegister
+from sinks.register import EmissionRegister, Totals
 from tallyflow.config import Settings, kafka_config, load_settings, tune_gc
 from tallyflow.metrics import serve as serve_metrics
 
@@ -60,13 +60,14 @@ def engine_config(s: Settings) -> EngineConfig:
     )
 
 
+# What a shard emits: encoded alerts and dead letters, and rated lines with their
+# period-to-date totals, which the sink settles against the register for all shards at once.
+ShardOut = tuple[list[Record], list[RatedUsageLine], list[Totals]]
+
+
 class _Encoder:
-    def __init__(
-        self, s: Settings, register: EmissionRegister | None, stats: Stats, *, alerts: bool = True, dead_letters: bool = True
-    ) -> None:
+    def __init__(self, s: Settings, *, alerts: bool = True, dead_letters: bool = True) -> None:
         self.s = s
-        self.register = register
-        self.stats = stats
         self.alerts = alerts
         self.dead_letters = dead_letters
 
@@ -75,20 +76,57 @@ class _Encoder:
             return []
         return [(self.s.dlq_topic, d.tenant_id.encode() if d.tenant_id else None, ENCODER.encode(d)) for d in dead]
 
-    def out(self, o: Out) -> list[Record]:
-        s = self.s
-        recs: list[Record] = [(s.alerts_topic, a.tenant_id.encode(), ENCODER.encode(a)) for a in o.alerts] if self.alerts else []
-        lines, token = o.lines, None
+    def out(self, o: Out, into: ShardOut) -> None:
+        recs = into[0]
+        if self.alerts:
+            recs += [(self.s.alerts_topic, a.tenant_id.encode(), ENCODER.encode(a)) for a in o.alerts]
+        recs += self.dead(o.dead)
+        into[1].extend(o.lines)
+        into[2].extend(o.totals)
+
+
+class _RatingSinkPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
+    """Settles every shard's lines of a write in one register call (two round trips), writes
+    them as pending, produces, flushes, and then confirms them: Redis first, Kafka second."""
+
+    def __init__(self, inner: StatelessSinkPartition[SinkItem], s: Settings, register: EmissionRegister | None, stats: Stats) -> None:
+        self.inner = inner
+        self.s = s
+        self.register = register
+        self.stats = stats
+
+    def write_batch(self, items: list[tuple[str, ShardOut]]) -> None:
+        recs: list[Record] = []
+        lines: list[RatedUsageLine] = []
+        totals: list[Totals] = []
+        for _, (r, ls, ts) in items:
+            recs += r
+            lines += ls
+            totals += ts
+        settled = None
         if self.register is not None and lines:
-            settled = self.register.settle(lines, o.totals)
+            settled = self.register.settle(lines, totals)
             lines = settled.lines
             self.stats.resent_lines += settled.resent
-            token = orjson.dumps(settled.confirm) if settled.confirm else None
-        recs += [(s.rated_topic, ln.tenant_id.encode(), ENCODER.encode(ln)) for ln in lines]
-        recs += self.dead(o.dead)
-        if token is not None:
-            recs.append((AFTER_FLUSH, None, token))  # after the flush: confirm the pending lines
-        return recs
+        topic = self.s.rated_topic
+        recs += [(topic, ln.tenant_id.encode(), ENCODER.encode(ln)) for ln in lines]
+        self.inner.write_batch([("", recs)])
+        if settled is not None and settled.confirm and self.register is not None:
+            self.register.confirm(settled.confirm)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class _RatingSink(DynamicSink[tuple[str, ShardOut]]):
+    def __init__(self, s: Settings, register: EmissionRegister | None, stats: Stats) -> None:
+        self.kafka = KafkaBatchSink(kafka_config(s))
+        self.s = s
+        self.register = register
+        self.stats = stats
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatingSinkPartition:
+        return _RatingSinkPartition(self.kafka.build(step_id, worker_index, worker_count), self.s, self.register, self.stats)
 
 
 class CatalogWatch:
@@ -159,29 +197,33 @@ class CatalogWatch:
 ShardItem = tuple[list[Accepted], list[Record]]
 
 
-class _ShardLogic(StatefulBatchLogic[ShardItem, list[Record], bytes]):
-    def __init__(self, engine: ShardEngine, enc: _Encoder, snapshots: bool) -> None:
+class _ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
+    def __init__(self, engine: ShardEngine, enc: _Encoder, snapshots: bool, store: DedupStore | None) -> None:
+        self.store = store
         self.engine = engine
         self.enc = enc
         self.snapshots = snapshots
 
-    def on_batch(self, values: list[ShardItem]) -> tuple[list[list[Record]], bool]:
+    def on_batch(self, values: list[ShardItem]) -> tuple[list[ShardOut], bool]:
         now = time.time()
         received = iso(int(now * 1000))
-        recs: list[Record] = []
+        res: ShardOut = ([], [], [])
         for batch, passthrough in values:
-            recs += passthrough
+            res[0].extend(passthrough)
             if batch:
-                recs += self.enc.out(self.engine.process(batch, now, received))
-        return ([recs] if recs else [], self.RETAIN)
+                self.enc.out(self.engine.process(batch, now, received), res)
+        return ([res] if res[0] or res[1] else [], self.RETAIN)
 
-    def on_notify(self) -> tuple[list[list[Record]], bool]:
-        recs = self.enc.out(self.engine.flush_idle(time.time()))
-        return ([recs] if recs else [], self.RETAIN)
+    def _emit(self, o: Out) -> tuple[list[ShardOut], bool]:
+        res: ShardOut = ([], [], [])
+        self.enc.out(o, res)
+        return ([res] if res[0] or res[1] else [], self.RETAIN)
 
-    def on_eof(self) -> tuple[list[list[Record]], bool]:
-        recs = self.enc.out(self.engine.flush_all())
-        return ([recs] if recs else [], self.RETAIN)
+    def on_notify(self) -> tuple[list[ShardOut], bool]:
+        return self._emit(self.engine.flush_idle(time.time()))
+
+    def on_eof(self) -> tuple[list[ShardOut], bool]:
+        return self._emit(self.engine.flush_all())
 
     def notify_at(self) -> datetime | None:
         d = self.engine.next_idle_deadline()
@@ -192,6 +234,8 @@ class _ShardLogic(StatefulBatchLogic[ShardItem, list[Record], bytes]):
         # answer is thrown away, and pickling all shards' state would stall the worker.
         if not self.snapshots:
             return b""
+        if self.store is not None:
+            self.store.drain()  # a snapshot must not remember an id the store does not
         # A pickle is an immutable copy and several times cheaper than deepcopy.
         return pickle.dumps(self.engine.state(), protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -221,7 +265,7 @@ def build_flow(
     store = (
         DedupStore(s.redis_url, s.dedup_store_days * 86400, f"{s.redis_prefix}:dedup", on_change=redis_up) if s.dedup_store_days else None
     )
-    enc = _Encoder(s, register, stats, alerts=alerts, dead_letters=dead_letters)
+    enc = _Encoder(s, alerts=alerts, dead_letters=dead_letters)
     sharder = Sharder(s.shards)
     engines: list[ShardEngine] = []
     watch = CatalogWatch(s.catalog, catalog, s.catalog_reload_seconds, stats)
@@ -247,11 +291,6 @@ def build_flow(
             kept = [a for a in accepted if accept(a)]
             stats.records_in -= len(accepted) - len(kept)  # outside the replay: not its input
             accepted = kept
-        if store is not None and accepted:
-            # Marked, not dropped: a copy of a too-late event is too late before it is a
-            # duplicate, and the engine decides that.
-            for i in store.duplicates([(a.tenant_id, a.key, f"{a.partition}:{a.offset}:{a.index}") for a in accepted]):
-                accepted[i].seen = True
         items: list[tuple[str, ShardItem]] = [(k, (batch, [])) for k, batch in sharder.group(accepted).items()]
         if dead:
             if items:
@@ -262,9 +301,9 @@ def build_flow(
 
     def build_logic(resume: bytes | None) -> _ShardLogic:
         state: dict[str, TenantState] | None = pickle.loads(resume) if resume else None
-        engine = ShardEngine.resume(watch.index, cfg, stats, state)
+        engine = ShardEngine.resume(watch.index, cfg, stats, state, store)
         engines.append(engine)
-        return _ShardLogic(engine, enc, snapshots)
+        return _ShardLogic(engine, enc, snapshots, store)
 
     flow = Dataflow("tallyflow-rating")
     raw = op.input(
@@ -281,7 +320,7 @@ def build_flow(
     )
     keyed = op.flat_map("validate", raw, validate)
     rated = op.stateful_batch("rate", keyed, build_logic)
-    op.output("kafka", rated, KafkaBatchSink(kafka_config(s), on_flushed=register.confirm if register else None))
+    op.output("kafka", rated, _RatingSink(s, register, stats))
     return flow
 
 

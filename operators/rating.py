@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from operators.aggregate import AGGREGATIONS, Agg
 from operators.catalog_index import CatalogIndex, Level, PlanMeterIndex
@@ -37,6 +38,18 @@ def stable_id(*parts: object) -> str:
     b[8] = (b[8] & 0x3F) | 0x80
     x = b.hex()
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+class Backstop(Protocol):
+    """Long-horizon dedup behind the in-memory window (sinks.dedup_store.DedupStore)."""
+
+    def duplicates(self, events: Sequence[Accepted]) -> set[int]:
+        """Indices of events seen before; records the others."""
+        ...
+
+    def record(self, events: Sequence[Accepted]) -> None:
+        """Remember accepted events (may be asynchronous)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,10 +142,11 @@ class Out:
 
 
 class ShardEngine:
-    def __init__(self, catalog: CatalogIndex, cfg: EngineConfig, stats: Stats) -> None:
+    def __init__(self, catalog: CatalogIndex, cfg: EngineConfig, stats: Stats, backstop: Backstop | None = None) -> None:
         self.cat = catalog
         self.cfg = cfg
         self.stats = stats
+        self.backstop = backstop
         self.tenants: dict[str, TenantState] = {}
         self._periods = PeriodCache()
         self._deadline: float | None = None
@@ -144,15 +158,38 @@ class ShardEngine:
         return self.tenants
 
     @classmethod
-    def resume(cls, catalog: CatalogIndex, cfg: EngineConfig, stats: Stats, state: dict[str, TenantState] | None) -> ShardEngine:
-        eng = cls(catalog, cfg, stats)
+    def resume(
+        cls, catalog: CatalogIndex, cfg: EngineConfig, stats: Stats, state: dict[str, TenantState] | None, backstop: Backstop | None = None
+    ) -> ShardEngine:
+        eng = cls(catalog, cfg, stats, backstop)
         if state:
             eng.tenants = state
         return eng
 
     # -- hot path ----------------------------------------------------------------------
+    def _ask_backstop(self, batch: list[Accepted], backstop: Backstop) -> None:
+        """Mark events memory cannot judge: a copy that memory no longer holds is at least a
+        horizon older than its tenant's watermark, and a tenant new to this process has no
+        memory at all."""
+        horizon, tenants = self.cfg.dedup_horizon_ms, self.tenants
+        ask = []
+        for ev in batch:
+            t = tenants.get(ev.tenant_id)
+            if t is None or ev.ts_ms <= t.watermark - horizon:
+                ask.append(ev)
+        if ask:
+            for i in backstop.duplicates(ask):
+                ask[i].seen = True
+            for ev in ask:
+                ev.asked = True
+
     def process(self, batch: list[Accepted], now: float, received_at: str) -> Out:
         out = Out()
+        backstop = self.backstop
+        fresh: list[Accepted] | None = None
+        if backstop is not None:
+            self._ask_backstop(batch, backstop)
+            fresh = []
         due: dict[str, TenantState] = {}
         cfg = self.cfg
         W, grace = cfg.window_ms, cfg.grace_ms
@@ -189,6 +226,8 @@ class ShardEngine:
                 continue
             d.cur.add(key)
             accepted += 1
+            if fresh is not None and not ev.asked:
+                fresh.append(ev)
             t.last_wall = now
             if ts > t.watermark:
                 t.watermark = ts
@@ -223,6 +262,8 @@ class ShardEngine:
                     acc.last_ms = ts
         self.stats.accepted += accepted
         self.stats.duplicates += duplicates
+        if fresh and backstop is not None:
+            backstop.record(fresh)
         for t in due.values():
             self._maintain(t, out)
         return out

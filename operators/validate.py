@@ -35,6 +35,7 @@ class Accepted(msgspec.Struct, gc=False):
     offset: int
     index: int | None
     seen: bool = False  # the long-horizon dedup store has this key from another position
+    asked: bool = False  # the store was asked (and so has recorded it)
 
 
 class _Reject(Exception):

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import msgspec
-import orjson
 import redis
 
 from operators.rating import stable_id
@@ -152,12 +151,8 @@ class EmissionRegister:
             out.confirm.setdefault(self.key(ln), []).append(ln.line_id)
         return out
 
-    def confirm(self, tokens: Iterable[bytes]) -> None:
+    def confirm(self, merged: Mapping[str, list[str]]) -> None:
         """After the Kafka flush: those lines are on the topic, no longer pending."""
-        merged: dict[str, list[str]] = {}
-        for t in tokens:
-            for k, ids in orjson.loads(t).items():
-                merged.setdefault(k, []).extend(ids)
         if not merged:
             return
 

@@ -101,7 +101,13 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
 
 def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals | None]:
     rated = Totals()
-    lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic, config=s.kafka)]
+    # A line id can be on the topic more than once (a crash replay produces it again, with
+    # the same content); it counts once, as it does at the ERP.
+    unique: dict[str, RatedUsageLine] = {}
+    for v in read_topic(s.brokers, s.rated_topic, config=s.kafka):
+        ln = msgspec.json.decode(v, type=RatedUsageLine)
+        unique[ln.line_id] = ln
+    lines = list(unique.values())
     for ln in lines:
         rated.add(ln)
     if not with_erp:

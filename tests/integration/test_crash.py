@@ -100,7 +100,13 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
 
         want_qty = {k: v for k, v in ref.quantity.items() if v}
         want_amt = {k: v for k, v in ref.amount.items() if v}
-        wait_until(lambda: erp_totals() == (want_qty, want_amt), 120, "the ERP sandbox to hold exactly the expected totals")
+        try:
+            wait_until(lambda: erp_totals() == (want_qty, want_amt), 120, "the ERP sandbox to hold exactly the expected totals")
+        except TimeoutError:
+            got_qty, got_amt = erp_totals()
+            diff = {k: (got_qty.get(k), v) for k, v in want_qty.items() if got_qty.get(k) != v}
+            diff.update({k: (v, None) for k, v in got_qty.items() if k not in want_qty})
+            raise AssertionError(f"ERP quantities (got, want) that differ: {sorted(diff.items())[:20]}; logs in {lp.logdir}") from None
 
         # Effectively once: no line or alert arrived twice, whatever was replayed.
         state = lp.sandbox.state()

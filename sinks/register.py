@@ -14,7 +14,8 @@ nothing is emitted; when it differs, the difference goes out as a correction (re
 remembers the last `HISTORY` totals it emitted per key: a replay passing through one of
 them is re-deriving history (its events were emitted already) and emits nothing, instead of
 a negative correction followed by positive ones. Event counts grow with every emission,
-so a new emission never equals an old state.
+so a new emission never equals an old state; once a replay diverges (emits a difference),
+the old history is dropped, since it is no longer the engine's past.
 
 Lines are written here *before* they are produced to Kafka, as pending; the Kafka sink
 confirms them after its flush. A pending line found by the next process (it died between
@@ -101,6 +102,7 @@ class EmissionRegister:
         out.resent = len(out.lines)
         pending: dict[str, dict[str, bytes]] = {}
         emitted: dict[str, list[bytes]] = {}
+        reset: set[str] = set()
         for ln, (q, a, n) in zip(lines, totals, strict=True):
             k = self.key(ln)
             e = state[k]
@@ -110,11 +112,18 @@ class EmissionRegister:
             token = f"{q}|{a}|{n}".encode()
             if token in hist[k] and not correction:
                 continue  # a replay passing through an emitted state
-            hist[k].add(token)
-            emitted.setdefault(k, []).append(token)
             e.seq += 1
             e.qty, e.amount, e.events = q, a, n
             same = dq == ln.quantity and da == ln.amount and dn == ln.event_count and not correction
+            if same:
+                hist[k].add(token)
+                emitted.setdefault(k, []).append(token)
+            else:
+                # The emitted history is no longer this engine's past: passing through one
+                # of its states later would not mean "already emitted". Start it afresh.
+                hist[k] = {token}
+                emitted[k] = [token]
+                reset.add(k)
             rev = ln.revision if same else max(ln.revision, 1)
             new = msgspec.structs.replace(
                 ln,
@@ -135,6 +144,8 @@ class EmissionRegister:
             for k, e in touched.items():
                 p.hset(k, mapping={"seq": e.seq, "qty": str(e.qty), "amount": str(e.amount), "events": e.events})
                 p.hset(k + ":pending", mapping=pending[k])  # type: ignore[arg-type]  # Mapping keys are invariant
+                if k in reset:
+                    p.delete(k + ":hist")
                 p.rpush(k + ":hist", *emitted[k])
                 p.ltrim(k + ":hist", -HISTORY, -1)
                 for suffix in ("", ":pending", ":hist"):

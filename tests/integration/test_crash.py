@@ -104,9 +104,9 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
             wait_until(lambda: erp_totals() == (want_qty, want_amt), 120, "the ERP sandbox to hold exactly the expected totals")
         except TimeoutError:
             got_qty, got_amt = erp_totals()
-            diff = {k: (got_qty.get(k), v) for k, v in want_qty.items() if got_qty.get(k) != v}
-            diff.update({k: (v, None) for k, v in got_qty.items() if k not in want_qty})
-            raise AssertionError(f"ERP quantities (got, want) that differ: {sorted(diff.items())[:20]}; logs in {lp.logdir}") from None
+            diff = {k: (got_qty.get(k), got_amt.get(k), v, want_amt.get(k)) for k, v in want_qty.items() if got_qty.get(k) != v}
+            diff.update({k: (v, got_amt.get(k), None, None) for k, v in got_qty.items() if k not in want_qty})
+            raise AssertionError(f"ERP (qty, amount) got vs want: {sorted(diff.items())[:20]}; logs in {lp.logdir}") from None
 
         # Effectively once: no line or alert arrived twice, whatever was replayed.
         state = lp.sandbox.state()

@@ -86,6 +86,33 @@ def test_register_settles_a_divergent_replay_by_difference(stack: LocalStack, se
     assert third.totals([third.key(diff.lines[0])])[third.key(diff.lines[0])][0] == 15
 
 
+def test_register_history_skips_replayed_states_only_until_the_replay_diverges(stack: LocalStack, settings: Settings) -> None:
+    prefix = f"{settings.redis_prefix}:emitted"
+    live = EmissionRegister(stack.redis_url, 600, prefix)
+    # Before the crash: window 1 closed with events a, b; window 2 with c.
+    s1 = live.settle([_line(2, "0", events=2)], [(D(2), D(0), 2)])
+    s2 = live.settle([_line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)])
+    live.confirm(s1.confirm)
+    live.confirm(s2.confirm)
+    # A replay that repeats history emits nothing...
+    same = EmissionRegister(stack.redis_url, 600, prefix)
+    assert same.settle([_line(2, "0", events=2)], [(D(2), D(0), 2)]).lines == []
+    # ...but one whose window 1 closed early with a alone diverges: -1 now, and when b comes
+    # as a correction (back at the old state (2, 0, 2)) it must go out, not be taken for history.
+    replay = EmissionRegister(stack.redis_url, 600, prefix)
+    out = [replay.settle([_line(1, "0", events=1)], [(D(1), D(0), 1)])]
+    out.append(replay.settle([_line(1, "0", events=1, revision=1)], [(D(2), D(0), 2)]))
+    out.append(replay.settle([_line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)]))
+    sent = [ln for o in out for ln in o.lines]
+    assert [ln.quantity for ln in sent] == [-2, 1, 1]
+    assert s1.lines[0].quantity + s2.lines[0].quantity + sum(ln.quantity for ln in sent) == 3
+    for o in out:
+        replay.confirm(o.confirm)
+    # A later process replaying the new lineage skips its states, and not the abandoned one's.
+    after = EmissionRegister(stack.redis_url, 600, prefix)
+    assert after.settle([_line(1, "0", events=1)], [(D(1), D(0), 1)]).lines == []
+
+
 def _acc(tenant: str, key: str, partition: int, offset: int) -> Accepted:
     return Accepted(tenant, "basic:v1", key, key, 0, [], b"", "t", partition, offset, None)
 

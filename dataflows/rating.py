@@ -116,6 +116,8 @@ class _RatingSinkPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
 
     def close(self) -> None:
         self.inner.close()
+        if self.register is not None:
+            self.register.confirm({}, now=True)  # what the last write left to confirm
 
 
 class _RatingSink(DynamicSink[tuple[str, ShardOut]]):

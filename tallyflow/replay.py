@@ -137,7 +137,7 @@ def replay(
             p.produce(s.rated_topic, ENCODER.encode(ln), ln.tenant_id.encode())
         if p.flush(30):
             raise RuntimeError(f"corrections not confirmed by {s.brokers} within 30 s; run the replay again (it is idempotent)")
-        EmissionRegister(s.redis_url, ttl, prefix).confirm(settled.confirm)
+        EmissionRegister(s.redis_url, ttl, prefix).confirm(settled.confirm, now=True)
     changes = {
         (ln.tenant_id, ln.meter, ln.period, ln.pricing_version): Change(ln.currency, ln.quantity, ln.amount, ln.event_count, 1)
         for ln in new

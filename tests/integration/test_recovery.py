@@ -72,7 +72,7 @@ def test_register_settles_a_divergent_replay_by_difference(stack: LocalStack, se
     again = EmissionRegister(stack.redis_url, 600, prefix)
     same = again.settle([_line(12, "0.20", events=12)], [(D(12), D("0.20"), 12)])
     assert [ln.line_id for ln in same.lines] == [first.lines[0].line_id] and same.resent == 1
-    again.confirm(same.confirm)
+    again.confirm(same.confirm, now=True)
     # A replay that saw the window close with 15 events instead: a correction of +3.
     third = EmissionRegister(stack.redis_url, 600, prefix)
     diff = third.settle([_line(15, "0.50", events=15)], [(D(15), D("0.50"), 15)])
@@ -92,8 +92,8 @@ def test_register_history_skips_replayed_states_only_until_the_replay_diverges(s
     # Before the crash: window 1 closed with events a, b; window 2 with c.
     s1 = live.settle([_line(2, "0", events=2)], [(D(2), D(0), 2)])
     s2 = live.settle([_line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)])
-    live.confirm(s1.confirm)
-    live.confirm(s2.confirm)
+    live.confirm(s1.confirm, now=True)
+    live.confirm(s2.confirm, now=True)
     # A replay that repeats history emits nothing...
     same = EmissionRegister(stack.redis_url, 600, prefix)
     assert same.settle([_line(2, "0", events=2)], [(D(2), D(0), 2)]).lines == []
@@ -107,7 +107,7 @@ def test_register_history_skips_replayed_states_only_until_the_replay_diverges(s
     assert [ln.quantity for ln in sent] == [-2, 1, 1]
     assert s1.lines[0].quantity + s2.lines[0].quantity + sum(ln.quantity for ln in sent) == 3
     for o in out:
-        replay.confirm(o.confirm)
+        replay.confirm(o.confirm, now=True)
     # A later process replaying the new lineage skips its states, and not the abandoned one's.
     after = EmissionRegister(stack.redis_url, 600, prefix)
     assert after.settle([_line(1, "0", events=1)], [(D(1), D(0), 1)]).lines == []

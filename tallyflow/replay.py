@@ -161,6 +161,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     ap.add_argument("--start-offsets", default=None, help="partition:offset,... to start from (default: the beginning)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--limit", type=int, default=20, help="rows of the table (0: all)")
     a = ap.parse_args(argv)
     s = load_settings()
     changes, stats = replay(
@@ -195,8 +196,12 @@ def main(argv: list[str]) -> int:
     print(f"replayed {stats.accepted:,} events of {', '.join(sorted(a.period))}; {len(rows)} key(s) changed")
     if rows:
         print(f"{'tenant':<12} {'meter':<10} {'period':<8} {'pricing':<14} {'Δ quantity':>12} {'Δ amount':>14} {'Δ events':>9}")
-        for (t, m, p, pv), c in rows:
-            print(f"{t:<12} {m:<10} {p:<8} {pv:<14} {c.quantity:>12} {c.amount:>10} {c.currency} {c.events:>9}")
+        shown = rows if a.limit <= 0 else rows[: a.limit]
+        for (t, m, p, pv), c in shown:
+            q = c.quantity if c.quantity else Decimal(0)
+            print(f"{t:<12} {m:<10} {p:<8} {pv:<14} {q:>12} {c.amount:>10} {c.currency} {c.events:>9}")
+        if len(shown) < len(rows):
+            print(f"… {len(rows) - len(shown)} more (--limit 0 shows all, --json for machines)")
         totals: dict[str, Decimal] = defaultdict(Decimal)
         for _, c in rows:
             totals[c.currency] += c.amount

@@ -225,6 +225,8 @@ class _ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         return self._emit(self.engine.flush_idle(time.time()))
 
     def on_eof(self) -> tuple[list[ShardOut], bool]:
+        if self.store is not None:
+            self.store.drain()  # a bounded run (replay, demo) leaves nothing unrecorded
         return self._emit(self.engine.flush_all())
 
     def notify_at(self) -> datetime | None:

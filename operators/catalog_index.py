@@ -135,4 +135,10 @@ def successor(old: CatalogIndex, new: Catalog) -> CatalogIndex:
             )
     for pv, plan in old.plans_by_version.items():
         idx.plans_by_version.setdefault(pv, plan)
+    gone = sorted(set(old.tenants) - set(idx.tenants))
+    if gone:
+        raise CatalogError(
+            f"tenants: {', '.join(gone[:5])}{' …' if len(gone) > 5 else ''} removed, but their usage may still be open; "
+            "keep them and set effective_until to offboard them"
+        )
     return idx

@@ -439,7 +439,10 @@ class ShardEngine:
         charged_before = pmi.rater.charge(before)
         charged = pmi.rater.charge(after)
         amount = charged - charged_before
-        events = mp.closed_events[pv] = mp.closed_events.get(pv, 0) + acc.count
+        counts = getattr(mp, "closed_events", None)  # absent in snapshots of earlier versions
+        if counts is None:
+            counts = mp.closed_events = {}
+        events = counts[pv] = counts.get(pv, 0) + acc.count
         out.totals.append((Decimal(after), charged, events))
         tenant = self.cat.tenants[t.tenant_id].tenant
         currency = plan.plan.currency

@@ -1,6 +1,6 @@
 """Long-horizon dedup in Redis: the backstop behind the in-memory window.
 
-Each accepted event is stored as a 16-byte hash of (tenant, dedup key) with the 12-byte
+Each accepted event is stored as a 16-byte hash of (tenant, dedup key) with the 14-byte
 *position* it was read from (partition, offset, index), in one Redis hash per day of
 recording and stripe, which expires a horizon (default 7 days) after its day ends. An id
 present with another position is a duplicate; with the same position it is this very
@@ -38,16 +38,15 @@ log = logging.getLogger(__name__)
 DAY_S = 86_400
 STRIPES = 64
 QUEUE_BATCHES = 64
-_ENTRY = 28  # 16-byte id hash + 12-byte position
-_POS = struct.Struct(">HQH")  # partition, offset, index (0xFFFF: a single event)
+_POS = struct.Struct(">HQI")  # partition, offset, index in an array (0xFFFFFFFF: a single event)
 
 # ARGV: ttl seconds, then (key, blob of entries) pairs.
 _RECORD = """
 local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV, 2 do
   local key, blob = ARGV[i], ARGV[i + 1]
-  for j = 1, #blob, 28 do
-    redis.call('HSETNX', key, string.sub(blob, j, j + 15), string.sub(blob, j + 16, j + 27))
+  for j = 1, #blob, 30 do
+    redis.call('HSETNX', key, string.sub(blob, j, j + 15), string.sub(blob, j + 16, j + 29))
   end
   redis.call('EXPIRE', key, ttl)
 end
@@ -57,8 +56,8 @@ return 0
 _CHECK = """
 local ttl, n, blob = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local dups = {}
-for e = 0, #blob / 28 - 1 do
-  local id, pos = string.sub(blob, e * 28 + 1, e * 28 + 16), string.sub(blob, e * 28 + 17, e * 28 + 28)
+for e = 0, #blob / 30 - 1 do
+  local id, pos = string.sub(blob, e * 30 + 1, e * 30 + 16), string.sub(blob, e * 30 + 17, e * 30 + 30)
   local found = false
   for b = 1, n do
     local old = redis.call('HGET', KEYS[e * n + b], id)
@@ -96,7 +95,7 @@ class DedupStore:
     @staticmethod
     def entry(e: Accepted) -> bytes:
         h = hashlib.blake2b(f"{e.tenant_id}\x1f{e.key}".encode(), digest_size=16).digest()
-        return h + _POS.pack(e.partition, e.offset, 0xFFFF if e.index is None else e.index)
+        return h + _POS.pack(e.partition, e.offset, 0xFFFFFFFF if e.index is None else e.index)
 
     def bucket(self, day: int, stripe: int) -> str:
         return f"{self.prefix}:{day}:{stripe}"

@@ -50,7 +50,9 @@ end
 return out
 """
 # ARGV: ttl, history length, #confirmed keys, {key, #ids, ids...}..., #keys,
-#       {key, seq, qty, amount, events, reset, #pending, {id, body}..., #hist, tokens...}...
+#       {key, expected seq, seq, qty, amount, events, reset, #pending, {id, body}..., #hist, tokens...}...
+# A key whose stored seq is not the expected one was written by another process meanwhile:
+# it is left alone and returned, for the caller to read again.
 _WRITE = """
 local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local i = 3
@@ -60,23 +62,35 @@ for _ = 1, tonumber(ARGV[i]) do
   i = i + 2 + n
 end
 i = i + 1
+local conflicts = {}
 for _ = 1, tonumber(ARGV[i]) do
   local k = ARGV[i + 1]
-  redis.call('HSET', k, 'seq', ARGV[i + 2], 'qty', ARGV[i + 3], 'amount', ARGV[i + 4], 'events', ARGV[i + 5])
-  if ARGV[i + 6] == '1' then redis.call('DEL', k .. ':hist') end
-  local n = tonumber(ARGV[i + 7])
-  i = i + 7
-  for j = 1, n do redis.call('HSET', k .. ':pending', ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+  local ok = tonumber(redis.call('HGET', k, 'seq') or '0') == tonumber(ARGV[i + 2])
+  if ok then
+    redis.call('HSET', k, 'seq', ARGV[i + 3], 'qty', ARGV[i + 4], 'amount', ARGV[i + 5], 'events', ARGV[i + 6])
+    if ARGV[i + 7] == '1' then redis.call('DEL', k .. ':hist') end
+  else
+    conflicts[#conflicts + 1] = k
+  end
+  local n = tonumber(ARGV[i + 8])
+  i = i + 8
+  for j = 1, n do
+    if ok then redis.call('HSET', k .. ':pending', ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
+  end
   i = i + 2 * n + 1
   local h = tonumber(ARGV[i])
-  for j = 1, h do redis.call('RPUSH', k .. ':hist', ARGV[i + j]) end
+  for j = 1, h do
+    if ok then redis.call('RPUSH', k .. ':hist', ARGV[i + j]) end
+  end
   i = i + h
-  redis.call('LTRIM', k .. ':hist', -keep, -1)
-  redis.call('EXPIRE', k, ttl)
-  redis.call('EXPIRE', k .. ':pending', ttl)
-  redis.call('EXPIRE', k .. ':hist', ttl)
+  if ok then
+    redis.call('LTRIM', k .. ':hist', -keep, -1)
+    redis.call('EXPIRE', k, ttl)
+    redis.call('EXPIRE', k .. ':pending', ttl)
+    redis.call('EXPIRE', k .. ':hist', ttl)
+  end
 end
-return 0
+return conflicts
 """
 _ZERO = Decimal(0)
 Totals = tuple[Decimal, Decimal, int]  # period-to-date quantity, amount, event count
@@ -118,9 +132,11 @@ class EmissionRegister:
 
     def settle(self, lines: list[RatedUsageLine], totals: list[Totals], *, dry_run: bool = False, correction: bool = False) -> Settled:
         """Re-express the engine's lines against the register and record them as pending.
-        One round trip per call for keys this process has written before (it is their
-        only writer, so it knows their state), two with new keys. `correction`: every line
-        is a correction of what was emitted (a backfill), and history is not consulted."""
+        One round trip per call for keys this process has written before (it remembers
+        their state; the write is a compare-and-set on the sequence number, so a key that
+        another process wrote meanwhile, e.g. `tallyflow replay`, is read again and settled
+        anew), two with new keys. `correction`: every line is a correction of what was
+        emitted (a backfill), and history is not consulted."""
         out = Settled()
         if not lines:
             return out
@@ -142,12 +158,19 @@ class EmissionRegister:
             if not dry_run:
                 out.lines += sorted((_LINE.decode(v) for v in pend), key=lambda ln: ln.line_id)  # type: ignore[attr-defined]
         out.resent = len(out.lines)
+        expected = {k: state[k].seq for k in keys}
+        # A key the register has never seen, while the engine already has closed totals for
+        # it, was emitted before the register existed (an upgrade): take that as emitted.
+        seed = {k for k in fresh if state[k].seq == 0 and not hist[k]} if not correction else set()
         pending: dict[str, dict[str, bytes]] = {}
         emitted: dict[str, list[bytes]] = {}
         reset: set[str] = set()
         for ln, (q, a, n) in zip(lines, totals, strict=True):
             k = self.key(ln)
             e = state[k]
+            if k in seed:
+                seed.discard(k)
+                e.qty, e.amount, e.events = q - ln.quantity, a - ln.amount, n - ln.event_count
             dq, da, dn = q - e.qty, a - e.amount, n - e.events
             if not (dq or da or dn):
                 continue  # a replay re-deriving what was already emitted
@@ -189,20 +212,34 @@ class EmissionRegister:
             args += [k, len(ids), *ids]
         args.append(len(touched))
         for k, e in touched.items():
-            args += [k, e.seq, str(e.qty), str(e.amount), e.events, int(k in reset), len(pending[k])]
+            args += [k, expected[k], e.seq, str(e.qty), str(e.amount), e.events, int(k in reset), len(pending[k])]
             for line_id, body in pending[k].items():
                 args += [line_id, body]
             args += [len(emitted[k]), *emitted[k]]
+        conflicts: set[str] = set()
         if touched or confirmed:
-            self.patience(lambda: self._write(args=args))
+            conflicts = {c.decode() if isinstance(c, bytes) else c for c in self.patience(lambda: self._write(args=args))}
         for k in keys:
+            if k in conflicts:  # another process wrote it since: forget, read again below
+                self._state.pop(k, None)
+                self._hist.pop(k, None)
+                continue
             h = hist[k]
             self._hist[k] = h if len(h) <= 2 * HISTORY else set(emitted.get(k, []))
             self._state[k] = state[k]
-        out.confirm = {k: list(v) for k, v in pending.items()}
+        out.confirm = {k: list(v) for k, v in pending.items() if k not in conflicts}
         for ln in out.lines[: out.resent]:
             out.confirm.setdefault(self.key(ln), []).append(ln.line_id)
-        return out
+        if not conflicts:
+            return out
+        again = [(ln, t) for ln, t in zip(lines, totals, strict=True) if self.key(ln) in conflicts]
+        sub = self.settle([ln for ln, _ in again], [t for _, t in again], correction=correction)
+        kept = [ln for ln in out.lines[out.resent :] if self.key(ln) not in conflicts]
+        merged = Settled(out.lines[: out.resent] + sub.lines[: sub.resent] + kept + sub.lines[sub.resent :], out.resent + sub.resent)
+        merged.confirm = out.confirm
+        for k, ids in sub.confirm.items():
+            merged.confirm.setdefault(k, []).extend(ids)
+        return merged
 
     def confirm(self, merged: Mapping[str, list[str]], *, now: bool = False) -> None:
         """After the Kafka flush: those lines are on the topic, no longer pending. Recorded

@@ -113,6 +113,32 @@ def test_register_history_skips_replayed_states_only_until_the_replay_diverges(s
     assert after.settle([_line(1, "0", events=1)], [(D(1), D(0), 1)]).lines == []
 
 
+def test_register_rereads_a_key_another_process_wrote(stack: LocalStack, settings: Settings) -> None:
+    """The live process caches its keys; a replay writing one meanwhile must not make the
+    live process bill the same usage again."""
+    prefix = f"{settings.redis_prefix}:emitted"
+    live = EmissionRegister(stack.redis_url, 600, prefix)
+    first = live.settle([_line(2, "0.20", events=2)], [(D(2), D("0.20"), 2)])
+    live.confirm(first.confirm, now=True)
+    # A replay at the fixed price re-rates windows 1 and 2 (the live engine's window 2 is open).
+    replay = EmissionRegister(stack.redis_url, 600, prefix)
+    fix = replay.settle([_line(5, "0.60", events=5)], [(D(5), D("0.60"), 5)], correction=True)
+    replay.confirm(fix.confirm, now=True)
+    assert [(ln.quantity, ln.amount, ln.revision) for ln in fix.lines] == [(3, D("0.40"), 1)]
+    # The live engine (restarted with the fixed catalog) closes window 2: nothing is left to bill.
+    second = live.settle([_line(3, "0.40", events=3, start="2026-03-10T12:01:00.000Z")], [(D(5), D("0.60"), 5)])
+    assert second.lines == []
+    third = live.settle([_line(1, "0.12", events=1, start="2026-03-10T12:02:00.000Z")], [(D(6), D("0.72"), 6)])
+    assert [(ln.quantity, ln.amount) for ln in third.lines] == [(1, D("0.12"))]
+    assert sum(ln.amount for part in (first, fix, second, third) for ln in part.lines) == D("0.72")
+
+
+def test_register_takes_totals_from_before_it_existed_as_emitted(stack: LocalStack, settings: Settings) -> None:
+    reg = EmissionRegister(stack.redis_url, 600, f"{settings.redis_prefix}:emitted")
+    out = reg.settle([_line(2, "0.20", events=2, revision=0)], [(D(10), D("1.00"), 10)])
+    assert [(ln.quantity, ln.amount, ln.event_count, ln.revision) for ln in out.lines] == [(2, D("0.20"), 2, 0)]
+
+
 def _acc(tenant: str, key: str, partition: int, offset: int) -> Accepted:
     return Accepted(tenant, "basic:v1", key, key, 0, [], b"", "t", partition, offset, None)
 
@@ -127,6 +153,8 @@ def test_dedup_store_knows_positions_and_expires_ids(stack: LocalStack, settings
     # Recorded in the background, then asked about: known once drained (duplicates drains).
     store.record([_acc("acme", f"bg/{i}", 0, 100 + i) for i in range(500)])
     assert store.duplicates([_acc("acme", "bg/7", 3, 1), _acc("acme", "bg/8", 0, 108), _acc("acme", "bg/x", 0, 1)]) == {0}
+    big = msgspec.structs.replace(_acc("acme", "big/1", 0, 5), index=70_000)
+    assert store.duplicates([big]) == set() and store.duplicates([msgspec.structs.replace(big, index=70_001)]) == {0}
     buckets = list(store.r.scan_iter(f"{settings.redis_prefix}:dedup:*"))
     assert buckets and all(7 * 86400 < store.r.ttl(b) <= 8 * 86400 for b in buckets)
 

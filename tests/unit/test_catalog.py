@@ -62,3 +62,25 @@ def test_bad_file_names_the_file(tmp_path):
 def test_example_catalog_is_valid():
     cat = load_catalog(ROOT / "examples" / "catalog.yaml")
     assert len(cat.tenants) == 1000 and {p.id for p in cat.plans} == {"starter", "pro", "enterprise"}
+
+
+def test_a_live_reload_keeps_versions_and_refuses_what_would_break_state():
+    from operators.catalog_index import CatalogIndex, successor
+
+    old = CatalogIndex.build(parse_catalog(CATALOG))
+    # A new tenant and a plan dropped from the file: the version stays known to the process.
+    grown = copy.deepcopy(CATALOG)
+    grown["tenants"].append({**grown["tenants"][0], "tenant_id": "newco"})
+    grown["plans"] = [p for p in grown["plans"] if p["id"] != "plus"]
+    grown["tenants"] = [{**t, "plan_changes": []} for t in grown["tenants"]]
+    new = successor(old, parse_catalog(grown))
+    assert "newco" in new.tenants and "plus:v2" in new.plans_by_version
+    # A version edited in place, or a tenant removed, is refused with the way out named.
+    edited = copy.deepcopy(CATALOG)
+    edited["plans"][0]["meters"]["calls"]["included"] = 5
+    with pytest.raises(CatalogError, match="version 2 and move tenants"):
+        successor(old, parse_catalog(edited))
+    gone = copy.deepcopy(CATALOG)
+    gone["tenants"] = gone["tenants"][1:]
+    with pytest.raises(CatalogError, match="effective_until"):
+        successor(old, parse_catalog(gone))

@@ -43,6 +43,20 @@ def wait_until(pred: Callable[[], T | None], timeout: float, what: str) -> T:
         time.sleep(0.1)  # polling interval of a condition wait
 
 
+def scrape(port: int) -> dict[str, float]:
+    """A local /metrics as {"name{label=value}": number}; empty while nothing listens."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.TransportError:
+        return {}
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+            out[f"{smp.name}{{{labels}}}" if labels else smp.name] = smp.value
+    return out
+
+
 class LocalPipeline:
     def __init__(self, env: dict[str, str] | None = None, partitions: int = 4, recovery: bool = False) -> None:
         self.env = env or {}
@@ -124,16 +138,7 @@ class LocalPipeline:
     def metrics(self) -> dict[str, float]:
         """The rating process's metrics as {"name{label=value}": number}."""
         self.check_alive()
-        try:
-            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2).text
-        except httpx.TransportError:
-            return {}
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for smp in fam.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
-                out[f"{smp.name}{{{labels}}}" if labels else smp.name] = smp.value
-        return out
+        return scrape(self.metrics_port)
 
     def _sandbox_up(self) -> bool:
         if self.sandbox_proc.poll() is not None:

@@ -14,13 +14,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
 import yaml
 from bytewax._bytewax import cli_main
 from confluent_kafka import Producer
-from prometheus_client.parser import text_string_to_metric_families
 
 from dataflows.rating import build_flow
 from operators.stats import Stats
@@ -29,7 +27,7 @@ from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from sinks.dedup_store import DedupStore
 from sinks.register import EmissionRegister
 from tallyflow.config import Settings, to_env
-from tallyflow.pipeline import FLOWS, wait_until
+from tallyflow.pipeline import FLOWS, scrape, wait_until
 from tallyflow.replay import replay
 from tallyflow.stack import LocalStack, free_port, redis_binary
 from tallyflow.topics import read_topic
@@ -241,18 +239,6 @@ def own_redis() -> Iterator[_Redis]:
         r.stop()
 
 
-def _metrics(port: int) -> dict[str, float]:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.TransportError:
-        return {}
-    return {
-        f"{smp.name}{{{','.join(f'{k}={v}' for k, v in sorted(smp.labels.items()))}}}" if smp.labels else smp.name: smp.value
-        for fam in text_string_to_metric_families(text)
-        for smp in fam.samples
-    }
-
-
 def _start_rating(s: Settings, log: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bytewax.run", FLOWS["rate"]],
@@ -268,19 +254,19 @@ def test_without_redis_the_flow_stops_pulling_says_so_and_resumes(small: Setting
     proc = _start_rating(s, tmp_path / "rate.log")
     try:
         _produce(s, [ev(at=i * MIN / 10, id=f"a{i}") for i in range(300)])
-        wait_until(lambda: _metrics(port).get("tallyflow_records_total{outcome=accepted}") == 300, 60, "300 events accepted")
+        wait_until(lambda: scrape(port).get("tallyflow_records_total{outcome=accepted}") == 300, 60, "300 events accepted")
         own_redis.stop()
         _produce(s, [ev(at=30 * MIN + i * MIN / 100, id=f"b{i}") for i in range(5000)])
-        wait_until(lambda: _metrics(port).get("tallyflow_redis_up") == 0, 30, "the flow to report Redis down")
+        wait_until(lambda: scrape(port).get("tallyflow_redis_up") == 0, 30, "the flow to report Redis down")
         log = tmp_path / "rate.log"
         wait_until(lambda: log.read_text().count("Redis unreachable") >= 3, 30, "three logged retries")
         # Input stops once the bounded queue of ids to record is full: the rest waits in Kafka.
-        held = _metrics(port)["tallyflow_records_total{outcome=in}"]
+        held = scrape(port)["tallyflow_records_total{outcome=in}"]
         wait_until(lambda: log.read_text().count("Redis unreachable") >= 5, 30, "two more retries")
-        assert _metrics(port)["tallyflow_records_total{outcome=in}"] == held < 5300
+        assert scrape(port)["tallyflow_records_total{outcome=in}"] == held < 5300
         own_redis.start()
-        wait_until(lambda: _metrics(port).get("tallyflow_records_total{outcome=accepted}") == 5300, 60, "the rest after Redis returns")
-        assert _metrics(port)["tallyflow_redis_up"] == 1
+        wait_until(lambda: scrape(port).get("tallyflow_records_total{outcome=accepted}") == 5300, 60, "the rest after Redis returns")
+        assert scrape(port)["tallyflow_redis_up"] == 1
         assert "Redis is back" in log.read_text()
     finally:
         proc.kill()
@@ -339,22 +325,22 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
     try:
         before = UPGRADE_AT - timedelta(hours=1)
         _produce(s, [ev(at=before + i * MIN, id=f"p{i}") for i in range(11)] + [ev("newco", at=before, id="n0")])
-        wait_until(lambda: _metrics(port).get("tallyflow_records_total{outcome=in}") == 12, 60, "the first 12 events")
+        wait_until(lambda: scrape(port).get("tallyflow_records_total{outcome=in}") == 12, 60, "the first 12 events")
 
         # Onboard newco and move acme to plus from UPGRADE_AT; a broken edit first is refused.
         bad = copy.deepcopy(v1)
         bad["plans"][0]["meters"]["calls"]["included"] = 5  # basic:v1 changed in place
         _write_catalog(cat_path, bad)
-        wait_until(lambda: _metrics(port).get("tallyflow_catalog_reloads_total{outcome=error}") == 1, 30, "the bad edit refused")
+        wait_until(lambda: scrape(port).get("tallyflow_catalog_reloads_total{outcome=error}") == 1, 30, "the bad edit refused")
         v2 = copy.deepcopy(v1)
         v2["tenants"][0]["plan_changes"] = [{"plan": "plus", "effective_from": UPGRADE_AT.isoformat()}]
         v2["tenants"].append({**v2["tenants"][0], "tenant_id": "newco", "plan_changes": [], "crm_account_id": "CRM-9"})
         _write_catalog(cat_path, v2)
-        wait_until(lambda: _metrics(port).get("tallyflow_catalog_reloads_total{outcome=ok}") == 1, 30, "the catalog reload")
+        wait_until(lambda: scrape(port).get("tallyflow_catalog_reloads_total{outcome=ok}") == 1, 30, "the catalog reload")
 
         after = UPGRADE_AT + timedelta(hours=1)
         _produce(s, [ev(at=after + i * MIN, id=f"q{i}") for i in range(70)] + [ev("newco", at=after, id="n1")])
-        wait_until(lambda: _metrics(port).get("tallyflow_open_windows") == 0 and len(_lines(s)) > 0 and _rated(s) == 82, 60, "all rated")
+        wait_until(lambda: scrape(port).get("tallyflow_open_windows") == 0 and len(_lines(s)) > 0 and _rated(s) == 82, 60, "all rated")
     finally:
         proc.kill()
         proc.wait(10)

@@ -23,6 +23,7 @@ import argparse
 import sys
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -51,7 +52,6 @@ class Change:
     quantity: Decimal = Decimal(0)
     amount: Decimal = Decimal(0)
     events: int = 0
-    lines: int = 0
 
 
 class _Recorder(EmissionRegister):
@@ -68,7 +68,7 @@ class _Recorder(EmissionRegister):
         return Settled()
 
 
-def _filter(cat: CatalogIndex, periods: set[str], tenants: set[str]) -> object:
+def _filter(cat: CatalogIndex, periods: set[str], tenants: set[str]) -> Callable[[Accepted], bool]:
     cache = PeriodCache()
 
     def accept(a: Accepted) -> bool:
@@ -115,7 +115,7 @@ def replay(
         register=register,
         alerts=False,
         dead_letters=False,
-        accept=_filter(cat, periods, tenants),  # type: ignore[arg-type]
+        accept=_filter(cat, periods, tenants),
     )
     done = threading.Event()
     if progress:
@@ -139,8 +139,7 @@ def replay(
             raise RuntimeError(f"corrections not confirmed by {s.brokers} within 30 s; run the replay again (it is idempotent)")
         EmissionRegister(s.redis_url, ttl, prefix).confirm(settled.confirm, now=True)
     changes = {
-        (ln.tenant_id, ln.meter, ln.period, ln.pricing_version): Change(ln.currency, ln.quantity, ln.amount, ln.event_count, 1)
-        for ln in new
+        (ln.tenant_id, ln.meter, ln.period, ln.pricing_version): Change(ln.currency, ln.quantity, ln.amount, ln.event_count) for ln in new
     }
     return changes, stats
 
@@ -184,7 +183,6 @@ def main(argv: list[str]) -> int:
                             "quantity": str(c.quantity),
                             "amount": str(c.amount),
                             "events": c.events,
-                            "lines": c.lines,
                         }
                         for k, c in rows
                     ],

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: deps demo test bench lint clean
 
 deps: $(STAMP)
-	@command -v redis-server >/dev/null || bash scripts/install-system-deps.sh
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null || bash scripts/install-system-deps.sh
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -28,6 +28,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Message, Producer
+from prometheus_client import Gauge
 
 from dataflows.kafka_io import PRODUCER_DEFAULTS, KafkaBatchSource
 from operators.delivery import Backoff, MicroBatcher
@@ -35,12 +36,18 @@ from operators.periods import iso
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
 from sinks.http import Destination, Result, batch_key, sign
 from sinks.ledger import PENDING, Ledger
-from tallyflow.config import Settings, kafka_config, load_settings, tune_gc
+from tallyflow import runtime
+from tallyflow.config import Settings, kafka_config, load_settings
+from tallyflow.observability import BATCH_SIZE, DELIVERED, DELIVERY_LATENCY
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 ALERT = msgspec.json.Decoder(ThresholdAlert)
 LINE = msgspec.json.Decoder(RatedUsageLine)
+PENDING_LINES = Gauge("tallyflow_erp_pending_lines", "Rated lines held for the next ERP micro-batch.")
+LEDGER_UP = Gauge("tallyflow_ledger_up", "0 while delivery waits for the Redis ledger.")
+LEDGER_UP.set(1)
+_LEDGER = {"up": True}  # for /readyz; the gauge is for dashboards
 
 
 class _Delivery:
@@ -57,9 +64,16 @@ class _Delivery:
         attempt = 0
         while True:
             try:
-                return fn()
+                out = fn()
+                if attempt:
+                    _LEDGER["up"] = True
+                    LEDGER_UP.set(1)
+                    log.warning("delivery ledger reachable again after %d attempt(s)", attempt)
+                return out
             except redis.RedisError as e:
                 attempt += 1
+                _LEDGER["up"] = False
+                LEDGER_UP.set(0)
                 delay = self.backoff.delay(attempt)
                 log.error("delivery ledger unreachable (%s); holding delivery, retry in %.1fs", e, delay)
                 time.sleep(delay)
@@ -88,9 +102,11 @@ class _AlertPartition(StatelessSinkPartition[list[Message]], _Delivery):
         }
         self.key = s.success_hmac_key.encode()
         self.pool = ThreadPoolExecutor(len(self.dest), thread_name_prefix="alert-delivery")
+        self.batch = BATCH_SIZE.labels("alerts", "deliver")
 
     def write_batch(self, items: list[list[Message]]) -> None:
         alerts = [ALERT.decode(m.value() or b"") for batch in items for m in batch]
+        self.batch.observe(len(alerts))
         # Each destination has its own rate limit and order; neither waits for the other.
         for f in [self.pool.submit(self._deliver, name, alerts) for name in self.dest]:
             f.result()
@@ -101,9 +117,11 @@ class _AlertPartition(StatelessSinkPartition[list[Message]], _Delivery):
         wanted = [a for a in alerts if name in a.destinations]
         todo = set(self.redis(lambda: self.ledger.unacked(name, [a.alert_id for a in wanted])))
         outcome: dict[str, list[str]] = {"ok": [], "rejected": []}
+        DELIVERED.labels(name, "skipped").inc(len(wanted) - len(todo))
         for a in wanted:
             if a.alert_id not in todo:
                 continue
+            t0 = time.perf_counter()
             body = ENCODER.encode(a)
             if name == "crm":
                 r = self.dest[name].send(f"/crm/accounts/{a.crm_account_id}/signals", body, {"Idempotency-Key": a.alert_id})
@@ -113,7 +131,23 @@ class _AlertPartition(StatelessSinkPartition[list[Message]], _Delivery):
                 r = self.dest[name].send("/success/webhook", body, headers)
             if not r.ok:
                 self.park(name, [a.alert_id], body, r)
-            outcome["ok" if r.ok else "rejected"].append(a.alert_id)
+            result = "ok" if r.ok else "rejected"
+            outcome[result].append(a.alert_id)
+            DELIVERED.labels(name, result).inc()
+            if r.ok:
+                DELIVERY_LATENCY.labels(name).observe(max(0.0, time.time() - _epoch(a.detected_at)))
+            log.info(
+                "alert delivered" if r.ok else "alert rejected",
+                extra={
+                    "alert_id": a.alert_id,
+                    "correlation_id": a.correlation_id,
+                    "tenant_id": a.tenant_id,
+                    "destination": name,
+                    "status": r.status,
+                    "attempts": r.attempts,
+                    "ms": round((time.perf_counter() - t0) * 1000, 1),
+                },
+            )
         for result, ids in outcome.items():
             self.redis(lambda r=result, i=ids: self.ledger.ack(name, i, r))  # type: ignore[misc]
 
@@ -127,6 +161,7 @@ class _ErpPartition(StatelessSinkPartition[tuple[str, list[bytes]]], _Delivery):
     def __init__(self, s: Settings) -> None:
         _Delivery.__init__(self, s)
         self.erp = Destination("erp", s.erp_url, s.erp_rate_per_second, s, token=s.erp_token)
+        self.batch = BATCH_SIZE.labels("erp", "post")
 
     def write_batch(self, items: list[tuple[str, list[bytes]]]) -> None:
         for _, raw in items:
@@ -141,6 +176,7 @@ class _ErpPartition(StatelessSinkPartition[tuple[str, list[bytes]]], _Delivery):
                 else:
                     self._post(key, [ln["line_id"] for ln in orjson.loads(body)["lines"]], body)
             fresh = [ln for ln, st in zip(lines, statuses, strict=True) if st is None or st in lost]
+            DELIVERED.labels("erp", "skipped").inc(len(lines) - len(fresh))
             if fresh:
                 ids = [ln.line_id for ln in fresh]
                 key = batch_key(ids)
@@ -149,10 +185,25 @@ class _ErpPartition(StatelessSinkPartition[tuple[str, list[bytes]]], _Delivery):
                 self._post(key, ids, body)
 
     def _post(self, key: str, ids: list[str], body: bytes) -> None:
+        t0 = time.perf_counter()
         r = self.erp.send("/erp/usage-batches", body, {"Idempotency-Key": key})
         if not r.ok:
             self.park("erp", ids, body, r)
-        self.redis(lambda: self.ledger.ack("erp", ids, "ok" if r.ok else "rejected"))
+        result = "ok" if r.ok else "rejected"
+        self.redis(lambda: self.ledger.ack("erp", ids, result))
+        DELIVERED.labels("erp", result).inc(len(ids))
+        self.batch.observe(len(ids))
+        log.info(
+            "erp batch posted" if r.ok else "erp batch rejected",
+            extra={
+                "batch_id": key,
+                "lines": len(ids),
+                "line_ids": ids,
+                "status": r.status,
+                "attempts": r.attempts,
+                "ms": round((time.perf_counter() - t0) * 1000, 1),
+            },
+        )
 
     def close(self) -> None:
         self.erp.close()
@@ -179,14 +230,17 @@ class _ErpBatcher(StatefulBatchLogic[bytes, list[bytes], BatchState]):
     def on_batch(self, values: list[bytes]) -> tuple[list[list[bytes]], bool]:
         now = time.time()
         out = [b for b in (self.mb.add(v, now) for v in values) if b]
+        PENDING_LINES.set(len(self.mb.items))
         return out, self.RETAIN
 
     def on_notify(self) -> tuple[list[list[bytes]], bool]:
         b = self.mb.due(time.time())
+        PENDING_LINES.set(len(self.mb.items))
         return ([b] if b else []), self.RETAIN
 
     def on_eof(self) -> tuple[list[list[bytes]], bool]:
         b = self.mb.take()
+        PENDING_LINES.set(0)
         return ([b] if b else []), self.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -202,21 +256,22 @@ class _ErpBatcher(StatefulBatchLogic[bytes, list[bytes], BatchState]):
 DELIVERY_PREFETCH = {"queued.max.messages.kbytes": 4096, "queued.min.messages": 2000}
 
 
-def _source(s: Settings, topic: str, end_offsets: Mapping[int, int] | None) -> KafkaBatchSource:
+def _source(s: Settings, topic: str, end_offsets: Mapping[int, int] | None, name: str) -> KafkaBatchSource:
     cfg = {**DELIVERY_PREFETCH, **kafka_config(s)}
-    return KafkaBatchSource(cfg, topic, batch_size=s.batch_size, start_from="earliest", end_offsets=end_offsets)
+    group = f"{s.consumer_group_prefix}-{name}"
+    return KafkaBatchSource(cfg, topic, batch_size=s.batch_size, start_from="earliest", end_offsets=end_offsets, group=group, label=name)
 
 
 def build_alerts_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> Dataflow:
     flow = Dataflow("tallyflow-alert-delivery")
-    src = _source(s, s.alerts_topic, end_offsets)
+    src = _source(s, s.alerts_topic, end_offsets, "alerts")
     op.output("deliver", op.input("alerts", flow, src), _Sink(lambda: _AlertPartition(s)))
     return flow
 
 
 def build_erp_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> Dataflow:
     flow = Dataflow("tallyflow-erp-delivery")
-    src = _source(s, s.rated_topic, end_offsets)
+    src = _source(s, s.rated_topic, end_offsets, "erp")
     lines = op.flat_map("lines", op.input("rated", flow, src), lambda ms: [("erp", m.value() or b"") for m in ms])
     batches = op.stateful_batch("batch", lines, lambda resume: _ErpBatcher(s.erp_batch_max_lines, s.erp_batch_max_latency_seconds, resume))
     op.output("post", batches, _Sink(lambda: _ErpPartition(s)))
@@ -225,13 +280,23 @@ def build_erp_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None)
 
 def alerts_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.delivery:alerts_flow()"`."""
-    flow = build_alerts_flow(load_settings())
-    tune_gc()
+    s = load_settings()
+    flow = build_alerts_flow(s)
+    runtime.started(s, "alerts", ledger=_ledger_check)
     return flow
 
 
 def erp_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.delivery:erp_flow()"`."""
-    flow = build_erp_flow(load_settings())
-    tune_gc()
+    s = load_settings()
+    flow = build_erp_flow(s)
+    runtime.started(s, "erp", ledger=_ledger_check)
     return flow
+
+
+def _ledger_check() -> str | None:
+    return None if LEDGER_UP._value.get() else "Redis ledger unreachable; delivery held"
+
+
+def _epoch(ts: str) -> float:
+    return datetime.fromisoformat(ts).timestamp()

@@ -2,8 +2,9 @@
 
 Bytewax's own KafkaSource yields one item per message, which caps a worker near 100k
 events/s; yielding one list per consume() call lets the operators work per batch.
-Offsets live in Bytewax recovery snapshots (no consumer-group commits), as with the
-built-in connector.
+Offsets live in Bytewax recovery snapshots, as with the built-in connector. With a `group`,
+the read positions are also committed to that consumer group at every snapshot, for lag
+tooling only (kafka-consumer-groups, KEDA's Kafka scaler); resuming never reads them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from tallyflow.observability import BATCH_SIZE, CONSUMER_LAG, HEALTH
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +38,19 @@ Record = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
 
 class _Partition(StatefulSourcePartition[list[Message], int]):
-    def __init__(self, config: dict[str, Any], topic: str, part: int, offset: int, end: int | None, batch_size: int) -> None:
+    def __init__(
+        self, config: dict[str, Any], topic: str, part: int, offset: int, end: int | None, batch_size: int, commit: bool, label: str
+    ) -> None:
         self._consumer = Consumer(config)
-        self._consumer.assign([TopicPartition(topic, part, offset)])
+        self._tp = TopicPartition(topic, part, offset)
+        self._consumer.assign([self._tp])
         self._next = offset
         self._end = end
         self._batch_size = batch_size
         self._idle = False
+        self._commit = commit
+        self._lag = CONSUMER_LAG.labels(topic, str(part))
+        self._batch = BATCH_SIZE.labels(label, "consume")
 
     def next_batch(self) -> list[list[Message]]:
         # `_next` may still be symbolic (OFFSET_BEGINNING < 0): an empty bounded partition ends at once.
@@ -67,12 +76,22 @@ class _Partition(StatefulSourcePartition[list[Message], int]):
                 break
             good.append(m)
             self._next = off + 1
-        return [good] if good else []
+        # Cached watermarks: no broker round trip. They may trail the log end a little.
+        _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
+        if high >= 0 and self._next >= 0:
+            self._lag.set(max(0, high - self._next))
+        if good:
+            self._batch.observe(len(good))
+            return [good]
+        return []
 
     def next_awake(self) -> datetime | None:
         return datetime.now(UTC) + _IDLE_BACKOFF if self._idle else None
 
     def snapshot(self) -> int:
+        if self._commit and self._next >= 0:
+            tp = TopicPartition(self._tp.topic, self._tp.partition, self._next)
+            self._consumer.commit(offsets=[tp], asynchronous=True)
         return self._next
 
     def close(self) -> None:
@@ -97,8 +116,14 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         start_from: str = "earliest",
         end_offsets: Mapping[int, int] | None = None,
         start_offsets: Mapping[int, int] | None = None,
+        group: str | None = None,
+        label: str = "",
     ) -> None:
         self._config = {**CONSUMER_DEFAULTS, **config}
+        if group:
+            self._config["group.id"] = group
+        self._commit = bool(group)
+        self._label = label or topic
         self._begin = dict(start_offsets) if start_offsets is not None else None
         self._topic = topic
         self._batch_size = batch_size
@@ -116,6 +141,7 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
                 f"input topic '{self._topic}' does not exist on {self._config.get('bootstrap.servers')}; "
                 "create it (tallyflow topics) or set TALLYFLOW_INPUT_TOPIC"
             )
+        HEALTH.running = True  # every worker lists the partitions once the cluster has formed
         return [f"{p}-{self._topic}" for p in sorted(t.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Partition:
@@ -123,7 +149,7 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         end = None if self._end is None else self._end.get(part, 0)
         start = self._start if self._begin is None else self._begin.get(part, self._start)
         offset = resume_state if resume_state is not None else start
-        return _Partition(self._config, self._topic, part, offset, end, self._batch_size)
+        return _Partition(self._config, self._topic, part, offset, end, self._batch_size, self._commit, self._label)
 
 
 # Items reach the sink still keyed by shard: unkeying them would cost a step per item.

@@ -41,8 +41,8 @@ from schemas.catalog import CatalogError, load_catalog
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
 from sinks.dedup_store import DedupStore
 from sinks.register import EmissionRegister, Totals
-from tallyflow.config import Settings, kafka_config, load_settings, tune_gc
-from tallyflow.metrics import serve as serve_metrics
+from tallyflow import runtime
+from tallyflow.config import Settings, kafka_config, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,18 @@ class _Encoder:
         recs = into[0]
         if self.alerts:
             recs += [(self.s.alerts_topic, a.tenant_id.encode(), ENCODER.encode(a)) for a in o.alerts]
+            for a in o.alerts:  # few (one per level and period): each is worth a line
+                log.info(
+                    "threshold alert",
+                    extra={
+                        "alert_id": a.alert_id,
+                        "correlation_id": a.correlation_id,
+                        "tenant_id": a.tenant_id,
+                        "meter": a.meter,
+                        "level": a.level,
+                        "period": a.period,
+                    },
+                )
         recs += self.dead(o.dead)
         into[1].extend(o.lines)
         into[2].extend(o.totals)
@@ -111,6 +123,19 @@ class _RatingSinkPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
         topic = self.s.rated_topic
         recs += [(topic, ln.tenant_id.encode(), ENCODER.encode(ln)) for ln in lines]
         self.inner.write_batch([("", recs)])
+        if lines and log.isEnabledFor(logging.DEBUG):
+            for ln in lines:
+                log.debug(
+                    "rated line",
+                    extra={
+                        "line_id": ln.line_id,
+                        "tenant_id": ln.tenant_id,
+                        "meter": ln.meter,
+                        "window_start": ln.window_start,
+                        "events": ln.event_count,
+                        "revision": ln.revision,
+                    },
+                )
         if settled is not None and settled.confirm and self.register is not None:
             self.register.confirm(settled.confirm)
 
@@ -255,11 +280,13 @@ def build_flow(
     alerts: bool = True,
     dead_letters: bool = True,
     accept: Callable[[Accepted], bool] | None = None,
+    commit_positions: bool = True,
 ) -> Dataflow:
     """Wire the rating dataflow. `end_offsets`/`start_offsets` bound the input (demo, tests,
     replays); `snapshots=False` only when the run has no recovery store. A replay passes its
     own `register` (dry runs), `alerts=False`, `dead_letters=False` and an `accept` filter
-    (periods, tenants): what it re-derives was already sent."""
+    (periods, tenants): what it re-derives was already sent, and `commit_positions=False`:
+    its read positions are not the live dataflow's."""
     catalog = CatalogIndex.build(load_catalog(s.catalog))
     cfg = engine_config(s)
     validators = [Validator(catalog, stats)]
@@ -320,6 +347,8 @@ def build_flow(
             start_from=s.start_from,
             end_offsets=end_offsets,
             start_offsets=start_offsets,
+            group=f"{s.consumer_group_prefix}-rating" if commit_positions else None,
+            label="rating",
         ),
     )
     keyed = op.flat_map("validate", raw, validate)
@@ -340,8 +369,6 @@ def recovery_configured(argv: list[str] | None = None, env: Mapping[str, str] | 
 def get_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.rating:get_flow()"`."""
     s = load_settings()
-    log.info("tallyflow rating settings: %s", s.masked())
     flow = build_flow(s, snapshots=recovery_configured())
-    serve_metrics(STATS, s.metrics_port)
-    tune_gc()
+    runtime.started(s, "rating", STATS, redis=lambda: None if STATS.redis_up else "Redis unreachable; input held")
     return flow

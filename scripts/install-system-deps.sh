@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# System packages the local stack needs that PyPI does not carry: a real redis-server.
+# System packages the local stack and the tests need that PyPI does not carry: a real
+# redis-server, and a real Prometheus server with promtool (the metrics tests scrape with it).
 set -euo pipefail
-if command -v redis-server >/dev/null; then exit 0; fi
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-# The package starts a system-wide instance; the project runs its own on free ports.
-$SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $SUDO service redis-server stop >/dev/null 2>&1 || true
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The packages start system-wide instances; the project runs its own on free ports.
+for svc in redis-server prometheus; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || $SUDO service "$svc" stop >/dev/null 2>&1 || true
+done
 redis-server --version
+prometheus --version 2>&1 | head -1

@@ -18,6 +18,7 @@ import httpx
 
 from operators.delivery import Backoff, CircuitBreaker, TokenBucket, classify
 from tallyflow.config import Settings
+from tallyflow.observability import REQUEST_SECONDS, REQUESTS, RETRIES, circuit_state
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class Destination:
         self.breaker = CircuitBreaker(s.breaker_threshold, s.breaker_reset_seconds)
         self.token = token
         self.sleep = sleep
-        self.retries = 0
+        self.seconds = REQUEST_SECONDS.labels(name)
+        self.counts = {v: REQUESTS.labels(name, v) for v in ("ok", "retry", "reject")}
+        self.retried = RETRIES.labels(name)
+        circuit_state(name, self.breaker.state)
 
     def send(self, path: str, body: bytes, headers: dict[str, str]) -> Result:
         hdrs = {"Content-Type": "application/json", **headers}
@@ -49,23 +53,28 @@ class Destination:
             hdrs["Authorization"] = f"Bearer {self.token}"
         attempt = 0
         while True:
-            self.sleep(self.breaker.wait())
+            wait_open = self.breaker.wait()
+            if wait_open:
+                self.sleep(wait_open)
+                circuit_state(self.name, self.breaker.state)  # half-open: this request is the probe
             self.sleep(self.bucket.reserve())
             attempt += 1
+            t0 = time.perf_counter()
             try:
                 r = self.client.post(path, content=body, headers=hdrs)
                 status, rh, text = r.status_code, dict(r.headers), r.text
             except httpx.TransportError as e:  # timeouts and connection errors: retry
                 status, rh, text = None, {}, f"{type(e).__name__}: {e}"
+            self.seconds.observe(time.perf_counter() - t0)
             verdict, wait = classify(status, rh)
-            if verdict == "ok":
-                self.breaker.success()
-                return Result(True, status, text, attempt)
-            if verdict == "reject":
-                self.breaker.success()  # the remote is up; this request is what is wrong
-                return Result(False, status, text, attempt)
+            self.counts[verdict].inc()
+            if verdict != "retry":
+                self.breaker.success()  # on a reject the remote is up; the request is what is wrong
+                circuit_state(self.name, self.breaker.state)
+                return Result(verdict == "ok", status, text, attempt)
             self.breaker.failure()
-            self.retries += 1
+            circuit_state(self.name, self.breaker.state)
+            self.retried.inc()
             delay = max(wait or 0.0, self.backoff.delay(attempt))
             log.warning(
                 "%s: %s on attempt %d (circuit %s), retrying in %.2fs", self.name, status or text, attempt, self.breaker.state, delay

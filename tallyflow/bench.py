@@ -98,7 +98,7 @@ def run_dataflow(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
 
     stats = Stats()
     # No recovery store in these runs (nor in the reference), so no snapshots either.
-    cli_main(build_flow(s, end_offsets=end_offsets, stats=stats, snapshots=False))  # type: ignore[no-untyped-call]
+    cli_main(build_flow(s, end_offsets=end_offsets, stats=stats, snapshots=False, commit_positions=False))  # type: ignore[no-untyped-call]
     return stats
 
 

@@ -10,6 +10,7 @@ import sys
 from datetime import datetime, timedelta
 
 from schemas.catalog import CatalogError, load_catalog
+from tallyflow.cluster import ClusterError
 from tallyflow.config import ConfigError, load_settings
 
 
@@ -19,11 +20,13 @@ def _run_flow(name: str, rest: list[str]) -> int:
     s = load_settings()
     if name == "rate":
         load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
+    from tallyflow.cluster import prepare
     from tallyflow.pipeline import FLOWS
     from tallyflow.recovery import bytewax_args
 
+    replicas = prepare(os.environ, s.cluster_port)  # in a StatefulSet pod: the Bytewax address list
     args = [*bytewax_args(s, rest), *rest]
-    print(json.dumps({"tallyflow": name, "settings": s.masked(), "bytewax": args}), file=sys.stderr, flush=True)
+    print(json.dumps({"tallyflow": name, "settings": s.masked(), "bytewax": args, "replicas": replicas}), file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *args])
     return 0  # pragma: no cover
 
@@ -206,7 +209,7 @@ def _guard(fn: object) -> int:
     """Configuration and catalog errors end the process with their message, not a traceback."""
     try:
         return int(fn())  # type: ignore[operator]
-    except (ConfigError, CatalogError) as e:
+    except (ConfigError, CatalogError, ClusterError) as e:
         print(f"tallyflow: {e}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shards: PosInt = 64
     batch_size: PosInt = 1000
     start_from: str = "earliest"
-    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: no /metrics endpoint
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # 0: no /metrics, /healthz, /readyz endpoint
+    log_format: str = "json"  # "json": one object per line with correlation ids; "text" for people
+    log_level: str = "INFO"
+    consumer_group_prefix: str = "tallyflow"  # positions committed as <prefix>-rating|alerts|erp, for lag tooling only
+    cluster_port: Annotated[int, msgspec.Meta(gt=0, le=65535)] = 2101  # Bytewax inter-process port in a StatefulSet
+    cluster_check_seconds: NonNegF = 30.0  # how often a pod compares its cluster size with the StatefulSet; 0: never
     kafka: dict[str, str] = {}
     # recovery
     recovery_dir: str = ""  # Bytewax recovery partitions; empty: no recovery (restart re-reads)
@@ -135,6 +140,10 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             f"{_env_name('grace_seconds')} ({s.grace_seconds}) must be >= {_env_name('allowed_lateness_seconds')} "
             f"({s.allowed_lateness_seconds}); raise the grace or lower the lateness"
         )
+    if s.log_format not in ("json", "text"):
+        raise ConfigError(f"{_env_name('log_format')}={s.log_format!r}: use 'json' or 'text'")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{_env_name('log_level')}={s.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
     if s.start_from not in ("earliest", "latest"):
         raise ConfigError(f"{_env_name('start_from')}={s.start_from!r}: use 'earliest' or 'latest'")
     return s

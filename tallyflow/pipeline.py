@@ -78,7 +78,7 @@ class LocalPipeline:
         )
         self.sandbox = SandboxClient(f"http://127.0.0.1:{port}")
         wait_until(self._sandbox_up, 20, "the sandbox to listen")
-        self.metrics_port = free_port()
+        self.ports = {name: free_port() for name in FLOWS}  # each dataflow's /metrics, /healthz, /readyz
         self.settings: Settings = load_settings(
             self.env,
             brokers=self.stack.brokers,
@@ -95,9 +95,7 @@ class LocalPipeline:
         return self
 
     def start(self, name: str) -> None:
-        env = {**os.environ, **to_env(self.settings)}
-        if name == "rate":
-            env["TALLYFLOW_METRICS_PORT"] = str(self.metrics_port)
+        env = {**os.environ, **to_env(self.settings), "TALLYFLOW_METRICS_PORT": str(self.ports[name])}
         args: list[str] = []
         if self.recovery:  # one recovery store per dataflow, kept across restarts
             s = msgspec.structs.replace(self.settings, recovery_dir=str(self.logdir / f"recovery-{name}"))
@@ -135,10 +133,10 @@ class LocalPipeline:
                 tail = (self.logdir / f"{name}.log").read_text()[-2000:]
                 raise RuntimeError(f"the {name} dataflow exited with {p.returncode}:\n{tail}")
 
-    def metrics(self) -> dict[str, float]:
-        """The rating process's metrics as {"name{label=value}": number}."""
+    def metrics(self, name: str = "rate") -> dict[str, float]:
+        """A dataflow process's metrics as {"name{label=value}": number}."""
         self.check_alive()
-        return scrape(self.metrics_port)
+        return scrape(self.ports[name])
 
     def _sandbox_up(self) -> bool:
         if self.sandbox_proc.poll() is not None:

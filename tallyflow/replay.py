@@ -116,6 +116,7 @@ def replay(
         alerts=False,
         dead_letters=False,
         accept=_filter(cat, periods, tenants),
+        commit_positions=False,
     )
     done = threading.Event()
     if progress:

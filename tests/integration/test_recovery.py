@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 import yaml
@@ -258,6 +259,8 @@ def test_without_redis_the_flow_stops_pulling_says_so_and_resumes(small: Setting
         own_redis.stop()
         _produce(s, [ev(at=30 * MIN + i * MIN / 100, id=f"b{i}") for i in range(5000)])
         wait_until(lambda: scrape(port).get("tallyflow_redis_up") == 0, 30, "the flow to report Redis down")
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 503 and "Redis unreachable" in ready.json()["problems"][0]
         log = tmp_path / "rate.log"
         wait_until(lambda: log.read_text().count("Redis unreachable") >= 3, 30, "three logged retries")
         # Input stops once the bounded queue of ids to record is full: the rest waits in Kafka.
@@ -267,6 +270,7 @@ def test_without_redis_the_flow_stops_pulling_says_so_and_resumes(small: Setting
         own_redis.start()
         wait_until(lambda: scrape(port).get("tallyflow_records_total{outcome=accepted}") == 5300, 60, "the rest after Redis returns")
         assert scrape(port)["tallyflow_redis_up"] == 1
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
         assert "Redis is back" in log.read_text()
     finally:
         proc.kill()

@@ -1,0 +1,165 @@
+"""The rating dataflow as a StatefulSet runs it: N local processes, each given exactly the
+environment and files the dev overlay's StatefulSet gives pod <name>-<i> (endpoints and
+paths mapped to this machine), forming one Bytewax cluster. Its totals must equal those of
+a single process; and a rescale (stop all, start with another count, resume from the shared
+recovery store), as the runbook does it, must not change them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+from bytewax._bytewax import cli_main
+
+from dataflows.rating import build_flow
+from schemas.catalog import load_catalog
+from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from tallyflow.config import Settings
+from tallyflow.generator import GenSpec, produce
+from tallyflow.pipeline import scrape, wait_until
+from tallyflow.stack import LocalStack, free_port
+from tallyflow.topics import read_topic
+from tests.k8s import mounted_files, pod_env, render
+
+STS = "tallyflow-rating"
+POD_ROOTS = ("/etc/tallyflow", "/var/lib/tallyflow", "/var/run/tallyflow")
+Totals = dict[tuple[str, str, str], tuple[Decimal, Decimal, int]]
+
+
+def _totals(lines: list[RatedUsageLine]) -> Totals:
+    """Per tenant, meter and period: quantity, amount and events; a line a crash replay put
+    on the topic twice counts once (the ERP dedupes by line id the same way)."""
+    out: dict[tuple[str, str, str], list[object]] = defaultdict(lambda: [Decimal(0), Decimal(0), 0])
+    for ln in {ln.line_id: ln for ln in lines}.values():
+        t = out[(ln.tenant_id, ln.meter, ln.period)]
+        t[0], t[1], t[2] = t[0] + ln.quantity, t[1] + ln.amount, t[2] + ln.event_count  # type: ignore[operator]
+    return {k: (v[0], v[1], v[2]) for k, v in out.items() if v[0] or v[1]}  # type: ignore[misc]
+
+
+class _Pods:
+    """Processes started as the StatefulSet starts its pods."""
+
+    def __init__(self, settings: Settings, stack: LocalStack, tmp: Path) -> None:
+        self.docs = render("dev")
+        self.s = settings
+        self.stack = stack
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        for path, text in mounted_files(self.docs, STS).items():  # the ConfigMap and Secret volumes
+            f = self._local(path)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(text)
+
+    def _local(self, pod_path: str) -> Path:
+        return self.tmp / pod_path.lstrip("/")
+
+    def env(self, ordinal: int, metrics_port: int) -> dict[str, str]:
+        env = pod_env(self.docs, STS, ordinal)
+        for k, v in env.items():
+            if v.startswith(POD_ROOTS):
+                env[k] = str(self._local(v))
+        s = self.s
+        env.update(  # the cluster's services and this test's own topics and keys
+            TALLYFLOW_BROKERS=s.brokers,
+            TALLYFLOW_REDIS_URL=s.redis_url,
+            TALLYFLOW_REDIS_PREFIX=s.redis_prefix,
+            TALLYFLOW_INPUT_TOPIC=s.input_topic,
+            TALLYFLOW_ALERTS_TOPIC=s.alerts_topic,
+            TALLYFLOW_RATED_TOPIC=s.rated_topic,
+            TALLYFLOW_DLQ_TOPIC=s.dlq_topic,
+            TALLYFLOW_METRICS_PORT=str(metrics_port),  # pods have a port each; here they share a host
+            TALLYFLOW_IDLE_TIMEOUT_SECONDS="2",
+            TALLYFLOW_SNAPSHOT_INTERVAL_SECONDS="1",
+            TALLYFLOW_GRACE_SECONDS=str(int(s.grace_seconds)),
+        )
+        return env
+
+    def start(self, replicas: int) -> None:
+        """What the StatefulSet does for `replicas`: start every pod at once (Parallel), each
+        with its ordinal; the headless Service's names become loopback ports here."""
+        hosts = [f"127.0.0.1:{free_port()}" for _ in range(replicas)]
+        self.ports = [free_port() for _ in range(replicas)]
+        for i in range(replicas):
+            env = self.env(i, self.ports[i])
+            hostfile = Path(env["BYTEWAX_HOSTFILE_PATH"])
+            hostfile.parent.mkdir(parents=True, exist_ok=True)
+            hostfile.write_text("\n".join(hosts) + "\n")
+            log = (self.tmp / f"pod-{replicas}-{i}.log").open("ab")
+            # The container's command: ENTRYPOINT tallyflow, args ["rate"].
+            cmd = [sys.executable, "-m", "tallyflow.cli", "rate"]
+            self.procs.append(subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT))
+
+    def records_in(self) -> float:
+        for p in self.procs:
+            assert p.poll() is None, f"a pod exited with {p.returncode}; logs in {self.tmp}"
+        return sum(scrape(port).get("tallyflow_records_total{outcome=in}", 0) for port in self.ports)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()  # as a node loss would; a graceful stop replays less, never differently
+            p.wait(10)
+        self.procs = []
+
+
+def test_statefulset_pods_as_processes_match_one_process_and_survive_a_rescale(
+    settings: Settings, stack: LocalStack, tmp_path: Path
+) -> None:
+    s = msgspec.structs.replace(settings, input_topic=settings.input_topic + "-p4")
+    stack.create_topics({s.input_topic: 4})
+    pods = _Pods(s, stack, tmp_path)
+    s = msgspec.structs.replace(s, catalog=str(pods._local("/etc/tallyflow/catalog/catalog.yaml")))  # the ConfigMap's
+    cat = load_catalog(s.catalog)
+    start = datetime(2026, 11, 2, tzinfo=UTC)
+
+    def traffic(seed: int, at: datetime) -> dict[int, int]:
+        spec = GenSpec(
+            total=12_000, tenants=60, duplicate_pct=2, late_pct=2, malformed_pct=1, seed=seed, start=at, span=timedelta(minutes=20)
+        )
+        return produce(s.brokers, s.input_topic, spec, cat).end_offsets
+
+    half = traffic(5, start)
+    # Two pods take the first half ...
+    pods.start(2)
+    wait_until(lambda: pods.records_in() >= sum(half.values()), 90, "two pods to read the first half")
+    pods.stop()
+    ends = traffic(6, start + timedelta(minutes=20))
+
+    # The whole input through one process, in this process, to topics and keys of its own.
+    one = msgspec.structs.replace(
+        s,
+        rated_topic=s.rated_topic + "-one",
+        alerts_topic=s.alerts_topic + "-one",
+        dlq_topic=s.dlq_topic + "-one",
+        redis_prefix=s.redis_prefix + "-one",
+    )
+    stack.create_topics({one.rated_topic: 1, one.alerts_topic: 1, one.dlq_topic: 1})
+    cli_main(build_flow(one, end_offsets=ends, snapshots=False, commit_positions=False))  # type: ignore[no-untyped-call]
+    want = _totals([msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, one.rated_topic)])
+    assert sum(t[2] for t in want.values()) > 20_000
+
+    # ... then the StatefulSet is scaled to three: all pods start again, resume from the
+    # shared recovery store and read the second half.
+    pods.start(3)
+
+    def cluster_totals() -> Totals:
+        return _totals([msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)])
+
+    try:
+        wait_until(lambda: cluster_totals() == want, 120, "the three-pod cluster's totals to equal the single process's")
+    finally:
+        pods.stop()
+    alerts = {msgspec.json.decode(v, type=ThresholdAlert).alert_id for v in read_topic(s.brokers, s.alerts_topic)}
+    assert alerts == {msgspec.json.decode(v, type=ThresholdAlert).alert_id for v in read_topic(s.brokers, one.alerts_topic)}
+
+    def dead(topic: str) -> Counter[str]:
+        ds = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, topic)]
+        return Counter({(d.partition, d.offset, d.index): d.reason for d in ds}.values())
+
+    assert dead(s.dlq_topic) == dead(one.dlq_topic) and sum(dead(one.dlq_topic).values()) > 200

@@ -88,6 +88,7 @@ def test_prometheus_scrapes_every_dataflow_and_logs_correlate() -> None:
 
         # A real Prometheus scrapes all three; what it stores is what the processes count.
         with Prometheus({name: port for name, port in lp.ports.items()}) as prom:
+            wait_until(lambda: list(prom.query("up").values()) == [1.0] * len(FLOWS), 30, "Prometheus to scrape every dataflow")
             accepted = m["tallyflow_records_total{outcome=accepted}"]
             wait_until(
                 lambda: (
@@ -99,8 +100,8 @@ def test_prometheus_scrapes_every_dataflow_and_logs_correlate() -> None:
                 30,
                 "Prometheus to hold the accepted count",
             )
-            delivered = prom.query('sum by (destination) (tallyflow_delivered_total{outcome="ok"})')
-            assert delivered["destination=crm"] == len(want_crm)
+            crm_ok = 'sum by (destination) (tallyflow_delivered_total{outcome="ok",destination="crm"})'
+            wait_until(lambda: prom.query(crm_ok).get("destination=crm") == len(want_crm), 30, "Prometheus to hold the CRM deliveries")
             assert prom.query("sum(tallyflow_sink_request_duration_seconds_count)")[""] >= len(want_crm)
             stored = set(prom.api("label/__name__/values"))
             # The dashboard charts only what exists, and everything operations needs.
@@ -108,7 +109,6 @@ def test_prometheus_scrapes_every_dataflow_and_logs_correlate() -> None:
             assert charted <= stored, f"the dashboard charts metrics nobody exports: {sorted(charted - stored)}"
             missing = {what: name for what, name in MUST_CHART.items() if name not in charted}
             assert not missing, f"the dashboard does not chart {missing}"
-            assert set(prom.query("up").values()) == {1.0} and len(prom.query("up")) == len(FLOWS)
 
         # Logs: event id -> alert id -> delivery, and line id -> ERP batch, by JSON fields.
         fired = {r["alert_id"]: r["correlation_id"] for r in _logs(lp.logdir / "rate.log") if r["msg"] == "threshold alert"}

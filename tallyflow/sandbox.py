@@ -231,9 +231,9 @@ class _Server(ThreadingHTTPServer):
 class Sandbox:
     """A sandbox on a loopback port: `with Sandbox() as sb: sb.url`."""
 
-    def __init__(self, port: int = 0, hmac_key: bytes = b"", token: str = "") -> None:
+    def __init__(self, port: int = 0, hmac_key: bytes = b"", token: str = "", host: str = "127.0.0.1") -> None:
         self.state = SandboxState(hmac_key, token)
-        self.server = _Server(("127.0.0.1", port), _Handler)
+        self.server = _Server((host, port), _Handler)
         self.server.state = self.state
         self.thread = threading.Thread(target=self.server.serve_forever, name="sandbox", daemon=True)
 

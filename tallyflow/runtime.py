@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable
 
 from operators.stats import Stats
@@ -19,5 +20,9 @@ def started(s: Settings, dataflow: str, stats: Stats | None = None, **checks: Ca
     HEALTH.checks.update(checks)
     serve(s.metrics_port, dataflow, stats)
     ResizeWatch.start(os.environ, s.cluster_check_seconds)
+    # As PID 1 in a container, SIGTERM has no default action: without a handler a pod would
+    # wait out its grace period and be killed. Stop as on Ctrl-C; a restart resumes from
+    # the last snapshot (what happened after it is replayed, harmlessly).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     HEALTH.built = True
     tune_gc()

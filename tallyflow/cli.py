@@ -35,7 +35,7 @@ def _sandbox(a: argparse.Namespace) -> int:
     from tallyflow.sandbox import Sandbox
 
     s = load_settings()
-    with Sandbox(a.port, hmac_key=s.success_hmac_key.encode(), token=s.crm_token) as sb:
+    with Sandbox(a.port, hmac_key=s.success_hmac_key.encode(), token=s.crm_token, host=a.host) as sb:
         print(f"sandbox on {sb.url} (open it in a browser); Ctrl-C stops it", flush=True)
         _wait_for_stop()
     return 0
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("deliver", help="deliver alerts (`deliver alerts`) or rated usage (`deliver erp`); further arguments go to bytewax.run")
     sb = sub.add_parser("sandbox", help="local CRM, success-tool and ERP endpoints with fault injection")
     sb.add_argument("--port", type=int, default=8787)
+    sb.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     g = sub.add_parser("generate", help="produce synthetic usage events to the input topic")
     g.add_argument("--total", type=int, default=100_000)
     g.add_argument("--tenants", type=int, default=1000)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="dataflow vs hand-written loop throughput, as JSON")
     sub.add_parser("reconcile", help="source = rated = ERP-acknowledged totals per tenant, meter and period")
     sub.add_parser("replay", help="re-rate a period from the input topic; differences go out as corrections (--dry-run)")
+    sub.add_parser("dlq", help="dead letters by reason and tenant; --redrive sends fixed ones back to the input topic")
     rc = sub.add_parser("recovery", help="recovery store: `recovery init [DIR] [--partitions N]`")
     rc.add_argument("action", choices=["init"])
     rc.add_argument("dir", nargs="?")
@@ -178,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         from tallyflow.replay import main as replay_main
 
         return _guard(lambda: replay_main(rest))
+    if a.cmd == "dlq":
+        from tallyflow import dlq
+
+        return _guard(lambda: dlq.main(rest))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "recovery":

@@ -27,11 +27,12 @@ from operators.validate import Accepted
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from sinks.dedup_store import DedupStore
 from sinks.register import EmissionRegister
+from tallyflow import dlq
 from tallyflow.config import Settings, to_env
 from tallyflow.pipeline import FLOWS, scrape, wait_until
 from tallyflow.replay import replay
 from tallyflow.stack import LocalStack, free_port, redis_binary
-from tallyflow.topics import read_topic
+from tallyflow.topics import log_ends, read_topic
 from tests.helpers import CATALOG, UPGRADE_AT, ev
 
 D = Decimal
@@ -364,3 +365,29 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
 
 def _rated(s: Settings) -> int:
     return sum(ln.event_count for ln in _lines(s))
+
+
+def test_dead_letters_drain_once_the_catalog_knows_the_tenant(small: Settings) -> None:
+    """The runbook's DLQ drain: a tenant that was not onboarded in time is added to the
+    catalog, its dead letters are re-driven and rated; a second re-drive changes nothing."""
+    s = small
+    ends = _produce(s, [*(ev("newco", at=i * MIN, id=f"n{i}") for i in range(8)), b"{not json", ev(at=MIN, id="a1")])
+    first = _run(s, ends)
+    assert (first.accepted, dict(first.dead)) == (1, {"unknown_tenant": 8, "invalid_json": 1})
+    dead = dlq.load(s)
+    assert dlq.summary(dead)["by_reason"] == {"unknown_tenant": 8, "invalid_json": 1}
+    cat = copy.deepcopy(CATALOG)
+    cat["tenants"].append(
+        {"tenant_id": "newco", "plan": "basic", "crm_account_id": "CRM-9", "erp_customer_id": "ERP-9", "contract_id": "C-9"}
+    )
+    _write_catalog(Path(s.catalog), cat)
+
+    assert dlq.redrive(s, dlq.select(dead, ["unknown_tenant"], [])) == 8
+    ends2 = log_ends(s.brokers, s.input_topic)
+    second = _run(s, ends2, start=ends)
+    assert (second.records_in, second.accepted, dict(second.dead)) == (8, 8, {})
+    assert sum(ln.event_count for ln in _lines(s) if ln.tenant_id == "newco") == 8
+
+    dlq.redrive(s, dlq.select(dead, ["unknown_tenant"], ["newco"]))  # by mistake, again
+    third = _run(s, log_ends(s.brokers, s.input_topic), start=ends2)
+    assert (third.accepted, third.duplicates) == (0, 8)

@@ -1,0 +1,75 @@
+"""Draining the dead-letter topic: what is in it, and sending events back once their cause
+is fixed (a tenant or meter added to the catalog, a producer bug fixed upstream).
+
+A dead letter keeps the exact bytes of its event, the reason and its input position. A
+re-driven event goes back to the input topic and is judged afresh; an event that is
+re-driven twice is dropped the second time as a duplicate (in memory, and by the Redis
+dedup store for `TALLYFLOW_DEDUP_STORE_DAYS`), so running `--redrive` again is harmless.
+`too_late` events stay too late: they need a finance decision, not a re-drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Iterable
+
+import msgspec
+from confluent_kafka import Producer
+
+from dataflows.kafka_io import PRODUCER_DEFAULTS
+from schemas.outputs import DeadLetter
+from tallyflow.config import Settings, kafka_config, load_settings
+from tallyflow.topics import read_topic
+
+
+def load(s: Settings) -> list[DeadLetter]:
+    """Every dead letter once per input position (a crash replay may have written one twice)."""
+    seen: dict[tuple[str, int, int, int | None], DeadLetter] = {}
+    for v in read_topic(s.brokers, s.dlq_topic, config=s.kafka):
+        d = msgspec.json.decode(v, type=DeadLetter)
+        seen.setdefault((d.topic, d.partition, d.offset, d.index), d)
+    return list(seen.values())
+
+
+def select(dead: Iterable[DeadLetter], reasons: list[str], tenants: list[str]) -> list[DeadLetter]:
+    return [d for d in dead if (not reasons or d.reason in reasons) and (not tenants or d.tenant_id in tenants)]
+
+
+def summary(dead: list[DeadLetter]) -> dict[str, object]:
+    return {
+        "dead_letters": len(dead),
+        "by_reason": dict(Counter(d.reason for d in dead).most_common()),
+        "top_tenants": dict(Counter(d.tenant_id or "(unknown)" for d in dead).most_common(10)),
+        "examples": {r: next(d.message for d in dead if d.reason == r) for r in sorted({d.reason for d in dead})},
+    }
+
+
+def redrive(s: Settings, dead: list[DeadLetter]) -> int:
+    """Produce the events back to the input topic, keyed by tenant as producers key them."""
+    p = Producer({**PRODUCER_DEFAULTS, **kafka_config(s)})
+    for d in dead:
+        p.produce(s.input_topic, d.payload, d.tenant_id.encode() if d.tenant_id else None)
+        p.poll(0)
+    left = p.flush(30)
+    if left:
+        raise RuntimeError(f"{left} re-driven event(s) not confirmed by the broker; run the re-drive again")
+    return len(dead)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="tallyflow dlq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reason", action="append", default=[], help="only this reason (repeatable)")
+    ap.add_argument("--tenant", action="append", default=[], help="only this tenant (repeatable)")
+    ap.add_argument("--redrive", action="store_true", help="produce the selected events back to the input topic")
+    a = ap.parse_args(argv)
+    if a.redrive and "too_late" in a.reason:
+        ap.error("too_late events would be too late again; settle them with finance (see README: replay)")
+    s = load_settings()
+    chosen = select(load(s), a.reason, a.tenant)
+    out = summary(chosen)
+    if a.redrive:
+        out["redriven"] = redrive(s, [d for d in chosen if d.reason != "too_late"])
+    print(json.dumps(out, indent=2))
+    return 0

@@ -10,15 +10,18 @@ tooling only (kafka-consumer-groups, KEDA's Kafka scaler); resuming never reads 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from tallyflow.observability import BATCH_SIZE, CONSUMER_LAG, HEALTH
+from tallyflow.observability import BATCH_SIZE, HEALTH
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,8 @@ class _Partition(StatefulSourcePartition[list[Message], int]):
         self._batch_size = batch_size
         self._idle = False
         self._commit = commit
-        self._lag = CONSUMER_LAG.labels(topic, str(part))
         self._batch = BATCH_SIZE.labels(label, "consume")
+        _LIVE.add(self)
 
     def next_batch(self) -> list[list[Message]]:
         # `_next` may still be symbolic (OFFSET_BEGINNING < 0): an empty bounded partition ends at once.
@@ -76,10 +79,6 @@ class _Partition(StatefulSourcePartition[list[Message], int]):
                 break
             good.append(m)
             self._next = off + 1
-        # Cached watermarks: no broker round trip. They may trail the log end a little.
-        _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
-        if high >= 0 and self._next >= 0:
-            self._lag.set(max(0, high - self._next))
         if good:
             self._batch.observe(len(good))
             return [good]
@@ -94,8 +93,40 @@ class _Partition(StatefulSourcePartition[list[Message], int]):
             self._consumer.commit(offsets=[tp], asynchronous=True)
         return self._next
 
+    def lag(self) -> int | None:
+        """Messages between the read position and the high watermark, asked of the broker
+        now: a worker blocked in its sink (an outage) must not freeze the backlog it shows."""
+        if self._next < 0:
+            return None
+        try:
+            _, high = self._consumer.get_watermark_offsets(self._tp, timeout=2, cached=False)
+        except KafkaException:
+            return None
+        return max(0, high - self._next) if high >= 0 else None
+
     def close(self) -> None:
+        _LIVE.discard(self)
         self._consumer.close()
+
+
+_LIVE: weakref.WeakSet[_Partition] = weakref.WeakSet()
+
+
+class _LagCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "tallyflow_consumer_lag_messages",
+            "Messages between this worker's read position and the partition's high watermark (backlog in Kafka).",
+            labels=["topic", "partition"],
+        )
+        for part in list(_LIVE):
+            n = part.lag()
+            if n is not None:
+                g.add_metric([part._tp.topic, str(part._tp.partition)], n)
+        yield g
+
+
+REGISTRY.register(_LagCollector())
 
 
 class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):

@@ -17,6 +17,7 @@ from tallyflow.config import ConfigError, load_settings
 def _run_flow(name: str, rest: list[str]) -> int:
     """Replace this process with `python -m bytewax.run` on a flow, so every Bytewax option
     (-w, -i/-a, -r/-s/-b, the StatefulSet environment) works unchanged."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # PID 1 in a pod: stop even before Bytewax runs
     s = load_settings()
     if name == "rate":
         load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts

@@ -101,6 +101,11 @@ def prepare(env: Mapping[str, str], port: int, api: KubeApi | None = None) -> in
         return None
     api = api or KubeApi.in_cluster(env)
     if api is None:
+        if not Path(path).exists():
+            raise ClusterError(
+                f"BYTEWAX_HOSTFILE_PATH={path} does not exist, and there is no Kubernetes API to write it from; "
+                "write the address list there (one host:port per line) or unset it"
+            )
         return None
     try:
         ns = namespace(env)
@@ -142,7 +147,7 @@ class ResizeWatch:
         """The new replica count if it differs from this cluster's size."""
         try:
             n = self.api.replicas(self.namespace, self.statefulset)
-        except ClusterError as e:
+        except Exception as e:  # whatever the API answered, the watch must go on
             log.warning("cannot check the cluster size: %s", e)
             return None
         return n if n != self.size else None

@@ -25,11 +25,14 @@ from tallyflow.topics import read_topic
 
 
 def load(s: Settings) -> list[DeadLetter]:
-    """Every dead letter once per input position (a crash replay may have written one twice)."""
-    seen: dict[tuple[str, int, int, int | None], DeadLetter] = {}
+    """Every dead event once: by event id where it has one (a re-driven event that failed
+    again is dead twice, at two positions), else by input position (a crash replay may
+    have written it twice)."""
+    seen: dict[object, DeadLetter] = {}
     for v in read_topic(s.brokers, s.dlq_topic, config=s.kafka):
         d = msgspec.json.decode(v, type=DeadLetter)
-        seen.setdefault((d.topic, d.partition, d.offset, d.index), d)
+        key = (d.tenant_id, d.event_id) if d.event_id else (d.topic, d.partition, d.offset, d.index)
+        seen[key] = d  # the latest judgement counts
     return list(seen.values())
 
 

@@ -29,11 +29,6 @@ from operators.stats import Stats
 disable_created_metrics()  # type: ignore[no-untyped-call]  # a `_created` series per counter doubles the series count for nothing here
 
 BUILD = Gauge("tallyflow_build_info", "Always 1; the labels say what runs.", ["version", "dataflow"])
-CONSUMER_LAG = Gauge(
-    "tallyflow_consumer_lag_messages",
-    "Messages between this worker's read position and the partition's high watermark (backlog in Kafka).",
-    ["topic", "partition"],
-)
 BATCH_SIZE = Histogram(
     "tallyflow_batch_records",
     "Records per batch a dataflow step handles at once.",

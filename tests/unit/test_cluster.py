@@ -81,8 +81,13 @@ def test_prepare_writes_the_hostfile_for_the_current_replica_count(api: _Api, tm
 
 def test_prepare_outside_kubernetes_leaves_the_given_hostfile_alone(tmp_path: Path) -> None:
     env = _env(tmp_path)
+    with pytest.raises(ClusterError, match="does not exist, and there is no Kubernetes API"):
+        prepare(env, 2101)  # rather than a traceback from bytewax.run
+    hostfile = Path(env["BYTEWAX_HOSTFILE_PATH"])
+    hostfile.parent.mkdir(parents=True)
+    hostfile.write_text("127.0.0.1:1\n127.0.0.1:2\n")
     assert prepare(env, 2101) is None  # no service account here: whoever started us wrote it
-    assert not Path(env["BYTEWAX_HOSTFILE_PATH"]).exists()
+    assert hostfile.read_text() == "127.0.0.1:1\n127.0.0.1:2\n"
 
 
 def test_a_pod_beyond_the_replica_count_refuses_to_join(api: _Api, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERLAYS = sorted(p for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").exists())
 
 
 def kubectl() -> str:
@@ -25,7 +24,9 @@ def kubectl() -> str:
 
 @functools.cache
 def _render(overlay: Path) -> str:
-    return subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"kubectl kustomize {overlay} failed:\n{out.stderr}"
+    return out.stdout
 
 
 def render(overlay: Path | str) -> list[dict[str, Any]]:

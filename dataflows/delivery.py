@@ -295,7 +295,7 @@ def erp_flow() -> Dataflow:
 
 
 def _ledger_check() -> str | None:
-    return None if LEDGER_UP._value.get() else "Redis ledger unreachable; delivery held"
+    return None if _LEDGER["up"] else "Redis ledger unreachable; delivery held"
 
 
 def _epoch(ts: str) -> float:

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: deps demo test bench lint clean
+.PHONY: deps demo test bench lint fuzz clean
 
 deps: $(STAMP)
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || bash scripts/install-system-deps.sh
@@ -25,10 +25,16 @@ test: deps
 bench: deps
 	$(BIN)/tallyflow bench
 
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	$(BIN)/pip install --quiet -e '.[dev,fuzz]'
+	mkdir -p .fuzz/corpus
+	$(BIN)/python -m tests.fuzz.rating_target -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 .fuzz/corpus
+
 lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .fuzz *.egg-info

@@ -3,6 +3,7 @@ breaking, response classification and micro-batching by size or age."""
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -80,29 +81,34 @@ class CircuitBreaker:
 Verdict = Literal["ok", "retry", "reject"]
 
 
-def classify(status: int | None, headers: Mapping[str, str] | None = None, now: float | None = None) -> tuple[Verdict, float | None]:
+def classify(
+    status: int | None, headers: Mapping[str, str] | None = None, now: float | None = None, cap: float = 300.0
+) -> tuple[Verdict, float | None]:
     """What to do with a response: `None` status means a timeout or connection error.
-    Returns the verdict and, for 429/503 with Retry-After, the seconds to wait."""
+    Returns the verdict and, for 429/503 with Retry-After, the seconds to wait (at most `cap`)."""
     if status is None or status >= 500 or status in (408, 425, 429):
-        return "retry", retry_after(headers or {}, now)
+        return "retry", retry_after(headers or {}, now, cap)
     if 200 <= status < 300 or status == 409:  # 409: the remote already has it (idempotency)
         return "ok", None
     return "reject", None
 
 
-def retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Retry-After as delta-seconds or an HTTP date."""
+def retry_after(headers: Mapping[str, str], now: float | None = None, cap: float = 300.0) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date, within [0, cap]: a remote cannot park a
+    worker for longer than we allow (`inf`, `nan` or a date in 2099 wait `cap`)."""
     raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
     if raw is None:
         return None
     try:
-        return max(0.0, float(raw))
+        secs = float(raw)
     except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(raw).timestamp() - (now if now is not None else time.time()))
-    except (TypeError, ValueError):
-        return None
+        try:
+            secs = parsedate_to_datetime(raw).timestamp() - (now if now is not None else time.time())
+        except (TypeError, ValueError, OverflowError):
+            return None
+    if math.isnan(secs):
+        return cap
+    return min(cap, max(0.0, secs))
 
 
 class MicroBatcher(Generic[T]):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from operators.aggregate import AGGREGATIONS, Agg
 from operators.catalog_index import CatalogIndex, Level, PlanMeterIndex
+from operators.deadletters import dead_letter, internal_error
 from operators.dedup import GenerationalDedup
 from operators.periods import Period, PeriodCache, iso
 from operators.stats import Stats
@@ -184,6 +185,9 @@ class ShardEngine:
                 ev.asked = True
 
     def process(self, batch: list[Accepted], now: float, received_at: str) -> Out:
+        """Apply a shard's sub-batch. A failure of ours on one event (a bug: every bound was
+        checked by the validator) dead-letters that event as `internal_error` and the batch
+        goes on after it; one try per batch, not per event."""
         out = Out()
         backstop = self.backstop
         fresh: list[Accepted] | None = None
@@ -191,6 +195,45 @@ class ShardEngine:
             self._ask_backstop(batch, backstop)
             fresh = []
         due: dict[str, TenantState] = {}
+        start = 0
+        while start < len(batch):
+            failed = self._apply(batch, start, now, received_at, out, due, fresh)
+            if failed is None:
+                break
+            i, exc = failed
+            ev = batch[i]
+            why = internal_error(exc, "rating an event", tenant_id=ev.tenant_id, offset=ev.offset)
+            self.stats.dead["internal_error"] += 1
+            out.dead.append(
+                dead_letter(
+                    "internal_error", why, ev.payload, ev.topic, ev.partition, ev.offset, received_at, ev.index, ev.event_id, ev.tenant_id
+                )
+            )
+            start = i + 1
+        if fresh and backstop is not None:
+            backstop.record(fresh)
+        for t in due.values():
+            self._guard_tenant(t, self._maintain, out)
+        return out
+
+    def _guard_tenant(self, t: TenantState, fn: Callable[[TenantState, Out], None], out: Out) -> None:
+        """Tenant-level work (closing windows, rating): a failure of ours stays with its tenant."""
+        try:
+            fn(t, out)
+        except Exception as e:
+            internal_error(e, f"maintaining tenant {t.tenant_id}", tenant_id=t.tenant_id)
+
+    def _apply(
+        self,
+        batch: list[Accepted],
+        start: int,
+        now: float,
+        received_at: str,
+        out: Out,
+        due: dict[str, TenantState],
+        fresh: list[Accepted] | None,
+    ) -> tuple[int, Exception] | None:
+        """The hot loop from `start`; returns the index and error of an event that failed."""
         cfg = self.cfg
         W, grace = cfg.window_ms, cfg.grace_ms
         tenants, plans = self.tenants, self.cat.plans_by_version
@@ -202,71 +245,72 @@ class ShardEngine:
         pv = ""
         plan = None
         accepted = duplicates = 0
-        for ev in batch:
-            tid = ev.tenant_id
-            t = tenants.get(tid)
-            if t is None:
-                t = tenants[tid] = TenantState(tid, GenerationalDedup(cfg.dedup_horizon_ms))
-            ts = ev.ts_ms
-            if ev.pricing_version != pv:
-                pv = ev.pricing_version
-                plan = plans[pv]
-            assert plan is not None
-            if not (p_start <= ts < p_end) or p_kind != plan.billing_period:
-                period = self._periods.get(ts, plan.billing_period)
-                p_start, p_end, p_kind, final = period.start_ms, period.end_ms, period.kind, period.end_ms + grace
-            assert period is not None
-            if final <= t.watermark:
-                self._too_late(t, ev, period, received_at, out)
-                continue
-            d = t.dedup
-            key = ev.key
-            if key in d.cur or key in d.prev or ev.seen:
-                duplicates += 1
-                continue
-            d.cur.add(key)
-            accepted += 1
-            if fresh is not None and not ev.asked:
-                fresh.append(ev)
-            t.last_wall = now
-            if ts > t.watermark:
-                t.watermark = ts
-                if ts >= t.next_due:
-                    due[tid] = t
-            ws = ts - ts % W
-            if ws < p_start:
-                ws = p_start
-            # A hot slot is valid while its window start and pricing version match: a
-            # window start names one period, and closing windows clears the slots.
-            for slug, v in ev.values:
-                slot = t.hot.get(slug)
-                if slot is None or slot.ws != ws or slot.pv != pv:
-                    slot = self._slot(t, plan.meters[slug], period, pv, ws)
-                    if slot.late:
-                        due[tid] = t  # its correction goes out with this batch
-                mp = slot.mp
-                acc = slot.acc
-                if slot.summed:
-                    live = mp.live.v = mp.live.v + v  # type: ignore[attr-defined]
-                    acc.agg.v += v  # type: ignore[attr-defined]
-                else:
-                    mp.live.add(v, ts)
-                    live = mp.live.value()
-                    acc.agg.add(v, ts)
-                if live >= mp.next_limit:
-                    self._thresholds(t, mp, plan.meters[slug], pv, ev, out)
-                acc.count += 1
-                if ts < acc.first_ms:
-                    acc.first_ms = ts
-                if ts > acc.last_ms:
-                    acc.last_ms = ts
-        self.stats.accepted += accepted
-        self.stats.duplicates += duplicates
-        if fresh and backstop is not None:
-            backstop.record(fresh)
-        for t in due.values():
-            self._maintain(t, out)
-        return out
+        ev = batch[start]
+        try:
+            for ev in batch[start:] if start else batch:
+                tid = ev.tenant_id
+                t = tenants.get(tid)
+                if t is None:
+                    t = tenants[tid] = TenantState(tid, GenerationalDedup(cfg.dedup_horizon_ms))
+                ts = ev.ts_ms
+                if ev.pricing_version != pv:
+                    pv = ev.pricing_version
+                    plan = plans[pv]
+                assert plan is not None
+                if not (p_start <= ts < p_end) or p_kind != plan.billing_period:
+                    period = self._periods.get(ts, plan.billing_period)
+                    p_start, p_end, p_kind, final = period.start_ms, period.end_ms, period.kind, period.end_ms + grace
+                assert period is not None
+                if final <= t.watermark:
+                    self._too_late(t, ev, period, received_at, out)
+                    continue
+                d = t.dedup
+                key = ev.key
+                if key in d.cur or key in d.prev or ev.seen:
+                    duplicates += 1
+                    continue
+                d.cur.add(key)
+                if fresh is not None and not ev.asked:
+                    fresh.append(ev)
+                t.last_wall = now
+                if ts > t.watermark:
+                    t.watermark = ts
+                    if ts >= t.next_due:
+                        due[tid] = t
+                ws = ts - ts % W
+                if ws < p_start:
+                    ws = p_start
+                # A hot slot is valid while its window start and pricing version match: a
+                # window start names one period, and closing windows clears the slots.
+                for slug, v in ev.values:
+                    slot = t.hot.get(slug)
+                    if slot is None or slot.ws != ws or slot.pv != pv:
+                        slot = self._slot(t, plan.meters[slug], period, pv, ws)
+                        if slot.late:
+                            due[tid] = t  # its correction goes out with this batch
+                    mp = slot.mp
+                    acc = slot.acc
+                    if slot.summed:
+                        live = mp.live.v = mp.live.v + v  # type: ignore[attr-defined]
+                        acc.agg.v += v  # type: ignore[attr-defined]
+                    else:
+                        mp.live.add(v, ts)
+                        live = mp.live.value()
+                        acc.agg.add(v, ts)
+                    if live >= mp.next_limit:
+                        self._thresholds(t, mp, plan.meters[slug], pv, ev, out)
+                    acc.count += 1
+                    if ts < acc.first_ms:
+                        acc.first_ms = ts
+                    if ts > acc.last_ms:
+                        acc.last_ms = ts
+                accepted += 1  # last: an event that failed above is not counted as accepted
+        except Exception as e:
+            return next(i for i in range(start, len(batch)) if batch[i] is ev), e
+        finally:
+            self.stats.accepted += accepted
+            self.stats.duplicates += duplicates
+        return None
 
     def _slot(self, t: TenantState, pmi: PlanMeterIndex, period: Period, pv: str, ws: int) -> Slot:
         """Find or open the window (and period state) an event belongs to; cache it as hot."""
@@ -309,20 +353,9 @@ class ShardEngine:
     def _too_late(self, t: TenantState, ev: Accepted, period: Period, received_at: str, out: Out) -> None:
         self.stats.dead["too_late"] += 1
         final = period.end_ms + self.cfg.grace_ms
+        why = f"event time {iso(ev.ts_ms)} is in period {period.key}, final since {iso(final)}; tenant watermark is {iso(t.watermark)}"
         out.dead.append(
-            DeadLetter(
-                reason="too_late",
-                message=f"event time {iso(ev.ts_ms)} is in period {period.key}, final since {iso(final)}; "
-                f"tenant watermark is {iso(t.watermark)}",
-                payload=ev.payload,
-                topic=ev.topic,
-                partition=ev.partition,
-                offset=ev.offset,
-                received_at=received_at,
-                index=ev.index,
-                event_id=ev.event_id,
-                tenant_id=t.tenant_id,
-            )
+            dead_letter("too_late", why, ev.payload, ev.topic, ev.partition, ev.offset, received_at, ev.index, ev.event_id, t.tenant_id)
         )
 
     # -- thresholds --------------------------------------------------------------------
@@ -395,16 +428,19 @@ class ShardEngine:
         self._deadline_known = False
         for t in self.tenants.values():
             if t.open and now - t.last_wall >= self.cfg.idle_timeout_s:
-                self._close(t, max(w.end_ms for w in t.open.values()), out)
+                self._guard_tenant(t, self._close_all, out)
                 t.next_due = -(2**62)
         return out
+
+    def _close_all(self, t: TenantState, out: Out) -> None:
+        self._close(t, max(w.end_ms for w in t.open.values()), out)
 
     def flush_all(self) -> Out:
         """Close every open window (end of a bounded input)."""
         out = Out()
         for t in self.tenants.values():
             if t.open:
-                self._close(t, max(w.end_ms for w in t.open.values()), out)
+                self._guard_tenant(t, self._close_all, out)
         return out
 
     def next_idle_deadline(self) -> float | None:

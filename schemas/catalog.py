@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 
+from schemas.errors import TallyflowError
+
 Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 NonNeg = Decimal  # msgspec cannot bound Decimals; check_catalog does
 Aggregation = Literal["SUM", "COUNT", "MAX", "UNIQUE_COUNT", "LATEST"]
@@ -22,7 +24,7 @@ BillingPeriod = Literal["month", "day"]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-class CatalogError(ValueError):
+class CatalogError(TallyflowError):
     """A catalog that cannot be used; the message names the field and the fix."""
 
 
@@ -177,9 +179,18 @@ def check_catalog(cat: Catalog) -> None:
             _utc(c.effective_from, f"{where}.plan_changes[{j}].effective_from")
 
 
+MAX_NUMBER = Decimal(10**18)
+MAX_DECIMALS = 12
+
+
 def _nonneg(v: Decimal, where: str, strict: bool = False) -> None:
+    """Non-negative (or positive), and within what rating computes exactly: at most 10^18
+    with 12 decimal places (see operators/__init__.py)."""
     if not v.is_finite() or v < 0 or (strict and v == 0):
         raise CatalogError(f"{where}: {v} is not allowed; use a {'positive' if strict else 'non-negative'} number")
+    exp = v.normalize().as_tuple().exponent
+    if v > MAX_NUMBER or (isinstance(exp, int) and exp < -MAX_DECIMALS):
+        raise CatalogError(f"{where}: {v} is out of range; use at most {MAX_NUMBER:,} with {MAX_DECIMALS} decimal places")
 
 
 def _check_money(pm: PlanMeter, where: str) -> None:
@@ -213,7 +224,9 @@ def _check_tiers(tiers: list[Tier], where: str) -> None:
             raise CatalogError(f"{where}[{j}].up_to: tiers must have strictly increasing 'up_to'")
         if last and tier.up_to is not None:
             raise CatalogError(f"{where}[{j}].up_to: the last tier must be open-ended (up_to: null) so every quantity has a price")
-        prev = tier.up_to if tier.up_to is not None else prev
+        if tier.up_to is not None:
+            _nonneg(tier.up_to, f"{where}[{j}].up_to")
+            prev = tier.up_to
 
 
 def parse_catalog(raw: object) -> Catalog:

@@ -1,9 +1,10 @@
-"""The input contract: CloudEvents 1.0 in structured JSON mode (SPEC §2.1).
+"""The input contract: CloudEvents 1.0 in structured JSON mode (SPEC §2.1), and its bounds.
 
 The catalog decides which event types exist and which `data` fields their meters read, so
 the decoder is generated from it: a tagged union on `type` whose `data` structs hold just
-those fields. msgspec then validates tenant-facing shape, event time and quantities in C,
-skips everything else in `data`, and names the failing path for the dead letter.
+those fields. msgspec then validates tenant-facing shape, field lengths, event time and
+quantities in C, skips everything else in `data`, and names the failing path for the dead
+letter. `InputLimits` are the bounds every event is held to before it can change state.
 """
 
 from __future__ import annotations
@@ -15,28 +16,72 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-# Quantities: non-negative integers, or decimals (JSON numbers or decimal strings); never float.
-Quantity = Annotated[int, msgspec.Meta(ge=0)] | Decimal
-UniqueValue = str | int
+
+class InputLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Bounds on one input message (each a setting; defaults documented in the README)."""
+
+    max_message_bytes: int = 1 << 20
+    max_depth: int = 32  # nesting of arrays and objects
+    max_id_length: int = 256
+    max_source_length: int = 256
+    max_subject_length: int = 128
+    max_value_length: int = 256  # a UNIQUE_COUNT value
+    # Quantities: at most this large and this many decimal places, so that a period's sum
+    # and its price stay exact in the widened Decimal context (operators/__init__.py).
+    max_quantity: Decimal = Decimal(10**15)
+    max_quantity_decimals: int = 9
+    min_event_time: datetime = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
+    max_future_seconds: float = 300.0  # how far ahead of the wall clock an event time may be
 
 
 class CloudEvent(msgspec.Struct, gc=False, kw_only=True):
-    """Envelope fields every event has; `type` is the union tag, `data` is per type.
-    Unknown CloudEvents attributes are ignored, not rejected."""
+    """A usage event as producers send it (the fields Tallyflow reads; others are ignored).
+
+    `subject` is the tenant; the dedup key is (subject, source, id); `time` is the event
+    time (RFC 3339 with a zone) that windows and billing periods use; meters read their
+    quantity from `data` by a path such as `tokens` or `usage.bytes`."""
 
     specversion: Literal["1.0"]
-    id: NonEmpty
-    source: NonEmpty
-    subject: NonEmpty
-    time: Annotated[datetime, msgspec.Meta(tz=True)]
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="unique per source")]
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=256, description="the emitting service")]
+    type: Annotated[str, msgspec.Meta(min_length=1, description="event type; meters select events by it")]
+    subject: Annotated[str, msgspec.Meta(min_length=1, max_length=128, description="the tenant id")]
+    time: Annotated[datetime, msgspec.Meta(tz=True, description="event time, RFC 3339 with a zone")]
+    data: dict[str, Any] | None = None
+
+
+def _envelope_base(lim: InputLimits) -> type:
+    def text(n: int) -> Any:
+        return Annotated[str, msgspec.Meta(min_length=1, max_length=n)]
+
+    return msgspec.defstruct(
+        "Envelope",
+        [
+            ("specversion", Literal["1.0"]),
+            ("id", text(lim.max_id_length)),
+            ("source", text(lim.max_source_length)),
+            ("subject", text(lim.max_subject_length)),
+            ("time", Annotated[datetime, msgspec.Meta(tz=True)]),
+        ],
+        gc=False,
+        kw_only=True,
+    )
+
+
+class Identity(msgspec.Struct, gc=False):
+    """What a dead letter can still say about an event that failed validation."""
+
+    subject: str | None = None
+    id: str | None = None
 
 
 class EventDecoder:
     """Decoders for one catalog's event types: a single event or a JSON array of them."""
 
-    def __init__(self, fields_by_type: Mapping[str, Sequence[tuple[str, Any]]]) -> None:
+    def __init__(self, fields_by_type: Mapping[str, Sequence[tuple[str, Any]]], limits: InputLimits | None = None) -> None:
         """`fields_by_type`: event type -> (dotted path in `data`, value type) it must carry."""
+        lim = limits or InputLimits()
+        base = _envelope_base(lim)
         self.classes: dict[type, str] = {}
         variants: list[Any] = []
         for i, (etype, paths) in enumerate(sorted(fields_by_type.items())):
@@ -44,7 +89,7 @@ class EventDecoder:
             cls = msgspec.defstruct(
                 f"Event{i}",
                 [("data", data_t if paths else data_t | None, msgspec.NODEFAULT if paths else None)],
-                bases=(CloudEvent,),
+                bases=(base,),
                 tag=etype,
                 tag_field="type",
                 gc=False,
@@ -58,6 +103,18 @@ class EventDecoder:
         self.single_or_batch = msgspec.json.Decoder(union | list[union])
         self.one = msgspec.json.Decoder(union)
         self.raw_array = msgspec.json.Decoder(list[msgspec.Raw])
+        self.identity = msgspec.json.Decoder(Identity)
+
+
+def quantity_type(limits: InputLimits) -> Any:
+    """A meter quantity: a non-negative integer up to the limit, or a decimal (JSON number or
+    string) that the validator bounds; never a float."""
+    return Annotated[int, msgspec.Meta(ge=0, le=int(limits.max_quantity))] | Decimal
+
+
+def unique_type(limits: InputLimits) -> Any:
+    """A UNIQUE_COUNT value: a bounded string or an integer."""
+    return Annotated[str, msgspec.Meta(max_length=limits.max_value_length)] | int
 
 
 def _data_struct(name: str, paths: Sequence[tuple[str, Any]]) -> Any:

@@ -8,12 +8,17 @@ from typing import Literal
 import msgspec
 
 DeadLetterReason = Literal[
-    "invalid_json",
-    "schema",
-    "unknown_tenant",
-    "unknown_meter",
-    "bad_quantity",
-    "too_late",
+    "invalid_json",  # not JSON, not UTF-8, or an empty message
+    "schema",  # JSON, but not a CloudEvent Tallyflow can read (a field missing, too long, of the wrong type)
+    "unknown_tenant",  # the subject is not in the catalog, or has no contract in force at the event time
+    "unknown_meter",  # no meter of the tenant's plan reads this event type
+    "bad_quantity",  # a meter's value is missing, negative, not a number, too large or too precise
+    "bad_time",  # event time before the earliest accepted (2000-01-01)
+    "future_time",  # event time further ahead of the wall clock than allowed
+    "too_large",  # the message is larger than the input limit
+    "too_deep",  # arrays and objects nested deeper than the input limit
+    "too_late",  # the event's billing period is final (past its grace)
+    "internal_error",  # a failure of Tallyflow's own on this event (a bug); logged with a stack hash
 ]
 Destination = Literal["crm", "success"]
 
@@ -57,9 +62,15 @@ class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True):
 
 
 class DeadLetter(msgspec.Struct, gc=False, kw_only=True):
+    """An input record Tallyflow could not use. `payload` is the original bytes, or a prefix
+    of them when they would not fit an output message (`payload_bytes` and `payload_sha256`
+    always describe the whole original)."""
+
     reason: DeadLetterReason
     message: str
     payload: bytes
+    payload_bytes: int = 0
+    payload_sha256: str = ""
     topic: str
     partition: int
     offset: int

@@ -131,14 +131,15 @@ class Harness:
         self.cfg = cfg or EngineConfig(idle_timeout_s=30)
         self.engine = ShardEngine(self.index, self.cfg, self.stats)
         self.offset = 0
+        self.now_ms = int(datetime(2026, 11, 30, tzinfo=UTC).timestamp() * 1000)  # the wall clock for future_time
         self.alerts: list[Any] = []
         self.lines: list[Any] = []
         self.dead: list[DeadLetter] = []
 
     def accept(self, *values: bytes) -> list[Accepted]:
         acc: list[Accepted] = []
-        batch = [(v, self.offset + i) for i, v in enumerate(values)]
-        self.validator.parse_batch(batch, "usage.events", 0, "now", acc, self.dead)
+        batch = [(v, self.offset + i, 0) for i, v in enumerate(values)]
+        self.validator.parse_batch(batch, "usage.events", 0, "now", acc, self.dead, self.now_ms)
         self.offset += len(values)
         return acc
 

@@ -1,10 +1,17 @@
 """Every failure becomes a dead letter with a reason; any byte string is handled."""
 
+from datetime import UTC, datetime
+
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from operators.deadletters import dead_letter, encode_fitted
+from operators.validate import Validator
+from schemas.events import InputLimits
+from schemas.outputs import DeadLetter
 from tests.helpers import Harness, ev
 
 
@@ -41,7 +48,7 @@ def reasons(h: Harness) -> list[str]:
         ),
         (ev("nobody"), "unknown_tenant", "not in the catalog"),
         (
-            ev("late-co", at=__import__("datetime").datetime(2026, 2, 1, tzinfo=__import__("datetime").UTC)),
+            ev("late-co", at=datetime(2026, 2, 1, tzinfo=UTC)),
             "unknown_tenant",
             "no contract in force",
         ),
@@ -109,3 +116,67 @@ def test_any_byte_string_ends_accepted_or_dead_never_raises(values):
     s = h.stats
     assert s.records_in >= len(values)
     assert s.conservation_gap() == 0
+
+
+def _limited(**kw):
+    h = Harness()
+    h.validator = Validator(h.index, h.stats, InputLimits(**kw))
+    return h
+
+
+@pytest.mark.parametrize(
+    ("limits", "value", "reason", "setting"),
+    [
+        ({"max_message_bytes": 100}, ev(data=None), "too_large", "TALLYFLOW_MAX_MESSAGE_BYTES"),
+        ({"max_depth": 2}, ev(etype="storage.snapshot", data={"usage": {"gb": {"x": [1]}}}), "too_deep", "TALLYFLOW_MAX_DEPTH"),
+        ({"max_id_length": 4}, ev(id="12345"), "schema", "$.id"),
+        ({"max_source_length": 2}, ev(source="svc"), "schema", "$.source"),
+        ({"max_subject_length": 3}, ev("acme"), "schema", "$.subject"),
+        ({"max_value_length": 3}, ev(etype="user.active", data={"user_id": "u-1234"}), "bad_quantity", "user_id"),
+        ({"max_quantity": 100}, ev(etype="llm.tokens", data={"tokens": 101}), "bad_quantity", "data.tokens"),
+        ({"max_quantity": 100}, ev(etype="llm.tokens", data={"tokens": "100.5"}), "bad_quantity", "TALLYFLOW_MAX_QUANTITY"),
+        ({"max_quantity_decimals": 2}, ev(etype="llm.tokens", data={"tokens": "1.125"}), "bad_quantity", "DECIMALS"),
+        ({}, ev(at=datetime(1999, 12, 31, tzinfo=UTC)), "bad_time", "2000-01-01"),
+        ({}, ev(at=datetime(2026, 11, 30, 0, 6, tzinfo=UTC)), "future_time", "FUTURE"),
+    ],
+)
+def test_every_bound_is_a_setting_named_in_its_dead_letter(limits, value, reason, setting):
+    h = _limited(**limits)
+    h.feed(value)
+    assert reasons(h) == [reason], h.dead[0].message
+    assert setting in h.dead[0].message
+    assert h.stats.conservation_gap() == 0 and not h.engine.tenants
+
+
+def test_trailing_zeros_are_not_extra_decimals_and_the_limit_is_inclusive():
+    h = _limited(max_quantity=100, max_quantity_decimals=2)
+    h.feed(ev(etype="llm.tokens", data={"tokens": "99.50000000"}), ev(etype="llm.tokens", data={"tokens": 100}))
+    assert not h.dead and h.stats.accepted == 2
+
+
+def test_the_future_is_measured_from_the_message_timestamp_when_earlier_than_the_clock():
+    """A replay of the same message judges it as the first reading did."""
+    h = Harness()
+    t = datetime(2026, 11, 1, 12, tzinfo=UTC)
+    produced_ms = int(datetime(2026, 11, 1, 11, 50, tzinfo=UTC).timestamp() * 1000)
+    acc = []
+    h.validator.parse_batch([(ev(at=t), 0, produced_ms)], "usage.events", 0, "now", acc, h.dead, h.now_ms)
+    assert reasons(h) == ["future_time"] and not acc
+
+
+def test_dead_letters_carry_the_tenant_and_event_id_when_the_envelope_was_readable():
+    h = Harness()
+    h.feed(ev("acme", "llm.tokens", id="e-77", data={"tokens": "lots"}))
+    d = h.dead[0]
+    assert (d.reason, d.tenant_id, d.event_id) == ("bad_quantity", "acme", "e-77")
+    assert d.payload_bytes == len(d.payload) and len(d.payload_sha256) == 64
+
+
+def test_dead_letters_fit_any_output_limit():
+    d = dead_letter("invalid_json", "x" * 50_000, b"\xff" * 900_000, "t", 0, 1, "now", tenant_id="y" * 100_000)
+    for cap in (1_000_000, 200_000, 5_000):
+        out = encode_fitted(d, cap)
+        assert len(out) <= cap
+        back = msgspec.json.decode(out, type=DeadLetter)
+        assert back.payload_bytes == 900_000 and back.payload == b"\xff" * len(back.payload)
+        assert len(back.message) < 2000 and len(back.tenant_id) < 1000

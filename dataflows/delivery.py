@@ -23,20 +23,20 @@ from typing import Any, TypeVar
 import bytewax.operators as op
 import msgspec
 import orjson
-import redis
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message
 from prometheus_client import Gauge
 
-from dataflows.kafka_io import PRODUCER_DEFAULTS, KafkaBatchSource
+from dataflows.kafka_io import KafkaBatchSource
 from operators.delivery import Backoff, MicroBatcher
 from operators.periods import iso
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
 from sinks.http import Destination, Result, batch_key, sign
 from sinks.ledger import PENDING, Ledger
-from tallyflow import runtime
+from sinks.patience import Patience
+from tallyflow import kafka, runtime
 from tallyflow.config import Settings, kafka_config, load_settings
 from tallyflow.observability import BATCH_SIZE, DELIVERED, DELIVERY_LATENCY
 
@@ -56,27 +56,9 @@ class _Delivery:
     def __init__(self, s: Settings) -> None:
         self.s = s
         self.ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400), f"{s.redis_prefix}:ledger")
-        self.exceptions = Producer({**PRODUCER_DEFAULTS, **kafka_config(s)})
-        self.backoff = Backoff(s.retry_base_seconds, s.retry_cap_seconds)
-
-    def redis(self, fn: Callable[[], R]) -> R:
-        """Never deliver without the ledger: wait (and say so) until Redis answers."""
-        attempt = 0
-        while True:
-            try:
-                out = fn()
-                if attempt:
-                    _LEDGER["up"] = True
-                    LEDGER_UP.set(1)
-                    log.warning("delivery ledger reachable again after %d attempt(s)", attempt)
-                return out
-            except redis.RedisError as e:
-                attempt += 1
-                _LEDGER["up"] = False
-                LEDGER_UP.set(0)
-                delay = self.backoff.delay(attempt)
-                log.error("delivery ledger unreachable (%s); holding delivery, retry in %.1fs", e, delay)
-                time.sleep(delay)
+        self.exceptions = kafka.producer(kafka_config(s))
+        # Never deliver without the ledger: wait (and say so) while Redis is unreachable.
+        self.redis = Patience("delivery ledger", Backoff(s.retry_base_seconds, s.retry_cap_seconds), on_change=_ledger_up)
 
     def park(self, destination: str, ids: list[str], request: bytes, result: Result) -> None:
         """A request the destination will never accept: keep it, with why, for a person."""
@@ -292,6 +274,11 @@ def erp_flow() -> Dataflow:
     flow = build_erp_flow(s)
     runtime.started(s, "erp", ledger=_ledger_check)
     return flow
+
+
+def _ledger_up(up: bool) -> None:
+    _LEDGER["up"] = up
+    LEDGER_UP.set(int(up))
 
 
 def _ledger_check() -> str | None:

@@ -11,30 +11,20 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tallyflow import kafka
 from tallyflow.observability import BATCH_SIZE, HEALTH
 
 log = logging.getLogger(__name__)
-
-# Measured on the local broker: the 1000 ms default stalls consumers at ~290k msg/s.
-CONSUMER_DEFAULTS = {
-    "group.id": "tallyflow-unused",  # required by librdkafka; partitions are assigned, not subscribed
-    "enable.auto.commit": False,
-    "enable.partition.eof": False,
-    "fetch.queue.backoff.ms": 10,
-    "fetch.wait.max.ms": 10,
-    "queued.max.messages.kbytes": 65536,
-}
-PRODUCER_DEFAULTS = {"compression.type": "lz4", "linger.ms": 5, "batch.num.messages": 10000, "enable.idempotence": True}
 
 _IDLE_BACKOFF = timedelta(milliseconds=5)
 Record = tuple[str, bytes | None, bytes]  # (topic, key, value)
@@ -44,7 +34,7 @@ class _Partition(StatefulSourcePartition[list[Message], int]):
     def __init__(
         self, config: dict[str, Any], topic: str, part: int, offset: int, end: int | None, batch_size: int, commit: bool, label: str
     ) -> None:
-        self._consumer = Consumer(config)
+        self._consumer = kafka.consumer(config)
         self._tp = TopicPartition(topic, part, offset)
         self._consumer.assign([self._tp])
         self._next = offset
@@ -150,7 +140,7 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         group: str | None = None,
         label: str = "",
     ) -> None:
-        self._config = {**CONSUMER_DEFAULTS, **config}
+        self._config = dict(config)
         if group:
             self._config["group.id"] = group
         self._commit = bool(group)
@@ -162,7 +152,7 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         self._end = dict(end_offsets) if end_offsets is not None else None
 
     def list_parts(self) -> list[str]:
-        probe = Consumer(self._config)  # the very settings the partitions will use (TLS, SASL, ...)
+        probe = kafka.consumer(self._config)  # the very settings the partitions will use (TLS, SASL, ...)
         try:
             t = probe.list_topics(self._topic, timeout=10).topics.get(self._topic)
         finally:
@@ -187,41 +177,72 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
 SinkItem = tuple[str, list[Record]]
 
 
+# Size errors: the record is larger than the producer or the broker accepts.
+_TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE}
+Shrink = Callable[[bytes], bytes]
+
+
 class _SinkPartition(StatelessSinkPartition[SinkItem]):
-    def __init__(self, config: dict[str, Any]) -> None:
-        self._producer = Producer(config)
-        self._errors: list[str] = []
+    def __init__(self, config: dict[str, Any], shrink: Mapping[str, Shrink]) -> None:
+        self._producer = kafka.producer(config)
+        self._shrink = shrink
+        self._errors: list[tuple[KafkaError, Message]] = []
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
+            self._errors.append((err, msg))
+
+    def _produce(self, topic: str, value: bytes, key: bytes | None) -> None:
+        p = self._producer
+        while True:
+            try:
+                p.produce(topic, value, key, on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                p.poll(0.05)
+            except KafkaException as e:
+                shrink = self._shrink.get(topic)
+                if e.args[0].code() not in _TOO_LARGE or shrink is None:
+                    raise
+                value = self._smaller(topic, value, shrink)
+
+    @staticmethod
+    def _smaller(topic: str, value: bytes, shrink: Shrink) -> bytes:
+        smaller = shrink(value)
+        if len(smaller) >= len(value):
+            raise KafkaException(f"{topic}: a record of {len(value):,} bytes is too large and cannot be made smaller")
+        log.warning("%s: a record of %d bytes was too large; wrote it cut to %d bytes", topic, len(value), len(smaller))
+        return smaller
 
     def write_batch(self, items: list[SinkItem]) -> None:
-        p = self._producer
         for _, records in items:
             for topic, key, value in records:
-                while True:
-                    try:
-                        p.produce(topic, value, key, on_delivery=self._on_delivery)
-                        break
-                    except BufferError:
-                        p.poll(0.05)
+                self._produce(topic, value, key)
         # Flushing before returning is what makes the next recovery snapshot safe:
         # nothing is acknowledged upstream until the broker has it.
-        p.flush()
-        if self._errors:
+        self._producer.flush()
+        while self._errors:
             errs, self._errors = self._errors, []
-            raise KafkaException(f"{len(errs)} output records were not delivered, first: {errs[0]}")
+            fatal = [f"{m.topic()}: {e}" for e, m in errs if e.code() not in _TOO_LARGE or m.topic() not in self._shrink]
+            if fatal:
+                raise KafkaException(f"{len(fatal)} output records were not delivered, first: {fatal[0]}")
+            for _, m in errs:  # the broker's own limit is below ours: write them smaller
+                topic = m.topic() or ""
+                self._produce(topic, self._smaller(topic, m.value() or b"", self._shrink[topic]), m.key())
+            self._producer.flush()
 
     def close(self) -> None:
         self._producer.flush()
 
 
 class KafkaBatchSink(DynamicSink[SinkItem]):
-    """Items are (shard, [(topic, key, value), ...]); one idempotent producer per worker."""
+    """Items are (shard, [(topic, key, value), ...]); one idempotent producer per worker.
+    `shrink` (topic -> function) makes a record of that topic smaller when the producer or
+    the broker refuses it as too large (dead letters: their payload is cut further)."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self._config = {**PRODUCER_DEFAULTS, **config}
+    def __init__(self, config: Mapping[str, Any], shrink: Mapping[str, Shrink] | None = None) -> None:
+        self._config = dict(config)
+        self._shrink = dict(shrink or {})
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
-        return _SinkPartition(self._config)
+        return _SinkPartition(self._config, self._shrink)

@@ -32,6 +32,7 @@ from confluent_kafka import Message
 
 from dataflows.kafka_io import KafkaBatchSink, KafkaBatchSource, Record, SinkItem
 from operators.catalog_index import CatalogIndex, successor
+from operators.deadletters import encode_fitted, shrink_encoded
 from operators.periods import iso
 from operators.rating import EngineConfig, Out, ShardEngine, TenantState
 from operators.sharding import Sharder
@@ -72,9 +73,15 @@ class _Encoder:
         self.dead_letters = dead_letters
 
     def dead(self, dead: list[DeadLetter]) -> list[Record]:
+        """Dead letters keyed by tenant where known, each cut to fit an output message."""
         if not self.dead_letters:
             return []
-        return [(self.s.dlq_topic, d.tenant_id.encode() if d.tenant_id else None, ENCODER.encode(d)) for d in dead]
+        cap = self.s.output_max_bytes()
+        out: list[Record] = []
+        for d in dead:
+            key = d.tenant_id.encode() if d.tenant_id and len(d.tenant_id) <= self.s.max_subject_length else None
+            out.append((self.s.dlq_topic, key, encode_fitted(d, cap - len(key or b""))))
+        return out
 
     def out(self, o: Out, into: ShardOut) -> None:
         recs = into[0]
@@ -88,7 +95,7 @@ class _Encoder:
                         "correlation_id": a.correlation_id,
                         "tenant_id": a.tenant_id,
                         "meter": a.meter,
-                        "level": a.level,
+                        "threshold": a.level,
                         "period": a.period,
                     },
                 )
@@ -147,7 +154,7 @@ class _RatingSinkPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
 
 class _RatingSink(DynamicSink[tuple[str, ShardOut]]):
     def __init__(self, s: Settings, register: EmissionRegister | None, stats: Stats) -> None:
-        self.kafka = KafkaBatchSink(kafka_config(s))
+        self.kafka = KafkaBatchSink(kafka_config(s), shrink={s.dlq_topic: shrink_encoded})
         self.s = s
         self.register = register
         self.stats = stats
@@ -289,7 +296,8 @@ def build_flow(
     its read positions are not the live dataflow's."""
     catalog = CatalogIndex.build(load_catalog(s.catalog))
     cfg = engine_config(s)
-    validators = [Validator(catalog, stats)]
+    limits = s.limits()
+    validators = [Validator(catalog, stats, limits)]
     redis_up: Callable[[bool], None] = lambda up: setattr(stats, "redis_up", up)  # noqa: E731
     if register is None and s.emission_register:
         register = EmissionRegister(s.redis_url, int(s.register_ttl_days * 86400), f"{s.redis_prefix}:emitted", on_change=redis_up)
@@ -302,7 +310,7 @@ def build_flow(
     watch = CatalogWatch(s.catalog, catalog, s.catalog_reload_seconds, stats)
 
     def reloaded(idx: CatalogIndex) -> None:
-        validators[0] = Validator(idx, stats)
+        validators[0] = Validator(idx, stats, limits)
         for eng in engines:
             eng.cat = idx
 
@@ -311,13 +319,14 @@ def build_flow(
     def validate(msgs: list[Message]) -> list[tuple[str, ShardItem]]:
         """Per consumed batch: accepted events grouped by shard; dead letters ride with one."""
         watch.poll()
-        received = iso(int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        received = iso(now_ms)
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
         if msgs:
             m0 = msgs[0]  # a source item holds one partition's messages
-            values = ((m.value(), m.offset()) for m in msgs)
-            validators[0].parse_batch(values, m0.topic() or "", m0.partition() or 0, received, accepted, dead)  # type: ignore[arg-type]
+            values = ((m.value(), m.offset(), m.timestamp()[1]) for m in msgs)
+            validators[0].parse_batch(values, m0.topic() or "", m0.partition() or 0, received, accepted, dead, now_ms)  # type: ignore[arg-type]
         if accept is not None:
             kept = [a for a in accepted if accept(a)]
             stats.records_in -= len(accepted) - len(kept)  # outside the replay: not its input

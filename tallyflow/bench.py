@@ -14,9 +14,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
-from dataflows.kafka_io import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
 from operators.catalog_index import CatalogIndex
 from operators.dedup import GenerationalDedup
 from operators.periods import iso
@@ -26,6 +25,7 @@ from operators.stats import Stats
 from operators.validate import Accepted, Validator
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter
+from tallyflow import kafka
 from tallyflow.config import Settings, load_settings, tune_gc
 from tallyflow.generator import GenSpec, produce
 from tallyflow.stack import LocalStack
@@ -37,13 +37,13 @@ def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
 
     stats = Stats()
     cat = CatalogIndex.build(load_catalog(s.catalog))
-    validator = Validator(cat, stats)
+    validator = Validator(cat, stats, s.limits())
     cfg = engine_config(s)
     engines: dict[str, ShardEngine] = {}
     sharder = Sharder(s.shards)
-    consumer = Consumer({**CONSUMER_DEFAULTS, "bootstrap.servers": s.brokers})
+    consumer = kafka.consumer(s.brokers)
     consumer.assign([TopicPartition(s.input_topic, p, 0) for p in end_offsets])
-    producer = Producer({**PRODUCER_DEFAULTS, "bootstrap.servers": s.brokers})
+    producer = kafka.producer(s.brokers)
     remaining = {p: e for p, e in end_offsets.items() if e > 0}
 
     def emit(topic: str, items: list[Any]) -> None:
@@ -66,15 +66,15 @@ def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
             continue
         now = time.time()
         received = iso(int(now * 1000))
-        by_part: dict[int, list[tuple[bytes | None, int]]] = {}
+        by_part: dict[int, list[tuple[bytes | None, int, int]]] = {}
         for m in msgs:
             p, off = m.partition(), m.offset()
             if m.error() is None and p is not None and off is not None:
-                by_part.setdefault(p, []).append((m.value(), off))
+                by_part.setdefault(p, []).append((m.value(), off, m.timestamp()[1]))
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
         for p, vals in by_part.items():
-            validator.parse_batch(vals, s.input_topic, p, received, accepted, dead)
+            validator.parse_batch(vals, s.input_topic, p, received, accepted, dead, int(now * 1000))
             if vals[-1][1] + 1 >= remaining.get(p, 0):
                 remaining.pop(p, None)
         emit(s.dlq_topic, dead)
@@ -127,8 +127,8 @@ def delivery_bench(events: int, rate: float) -> dict[str, Any]:
     """Alert latency (event produced -> received by the CRM sandbox) under a steady load, with
     all three dataflows running as processes, and ERP efficiency (events per request)."""
     from schemas.outputs import RatedUsageLine, ThresholdAlert
+    from tallyflow.kafka import read_topic
     from tallyflow.pipeline import LocalPipeline, wait_until
-    from tallyflow.topics import read_topic
 
     # Measure the pipeline, not a rate limit: this load fires ~150 alerts/s at first, above
     # the default 100 requests/s per destination, which would queue them by design.

@@ -7,11 +7,20 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from schemas.catalog import CatalogError, load_catalog
-from tallyflow.cluster import ClusterError
-from tallyflow.config import ConfigError, load_settings
+from schemas.catalog import load_catalog
+from schemas.errors import TallyflowError
+from tallyflow import kafka
+from tallyflow.config import ConfigError, kafka_config, load_settings
+
+
+def _with_brokers(fn: Callable[[list[str]], int], rest: list[str]) -> int:
+    """Commands that need the brokers stop at once, with one line, when they do not answer."""
+    if not {"-h", "--help"} & set(rest):
+        kafka.ensure_reachable(kafka_config(load_settings()))
+    return fn(rest)
 
 
 def _run_flow(name: str, rest: list[str]) -> int:
@@ -21,6 +30,7 @@ def _run_flow(name: str, rest: list[str]) -> int:
     s = load_settings()
     if name == "rate":
         load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
+    kafka.ensure_reachable(kafka_config(s))
     from tallyflow.cluster import prepare
     from tallyflow.pipeline import FLOWS
     from tallyflow.recovery import bytewax_args
@@ -36,7 +46,14 @@ def _sandbox(a: argparse.Namespace) -> int:
     from tallyflow.sandbox import Sandbox
 
     s = load_settings()
-    with Sandbox(a.port, hmac_key=s.success_hmac_key.encode(), token=s.crm_token, host=a.host) as sb:
+    with Sandbox(
+        a.port,
+        hmac_key=s.success_hmac_key.encode(),
+        crm_token=s.crm_token,
+        erp_token=s.erp_token,
+        admin_token=s.sandbox_admin_token,
+        host=a.host,
+    ) as sb:
         print(f"sandbox on {sb.url} (open it in a browser); Ctrl-C stops it", flush=True)
         _wait_for_stop()
     return 0
@@ -65,6 +82,7 @@ def _generate(a: argparse.Namespace) -> int:
         start=datetime.fromisoformat(a.start) if a.start else GenSpec.start,
         span=timedelta(seconds=a.span) if a.span else timedelta(seconds=a.total / (a.rate or 20_000)),
     )
+    kafka.ensure_reachable(kafka_config(s))
     res = produce(s.brokers, a.topic or s.input_topic, spec, load_catalog(s.catalog), config=s.kafka, progress=True)
     print(
         json.dumps(
@@ -94,20 +112,17 @@ def _stack(a: argparse.Namespace) -> int:
 
 
 def _topics(a: argparse.Namespace) -> int:
-    from tallyflow.stack import create_topics
-
     s = load_settings()
-    create_topics(
-        s.brokers,
-        {
-            s.input_topic: a.partitions,
-            s.alerts_topic: a.output_partitions,
-            s.rated_topic: a.output_partitions,
-            s.dlq_topic: a.output_partitions,
-        },
-        s.kafka,
-    )
-    return 0
+    kafka.ensure_reachable(kafka_config(s))
+    wanted = {s.input_topic: a.partitions}
+    for t in (s.alerts_topic, s.rated_topic, s.dlq_topic, s.exceptions_topic):
+        wanted[t] = a.output_partitions
+    short = 0
+    for r in kafka.ensure_topics(kafka_config(s), wanted):
+        print(f"{r.name}: {'created' if r.created else 'already existed'} with {r.partitions} partition(s)", end="")
+        print(f"; {wanted[r.name]} asked, but {r.problem}" if r.problem else "")
+        short += bool(r.problem)
+    return 1 if short else 0
 
 
 def _recovery(a: argparse.Namespace) -> int:
@@ -176,15 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "reconcile":
         from tallyflow import reconcile
 
-        return _guard(lambda: reconcile.main(rest))
+        return _guard(lambda: _with_brokers(reconcile.main, rest))
     if a.cmd == "replay":
         from tallyflow.replay import main as replay_main
 
-        return _guard(lambda: replay_main(rest))
+        return _guard(lambda: _with_brokers(replay_main, rest))
     if a.cmd == "dlq":
         from tallyflow import dlq
 
-        return _guard(lambda: dlq.main(rest))
+        return _guard(lambda: _with_brokers(dlq.main, rest))
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.cmd == "recovery":
@@ -216,9 +231,12 @@ def _guard(fn: object) -> int:
     """Configuration and catalog errors end the process with their message, not a traceback."""
     try:
         return int(fn())  # type: ignore[operator]
-    except (ConfigError, CatalogError, ClusterError) as e:
+    except TallyflowError as e:
         print(f"tallyflow: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tallyflow: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

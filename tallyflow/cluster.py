@@ -27,20 +27,22 @@ from pathlib import Path
 
 import httpx
 
+from schemas.errors import TallyflowError
+
 log = logging.getLogger(__name__)
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(TallyflowError):
     """The pod cannot learn its cluster; the message says what to grant or set."""
 
 
 class KubeApi:
     """The one call this needs: a StatefulSet's desired replica count."""
 
-    def __init__(self, base_url: str, token: str = "", verify: str | bool = True) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.client = httpx.Client(base_url=base_url, headers=headers, verify=verify, timeout=10)
+    def __init__(self, base_url: str, token: str = "", verify: str | bool = True, token_file: Path | None = None) -> None:
+        self.token, self.token_file = token, token_file
+        self.client = httpx.Client(base_url=base_url, verify=verify, timeout=10)
 
     @classmethod
     def in_cluster(cls, env: Mapping[str, str]) -> KubeApi | None:
@@ -50,12 +52,17 @@ class KubeApi:
         if not host or not token.exists():
             return None
         host = f"[{host}]" if ":" in host else host
-        return cls(f"https://{host}:{port}", token.read_text().strip(), str(SA_DIR / "ca.crt"))
+        return cls(f"https://{host}:{port}", verify=str(SA_DIR / "ca.crt"), token_file=token)
+
+    def _headers(self) -> dict[str, str]:
+        """Projected service-account tokens rotate (hourly by default): read it per request."""
+        token = self.token_file.read_text().strip() if self.token_file is not None else self.token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def replicas(self, namespace: str, statefulset: str) -> int:
         path = f"/apis/apps/v1/namespaces/{namespace}/statefulsets/{statefulset}"
         try:
-            r = self.client.get(path)
+            r = self.client.get(path, headers=self._headers())
         except httpx.TransportError as e:
             raise ClusterError(f"cannot reach the Kubernetes API for {path}: {e}") from None
         if r.status_code in (401, 403):

@@ -24,8 +24,8 @@ import msgspec
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from tallyflow.generator import GenSpec, produce
+from tallyflow.kafka import read_topic
 from tallyflow.pipeline import RECORDS_IN, LocalPipeline, wait_until
-from tallyflow.topics import read_topic
 
 # Event time runs from 23:30 on 31 October to 00:30 on 1 November: one billing period
 # closes mid-demo, a plan upgrade happens at 23:50, and a 10-minute grace makes hours-late

@@ -16,12 +16,11 @@ from collections import Counter
 from collections.abc import Iterable
 
 import msgspec
-from confluent_kafka import Producer
 
-from dataflows.kafka_io import PRODUCER_DEFAULTS
 from schemas.outputs import DeadLetter
+from tallyflow import kafka
 from tallyflow.config import Settings, kafka_config, load_settings
-from tallyflow.topics import read_topic
+from tallyflow.kafka import read_topic
 
 
 def load(s: Settings) -> list[DeadLetter]:
@@ -29,7 +28,7 @@ def load(s: Settings) -> list[DeadLetter]:
     again is dead twice, at two positions), else by input position (a crash replay may
     have written it twice)."""
     seen: dict[object, DeadLetter] = {}
-    for v in read_topic(s.brokers, s.dlq_topic, config=s.kafka):
+    for v in read_topic(kafka_config(s), s.dlq_topic):
         d = msgspec.json.decode(v, type=DeadLetter)
         key = (d.tenant_id, d.event_id) if d.event_id else (d.topic, d.partition, d.offset, d.index)
         seen[key] = d  # the latest judgement counts
@@ -51,7 +50,7 @@ def summary(dead: list[DeadLetter]) -> dict[str, object]:
 
 def redrive(s: Settings, dead: list[DeadLetter]) -> int:
     """Produce the events back to the input topic, keyed by tenant as producers key them."""
-    p = Producer({**PRODUCER_DEFAULTS, **kafka_config(s)})
+    p = kafka.producer(kafka_config(s))
     for d in dead:
         p.produce(s.input_topic, d.payload, d.tenant_id.encode() if d.tenant_id else None)
         p.poll(0)
@@ -73,6 +72,9 @@ def main(argv: list[str]) -> int:
     chosen = select(load(s), a.reason, a.tenant)
     out = summary(chosen)
     if a.redrive:
-        out["redriven"] = redrive(s, [d for d in chosen if d.reason != "too_late"])
+        # A dead letter cut to fit the topic holds only a prefix of its event: not re-drivable.
+        whole = [d for d in chosen if d.reason != "too_late" and len(d.payload) >= d.payload_bytes]
+        out["redriven"] = redrive(s, whole)
+        out["not_redriven_cut_to_fit"] = sum(1 for d in chosen if len(d.payload) < d.payload_bytes)
     print(json.dumps(out, indent=2))
     return 0

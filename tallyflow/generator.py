@@ -16,9 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message
 
 from schemas.catalog import Catalog, Meter
+from tallyflow import kafka
 
 DEFAULT_START = datetime(2026, 10, 31, 12, 0, tzinfo=UTC)
 
@@ -189,16 +190,8 @@ def produce(
         if o + 1 > res.end_offsets.get(p, 0):
             res.end_offsets[p] = o + 1
 
-    producer = Producer(
-        {
-            "bootstrap.servers": brokers,
-            "compression.type": "lz4",
-            "linger.ms": 20,
-            "batch.num.messages": 10000,
-            "queue.buffering.max.messages": 500_000,
-            "enable.idempotence": True,
-            **(config or {}),
-        }
+    producer = kafka.producer(
+        {"bootstrap.servers": brokers, **(config or {})}, **{"linger.ms": 20, "queue.buffering.max.messages": 500_000}
     )
     bar = None
     if progress:

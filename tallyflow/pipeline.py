@@ -28,6 +28,9 @@ FLOWS = {
     "erp": "dataflows.delivery:erp_flow()",
 }
 HMAC_KEY = "local-sandbox-hmac-key"
+# Distinct credentials per endpoint, as real systems have: the sandbox checks each one.
+CREDENTIALS = {"success_hmac_key": HMAC_KEY, "crm_token": "local-crm-token", "erp_token": "local-erp-token"}
+ADMIN_TOKEN = "local-sandbox-admin-token"
 RECORDS_IN = "tallyflow_records_total{outcome=in}"
 
 
@@ -72,11 +75,15 @@ class LocalPipeline:
         port = free_port()
         self.sandbox_proc = subprocess.Popen(
             [sys.executable, "-m", "tallyflow.cli", "sandbox", "--port", str(port)],
-            env={**os.environ, "TALLYFLOW_SUCCESS_HMAC_KEY": HMAC_KEY},
+            env={
+                **os.environ,
+                **{f"TALLYFLOW_{k.upper()}": v for k, v in CREDENTIALS.items()},
+                "TALLYFLOW_SANDBOX_ADMIN_TOKEN": ADMIN_TOKEN,
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        self.sandbox = SandboxClient(f"http://127.0.0.1:{port}")
+        self.sandbox = SandboxClient(f"http://127.0.0.1:{port}", ADMIN_TOKEN)
         wait_until(self._sandbox_up, 20, "the sandbox to listen")
         self.ports = {name: free_port() for name in FLOWS}  # each dataflow's /metrics, /healthz, /readyz
         self.settings: Settings = load_settings(
@@ -86,7 +93,7 @@ class LocalPipeline:
             crm_url=self.sandbox.url,
             success_url=self.sandbox.url,
             erp_url=self.sandbox.url,
-            success_hmac_key=HMAC_KEY,
+            **CREDENTIALS,
         )
         s = self.settings
         self.stack.create_topics(

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import msgspec
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
-from dataflows.kafka_io import CONSUMER_DEFAULTS
 from dataflows.rating import engine_config
 from operators.catalog_index import CatalogIndex
 from operators.periods import iso
@@ -32,8 +31,9 @@ from operators.stats import Stats
 from operators.validate import Accepted, Validator
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine
+from tallyflow import kafka
 from tallyflow.config import Settings, kafka_config, load_settings
-from tallyflow.topics import read_topic
+from tallyflow.kafka import read_topic
 
 Key = tuple[str, str, str]  # tenant, meter, period
 SOURCES = ("source", "rated", "erp")
@@ -52,9 +52,9 @@ class Totals:
         self.currency[k] = ln.currency
 
 
-def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tuple[bytes | None, int]]]]:
+def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tuple[bytes | None, int, int]]]]:
     """The input topic, partition by partition in offset order, up to its end (partition EOF)."""
-    c = Consumer({**CONSUMER_DEFAULTS, **kafka_config(s), "group.id": f"tallyflow-reconcile-{uuid.uuid4()}", "enable.partition.eof": True})
+    c = kafka.consumer(kafka_config(s), **{"group.id": f"tallyflow-reconcile-{uuid.uuid4()}", "enable.partition.eof": True})
     try:
         parts = sorted(c.list_topics(s.input_topic, timeout=10).topics[s.input_topic].partitions)
         for p in parts:
@@ -64,11 +64,11 @@ def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tup
             while not done:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{s.input_topic}[{p}]: no end of partition within {timeout_s}s")
-                chunk: list[tuple[bytes | None, int]] = []
+                chunk: list[tuple[bytes | None, int, int]] = []
                 for m in c.consume(s.batch_size, 0.5):
                     err = m.error()
                     if err is None:
-                        chunk.append((m.value(), m.offset() or 0))
+                        chunk.append((m.value(), m.offset() or 0, m.timestamp()[1]))
                     elif err.code() == KafkaError._PARTITION_EOF:
                         done = True
                     else:
@@ -83,7 +83,7 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
     """Source totals: the input topic rated again by the same operators, in one pass."""
     stats = Stats()
     catalog = CatalogIndex.build(load_catalog(s.catalog))
-    validator = Validator(catalog, stats)
+    validator = Validator(catalog, stats, s.limits())
     engine = ShardEngine(catalog, engine_config(s), stats)  # one engine: every tenant, no sharding needed
     totals = Totals()
     now = time.time()
@@ -91,7 +91,7 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
     for p, chunk in _batches(s):
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
-        validator.parse_batch(chunk, s.input_topic, p, received, accepted, dead)
+        validator.parse_batch(chunk, s.input_topic, p, received, accepted, dead, int(now * 1000))
         for ln in engine.process(accepted, now, received).lines:
             totals.add(ln)
     for ln in engine.flush_all().lines:
@@ -104,7 +104,7 @@ def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals 
     # A line id can be on the topic more than once (a crash replay produces it again, with
     # the same content); it counts once, as it does at the ERP.
     unique: dict[str, RatedUsageLine] = {}
-    for v in read_topic(s.brokers, s.rated_topic, config=s.kafka):
+    for v in read_topic(kafka_config(s), s.rated_topic):
         ln = msgspec.json.decode(v, type=RatedUsageLine)
         unique[ln.line_id] = ln
     lines = list(unique.values())

@@ -29,9 +29,7 @@ from decimal import Decimal
 
 import orjson
 from bytewax._bytewax import cli_main
-from confluent_kafka import Producer
 
-from dataflows.kafka_io import PRODUCER_DEFAULTS
 from dataflows.rating import build_flow
 from operators.catalog_index import CatalogIndex
 from operators.periods import PeriodCache
@@ -40,8 +38,9 @@ from operators.validate import Accepted
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, RatedUsageLine
 from sinks.register import EmissionRegister, Settled, Totals
+from tallyflow import kafka
 from tallyflow.config import ConfigError, Settings, kafka_config, load_settings
-from tallyflow.topics import log_ends
+from tallyflow.kafka import log_ends
 
 Key = tuple[str, str, str, str]  # tenant, meter, period, pricing version
 
@@ -100,7 +99,7 @@ def replay(
 ) -> tuple[dict[Key, Change], Stats]:
     """Run the replay; return the changes (made, or that would be made) per key."""
     cat = CatalogIndex.build(load_catalog(s.catalog))
-    ends = log_ends(s.brokers, s.input_topic, config=s.kafka)
+    ends = log_ends(kafka_config(s), s.input_topic)
     total = sum(e - (start_offsets or {}).get(p, 0) for p, e in ends.items())
     ttl = int(s.register_ttl_days * 86400)
     prefix = f"{s.redis_prefix}:emitted"
@@ -133,7 +132,7 @@ def replay(
     )
     new = settled.lines[settled.resent :]
     if not dry_run and settled.lines:
-        p = Producer({**PRODUCER_DEFAULTS, **kafka_config(s)})
+        p = kafka.producer(kafka_config(s))
         for ln in settled.lines:
             p.produce(s.rated_topic, ENCODER.encode(ln), ln.tenant_id.encode())
         if p.flush(30):

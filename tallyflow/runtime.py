@@ -13,6 +13,13 @@ from tallyflow.config import Settings, tune_gc
 from tallyflow.observability import HEALTH, serve, setup_logging
 
 
+def _stop(signum: int, frame: object) -> None:
+    name = signal.Signals(signum).name
+    logging.getLogger("tallyflow").warning("%s received: stopping; the next start resumes from the last snapshot", name)
+    logging.shutdown()
+    os._exit(0 if signum == signal.SIGTERM else 128 + signum)
+
+
 def started(s: Settings, dataflow: str, stats: Stats | None = None, **checks: Callable[[], str | None]) -> None:
     """`checks` name a readiness condition each, returning why it fails or None."""
     setup_logging(s.log_format, s.log_level, dataflow)
@@ -21,8 +28,11 @@ def started(s: Settings, dataflow: str, stats: Stats | None = None, **checks: Ca
     serve(s.metrics_port, dataflow, stats)
     ResizeWatch.start(os.environ, s.cluster_check_seconds)
     # As PID 1 in a container, SIGTERM has no default action: without a handler a pod would
-    # wait out its grace period and be killed. Stop as on Ctrl-C; a restart resumes from
-    # the last snapshot (what happened after it is replayed, harmlessly).
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # wait out its grace period and be killed. And Bytewax turns Ctrl-C into a Rust panic
+    # with a backtrace. So both stop the process at once, with one line: a restart resumes
+    # from the last snapshot, and what happened after it is replayed harmlessly (the same
+    # guarantees that make kill -9 safe).
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     HEALTH.built = True
     tune_gc()

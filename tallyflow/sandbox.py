@@ -49,12 +49,16 @@ class Endpoint:
 
 
 class SandboxState:
-    def __init__(self, hmac_key: bytes = b"", token: str = "") -> None:
+    """Each endpoint checks its own credential, as the real systems would: the CRM and the
+    ERP their bearer token, the success webhook its signature; the fault API its own token."""
+
+    def __init__(self, hmac_key: bytes = b"", crm_token: str = "", erp_token: str = "", admin_token: str = "") -> None:
         self.lock = threading.Lock()
         self.endpoints = {t: Endpoint() for t in TARGETS}
         self.faults: dict[str, Fault] = {}
         self.hmac_key = hmac_key
-        self.token = token
+        self.tokens = {"crm": crm_token, "erp": erp_token}
+        self.admin_token = admin_token
 
     def fault_for(self, target: str) -> Fault | None:
         with self.lock:
@@ -134,8 +138,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, _page(st.summary()).encode(), "text/html; charset=utf-8")
         self._json(404, {"error": "not found"})
 
+    def _admin(self) -> bool:
+        """Fault injection changes what the sandbox answers: only with its own token."""
+        want = self.server.state.admin_token
+        if want and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {want}"):
+            self._json(401, {"error": "the fault API needs Authorization: Bearer <TALLYFLOW_SANDBOX_ADMIN_TOKEN>"})
+            return False
+        return True
+
     def do_DELETE(self) -> None:
         if self.path == "/api/faults":
+            if not self._admin():
+                return
             with self.server.state.lock:
                 self.server.state.faults.clear()
             return self._json(200, {"faults": {}})
@@ -145,6 +159,8 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.server.state
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path == "/api/faults":
+            if not self._admin():
+                return
             spec = json.loads(body)
             target = spec.pop("target")
             with st.lock:
@@ -188,7 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
                 # A timeout is a slow answer the client gave up on; the work still happens,
                 # which is exactly when idempotency keys matter.
                 time.sleep(fault.latency_ms / 1000)
-        if st.token and self.headers.get("Authorization") != f"Bearer {st.token}":
+        token = st.tokens.get(target, "")
+        if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
             return 401, b'{"error": "bad token"}', {}
         if target == "success":
             sig = self.headers.get("X-Tallyflow-Signature", "")
@@ -231,8 +248,16 @@ class _Server(ThreadingHTTPServer):
 class Sandbox:
     """A sandbox on a loopback port: `with Sandbox() as sb: sb.url`."""
 
-    def __init__(self, port: int = 0, hmac_key: bytes = b"", token: str = "", host: str = "127.0.0.1") -> None:
-        self.state = SandboxState(hmac_key, token)
+    def __init__(
+        self,
+        port: int = 0,
+        hmac_key: bytes = b"",
+        crm_token: str = "",
+        erp_token: str = "",
+        admin_token: str = "",
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.state = SandboxState(hmac_key, crm_token, erp_token, admin_token)
         self.server = _Server((host, port), _Handler)
         self.server.state = self.state
         self.thread = threading.Thread(target=self.server.serve_forever, name="sandbox", daemon=True)
@@ -293,11 +318,12 @@ def _page(s: dict[str, Any]) -> str:
 class SandboxClient:
     """Drives a sandbox running in another process (`tallyflow sandbox`) over its API."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, admin_token: str = "") -> None:
         import httpx
 
         self.url = url
-        self.http = httpx.Client(base_url=url, timeout=30)
+        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        self.http = httpx.Client(base_url=url, timeout=30, headers=headers)
 
     def fault(self, target: str, mode: str, **kw: Any) -> None:
         self.http.post("/api/faults", json={"target": target, "mode": mode, **kw}).raise_for_status()

@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from schemas.errors import TallyflowError
+from tallyflow import kafka
 
 
-class StackError(RuntimeError):
-    pass
+class StackError(TallyflowError):
+    """The local stack could not start; the message says what to install or run."""
 
 
 def free_port() -> int:
@@ -95,7 +96,7 @@ class LocalStack:
             start_new_session=True,
         )
         self.procs.append(broker)
-        admin = AdminClient({"bootstrap.servers": self.brokers})
+        admin = kafka.admin(self.brokers)
         _wait(lambda: _port_open(self.kafka_port) and admin.list_topics(timeout=1) is not None, "tansu broker", 20, broker)
         if self.redis:
             self.redis_port = self.redis_port or free_port()
@@ -144,19 +145,4 @@ class LocalStack:
         self.stop()
 
     def create_topics(self, topics: Mapping[str, int]) -> None:
-        create_topics(self.brokers, topics)
-
-
-def create_topics(brokers: str, topics: Mapping[str, int], config: Mapping[str, str] | None = None) -> None:
-    """Create topics that do not exist yet (name -> partitions); existing ones are kept."""
-    admin = AdminClient({"bootstrap.servers": brokers, **(config or {})})
-    existing = set(admin.list_topics(timeout=10).topics)
-    new = [NewTopic(name, n, 1) for name, n in topics.items() if name not in existing]
-    if not new:
-        return
-    for name, fut in admin.create_topics(new).items():
-        try:
-            fut.result(15)
-        except Exception as e:
-            if "TOPIC_ALREADY_EXISTS" not in str(e):
-                raise StackError(f"could not create topic {name}: {e}") from e
+        kafka.ensure_topics(self.brokers, topics)

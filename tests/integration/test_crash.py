@@ -20,8 +20,8 @@ from confluent_kafka import Producer
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter
 from tallyflow.generator import GenSpec, produce
+from tallyflow.kafka import read_topic
 from tallyflow.pipeline import LocalPipeline, wait_until
-from tallyflow.topics import read_topic
 from tests.reference import expected
 
 ROOT = Path(__file__).resolve().parents[2]

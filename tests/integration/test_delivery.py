@@ -22,11 +22,11 @@ from confluent_kafka import Producer
 
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
 from tallyflow.config import Settings, to_env
+from tallyflow.kafka import read_topic
 from tallyflow.pipeline import FLOWS, wait_until
 from tallyflow.reconcile import rated_and_acknowledged
 from tallyflow.sandbox import Sandbox
 from tallyflow.stack import LocalStack
-from tallyflow.topics import read_topic
 
 HMAC_KEY = "test-hmac-key"
 

@@ -19,8 +19,8 @@ import msgspec
 from schemas.catalog import load_catalog
 from schemas.outputs import RatedUsageLine, ThresholdAlert
 from tallyflow.generator import GenSpec, produce
+from tallyflow.kafka import read_topic
 from tallyflow.pipeline import FLOWS, LocalPipeline, wait_until
-from tallyflow.topics import read_topic
 from tests.prometheus import Prometheus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine, ThresholdAlert
 from tallyflow.config import Settings, to_env
 from tallyflow.generator import GenSpec, produce
+from tallyflow.kafka import read_topic
 from tallyflow.reconcile import compare, rated_and_acknowledged, recount
 from tallyflow.reconcile import main as reconcile_main
-from tallyflow.topics import read_topic
 from tests.reference import expected
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,10 +29,10 @@ from sinks.dedup_store import DedupStore
 from sinks.register import EmissionRegister
 from tallyflow import dlq
 from tallyflow.config import Settings, to_env
+from tallyflow.kafka import log_ends, read_topic
 from tallyflow.pipeline import FLOWS, scrape, wait_until
 from tallyflow.replay import replay
 from tallyflow.stack import LocalStack, free_port, redis_binary
-from tallyflow.topics import log_ends, read_topic
 from tests.helpers import CATALOG, UPGRADE_AT, ev
 
 D = Decimal

@@ -22,9 +22,9 @@ from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from tallyflow.config import Settings
 from tallyflow.generator import GenSpec, produce
+from tallyflow.kafka import read_topic
 from tallyflow.pipeline import scrape, wait_until
 from tallyflow.stack import LocalStack, free_port
-from tallyflow.topics import read_topic
 from tests.k8s import mounted_files, pod_env, render
 
 STS = "tallyflow-rating"

@@ -110,3 +110,15 @@ def test_the_watch_notices_a_new_replica_count(api: _Api) -> None:
     assert w.changed() == 4
     api.status = 500  # an API hiccup is not a resize
     assert w.changed() is None
+
+
+def test_a_rotated_service_account_token_is_read_again(api: _Api, tmp_path: Path) -> None:
+    """Projected tokens rotate under a running pod; a cached one would start failing with 401."""
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    kube = KubeApi(api.url, token_file=token)
+    api.replicas["tallyflow-rating"] = 2
+    kube.replicas("prod", "tallyflow-rating")
+    token.write_text("second\n")
+    kube.replicas("prod", "tallyflow-rating")
+    assert [auth for _, auth in api.seen] == ["Bearer first", "Bearer second"]

@@ -45,3 +45,34 @@ def test_recovery_is_assumed_unless_clearly_absent():
     assert recovery_configured([*run, "-r", "/data"], {})
     assert recovery_configured([*run, "--recovery-directory=/data"], {})
     assert recovery_configured(run, {"BYTEWAX_RECOVERY_DIRECTORY": "/data"})
+
+
+def test_credentials_inside_urls_are_masked_and_may_come_from_files(tmp_path):
+    redis = tmp_path / "redis_url"
+    redis.write_text("redis://:s3cret@redis:6379/0\n")
+    sasl = tmp_path / "sasl"
+    sasl.write_text("hunter2\n")
+    s = load_settings(
+        {
+            "TALLYFLOW_REDIS_URL_FILE": str(redis),
+            "TALLYFLOW_KAFKA_SASL_PASSWORD_FILE": str(sasl),
+            "TALLYFLOW_ERP_URL": "https://svc:pa55@erp.example.com/api",
+        }
+    )
+    assert s.redis_url == "redis://:s3cret@redis:6379/0" and s.kafka["sasl.password"] == "hunter2"
+    shown = str(s.masked())
+    assert "s3cret" not in shown and "pa55" not in shown and "hunter2" not in shown
+    assert s.masked()["erp_url"] == "https://svc:***@erp.example.com/api"
+
+
+def test_an_unknown_variable_is_warned_about_with_the_closest_name(capsys):
+    load_settings({"TALLYFLOW_BROKER": "kafka:9092", "TALLYFLOW_MAX_DEPTHH": "3"})
+    err = capsys.readouterr().err
+    assert "TALLYFLOW_BROKER is not a setting" in err and "did you mean TALLYFLOW_BROKERS?" in err
+    assert "did you mean TALLYFLOW_MAX_DEPTH?" in err
+
+
+def test_input_limits_come_from_settings():
+    s = load_settings({"TALLYFLOW_MAX_MESSAGE_BYTES": "4096", "TALLYFLOW_MAX_QUANTITY": "1000", "TALLYFLOW_MAX_FUTURE_SECONDS": "0"})
+    lim = s.limits()
+    assert (lim.max_message_bytes, str(lim.max_quantity), lim.max_future_seconds) == (4096, "1000", 0.0)

@@ -1,5 +1,6 @@
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,3 +80,13 @@ def test_micro_batcher_closes_on_size_or_on_age_of_the_first_item():
     assert mb.deadline() is None
     assert mb.add(3, now=20) is None and mb.add(4, now=20) is None
     assert mb.add(5, now=20) == [3, 4, 5]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400", "Thu, 01 Jan 2099 00:00:00 GMT", "999999999"])
+def test_retry_after_is_capped_however_absurd(value):
+    """`inf` used to crash a worker in sleep(); a date in 2099 slept for 70 years."""
+    assert retry_after({"Retry-After": value}, now=1792567680.0, cap=60.0) == 60.0
+
+
+def test_a_negative_retry_after_means_now():
+    assert retry_after({"Retry-After": "-5"}, cap=60.0) == 0.0

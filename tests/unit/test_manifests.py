@@ -612,6 +612,32 @@ def test_dev_is_self_contained():
     assert pod_spec(topics)["containers"][0]["args"][0] == "topics"
 
 
+def ingress_allowed(docs, labels, port, source_labels):
+    return any(
+        port_allowed(r, port) and "from" in r and peer_selects(r["from"], source_labels) for r in policies_for(docs, labels, "Ingress")
+    )
+
+
+def test_dev_stack_pods_accept_only_tallyflow_pods():
+    """Kafka, Redis and the sandbox of the dev overlay sit behind default deny: only Tallyflow's
+    pods reach them, each on its own port (a stray pod in the namespace reaches none)."""
+    docs = render("dev")
+    tallyflow = pod_labels(named(docs, "StatefulSet", "tallyflow-rating"))
+    stranger = {"app": "stranger"}
+    for name, port in (("kafka", 9092), ("redis", 6379), ("sandbox", 8787)):
+        (w,) = [w for w in workloads(docs) if w["metadata"]["name"] == name]
+        labels = pod_labels(w)
+        deny = [
+            np
+            for np in of_kind(docs, "NetworkPolicy")
+            if selects(np["spec"]["podSelector"], labels) and not np["spec"].get("ingress") and "Ingress" in np["spec"]["policyTypes"]
+        ]
+        assert deny, f"{name}: no default-deny policy"
+        assert ingress_allowed(docs, labels, port, tallyflow), f"{name}: Tallyflow cannot reach port {port}"
+        assert not ingress_allowed(docs, labels, port, stranger), f"{name}: any pod may reach port {port}"
+        assert egress_allowed(docs, tallyflow, port, labels), f"Tallyflow may not send to {name}:{port}"
+
+
 def test_prod_uses_external_endpoints_shared_rwx_storage_and_spreads_rating():
     docs = render("prod")
     assert {d["metadata"].get("namespace") for d in docs} == {"tallyflow"}

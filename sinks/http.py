@@ -41,6 +41,7 @@ class Destination:
         self.backoff = Backoff(s.retry_base_seconds, s.retry_cap_seconds)
         self.breaker = CircuitBreaker(s.breaker_threshold, s.breaker_reset_seconds)
         self.token = token
+        self.retry_after_cap = s.retry_after_cap_seconds
         self.sleep = sleep
         self.seconds = REQUEST_SECONDS.labels(name)
         self.counts = {v: REQUESTS.labels(name, v) for v in ("ok", "retry", "reject")}
@@ -66,7 +67,7 @@ class Destination:
             except httpx.TransportError as e:  # timeouts and connection errors: retry
                 status, rh, text = None, {}, f"{type(e).__name__}: {e}"
             self.seconds.observe(time.perf_counter() - t0)
-            verdict, wait = classify(status, rh)
+            verdict, wait = classify(status, rh, cap=self.retry_after_cap)
             self.counts[verdict].inc()
             if verdict != "retry":
                 self.breaker.success()  # on a reject the remote is up; the request is what is wrong

@@ -23,16 +23,23 @@ WORKDIR /src
 # sources replace the stand-ins below. Runtime dependencies only: no `dev` or `local`
 # extras (the local Tansu broker is not part of the image).
 COPY pyproject.toml README.md ./
-RUN for pkg in tallyflow dataflows operators sinks schemas; do mkdir -p "$pkg" && touch "$pkg/__init__.py"; done \
+ARG PACKAGES="schemas operators runtime state sinks connectors dataflows ops devkit tallyflow"
+RUN for pkg in $PACKAGES; do mkdir -p "$pkg" && touch "$pkg/__init__.py"; done \
     && pip install --no-cache-dir . \
     && pip uninstall --yes tallyflow \
-    && rm -rf tallyflow dataflows operators sinks schemas build ./*.egg-info
+    && rm -rf $PACKAGES build ./*.egg-info
 
-COPY tallyflow/ tallyflow/
-COPY dataflows/ dataflows/
-COPY operators/ operators/
-COPY sinks/ sinks/
+# The packages, bottom to top (see ARCHITECTURE.md).
 COPY schemas/ schemas/
+COPY operators/ operators/
+COPY runtime/ runtime/
+COPY state/ state/
+COPY sinks/ sinks/
+COPY connectors/ connectors/
+COPY dataflows/ dataflows/
+COPY ops/ ops/
+COPY devkit/ devkit/
+COPY tallyflow/ tallyflow/
 # Non-editable; pip compiles the bytecode at install time (the runtime root file system is
 # read-only, so nothing could be compiled later).
 RUN pip install --no-cache-dir --no-deps . \

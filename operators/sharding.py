@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zlib
 
-from operators.validate import Accepted
+from schemas.records import Accepted
 
 
 class Sharder:

@@ -25,25 +25,7 @@ from operators.jsonscan import array_elements, nesting_depth
 from operators.stats import Stats
 from schemas.events import EventDecoder, Identity, InputLimits, quantity_type, unique_type
 from schemas.outputs import DeadLetter, DeadLetterReason
-
-
-class Accepted(msgspec.Struct, gc=False):
-    """A schema-valid, enriched event on its way to its tenant's shard. It holds ids, not
-    catalog objects, because batches cross workers."""
-
-    tenant_id: str
-    pricing_version: str
-    key: str  # dedup key within the tenant: source + id
-    event_id: str
-    ts_ms: int
-    values: list[tuple[str, Any]]  # (meter slug, quantity or unique value)
-    payload: bytes
-    topic: str
-    partition: int
-    offset: int
-    index: int | None
-    seen: bool = False  # the long-horizon dedup store has this key from another position
-    asked: bool = False  # the store was asked (and so has recorded it)
+from schemas.records import Accepted
 
 
 class _Reject(Exception):

@@ -1,5 +1,2 @@
-"""Adapters that talk to the outside world (CRM, customer-success tool, ERP).
-
-The rating dataflow's outputs are Kafka topics (an outbox); delivery to HTTP endpoints is
-the "Delivery" milestone and lives here.
-"""
+"""Destinations: every place Tallyflow delivers to (the Kafka outbox, the CRM, the
+customer-success tool, the ERP) behind one protocol (`sinks.base`)."""

@@ -1,3 +1,6 @@
-"""Tallyflow: usage telemetry from Kafka to alerts, rated usage and dead letters."""
+"""The `tallyflow` command: the front door to every dataflow, operations tool and the local
+development kit. It sits on top of everything else (see ARCHITECTURE.md)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("tallyflow")

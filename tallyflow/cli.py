@@ -1,4 +1,9 @@
-"""`tallyflow` command line: run dataflows, generate traffic, the local stack, checks."""
+"""The `tallyflow` command: every dataflow, operations tool and the local development kit.
+
+Every subcommand's `--help` lists its options; every error a person must fix
+(`TallyflowError`: a setting, the catalog, an unreachable broker) is one line on stderr and
+exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +15,43 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from dataflows import FLOWS
+from runtime import kafka
+from runtime.settings import ConfigError, load_settings
 from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
-from tallyflow import kafka
-from tallyflow.config import ConfigError, kafka_config, load_settings
+
+OVERVIEW = """\
+run the pipeline:      rate, deliver alerts, deliver erp
+operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq
+develop and try it:    stack, sandbox, generate, demo, bench
+
+Settings come from TALLYFLOW_* variables (and an optional YAML file named by
+TALLYFLOW_CONFIG); `tallyflow config` prints them. See README.md and ARCHITECTURE.md."""
+
+BYTEWAX_HELP = """\
+Any further arguments go to `python -m bytewax.run` unchanged, e.g. -w N (workers; prefer
+processes, one worker each: they share no GIL), -i I -a HOST:PORT,... (a cluster of
+processes), -r DIR -s SECONDS -b SECONDS (recovery; added for you when
+TALLYFLOW_RECOVERY_DIR is set). In a StatefulSet pod the cluster comes from the pod's
+environment. SIGTERM or Ctrl-C stop it; the next start resumes from the last snapshot."""
 
 
-def _with_brokers(fn: Callable[[list[str]], int], rest: list[str]) -> int:
-    """Commands that need the brokers stop at once, with one line, when they do not answer."""
-    if not {"-h", "--help"} & set(rest):
-        kafka.ensure_reachable(kafka_config(load_settings()))
-    return fn(rest)
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default where it has a meaningful one."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=36)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {default})"
+
+
+# -- the dataflows ---------------------------------------------------------------------------
 
 
 def _run_flow(name: str, rest: list[str]) -> int:
@@ -29,34 +60,69 @@ def _run_flow(name: str, rest: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # PID 1 in a pod: stop even before Bytewax runs
     s = load_settings()
     if name == "rate":
-        load_catalog(s.catalog)  # fail fast, with the field named, before Bytewax starts
-    kafka.ensure_reachable(kafka_config(s))
-    from tallyflow.cluster import prepare
-    from tallyflow.pipeline import FLOWS
-    from tallyflow.recovery import bytewax_args
+        load_catalog(s.process.catalog)  # fail fast, with the field named, before Bytewax starts
+    kafka.ensure_reachable(s.kafka.config())
+    from runtime.cluster import prepare
+    from runtime.recovery import bytewax_args
 
-    replicas = prepare(os.environ, s.cluster_port)  # in a StatefulSet pod: the Bytewax address list
+    replicas = prepare(os.environ, s.process.cluster_port)  # in a StatefulSet pod: the Bytewax address list
     args = [*bytewax_args(s, rest), *rest]
-    print(json.dumps({"tallyflow": name, "settings": s.masked(), "bytewax": args, "replicas": replicas}), file=sys.stderr, flush=True)
+    cluster = f", a cluster of {replicas}" if replicas else ""
+    print(f"tallyflow {name}: bytewax.run {FLOWS[name]} {' '.join(args)}{cluster}".rstrip(), file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *args])
     return 0  # pragma: no cover
 
 
-def _sandbox(a: argparse.Namespace) -> int:
-    from tallyflow.sandbox import Sandbox
+# -- operating it ----------------------------------------------------------------------------
+
+
+def _topics(a: argparse.Namespace) -> int:
+    s = load_settings()
+    kafka.ensure_reachable(s.kafka.config())
+    t = s.topics
+    wanted = {t.input: a.partitions, **dict.fromkeys((t.alerts, t.rated, t.dlq, t.exceptions), a.output_partitions)}
+    short = 0
+    for r in kafka.ensure_topics(s.kafka.config(), wanted):
+        print(f"{r.name}: {'created' if r.created else 'already existed'} with {r.partitions} partition(s)", end="")
+        print(f"; {wanted[r.name]} asked, but {r.problem}" if r.problem else "")
+        short += bool(r.problem)
+    return 1 if short else 0
+
+
+def _config(a: argparse.Namespace) -> int:
+    print(json.dumps(load_settings().masked(), indent=2))
+    return 0
+
+
+def _check_catalog(a: argparse.Namespace) -> int:
+    cat = load_catalog(a.path or load_settings().process.catalog)
+    print(f"catalog OK: {len(cat.meters)} meters, {len(cat.plans)} plans, {len(cat.tenants)} tenants")
+    return 0
+
+
+def _recovery(a: argparse.Namespace) -> int:
+    from runtime.recovery import ensure_partitions
 
     s = load_settings()
-    with Sandbox(
-        a.port,
-        hmac_key=s.success_hmac_key.encode(),
-        crm_token=s.crm_token,
-        erp_token=s.erp_token,
-        admin_token=s.sandbox_admin_token,
-        host=a.host,
-    ) as sb:
-        print(f"sandbox on {sb.url} (open it in a browser); Ctrl-C stops it", flush=True)
-        _wait_for_stop()
+    d = a.dir or s.process.recovery_dir
+    if not d:
+        raise ConfigError("no recovery directory: pass one or set TALLYFLOW_RECOVERY_DIR")
+    n = a.partitions or s.process.recovery_partitions
+    print(f"{d}: {'initialised ' + str(n) + ' partition(s)' if ensure_partitions(d, n) else 'partitions exist, left as they are'}")
     return 0
+
+
+def _with_brokers(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Tools that need the brokers stop at once, with one line, when they do not answer."""
+
+    def wrapped(a: argparse.Namespace) -> int:
+        kafka.ensure_reachable(load_settings().kafka.config())
+        return run(a)
+
+    return wrapped
+
+
+# -- the local development kit --------------------------------------------------------------
 
 
 def _wait_for_stop() -> None:
@@ -67,10 +133,42 @@ def _wait_for_stop() -> None:
     signal.sigwait(signals)
 
 
-def _generate(a: argparse.Namespace) -> int:
-    from tallyflow.generator import GenSpec, produce
+def _stack(a: argparse.Namespace) -> int:
+    from devkit.stack import LocalStack
+
+    with LocalStack(redis=not a.no_redis) as st:
+        t = load_settings(brokers=st.brokers).topics
+        st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1})
+        print(f"export TALLYFLOW_BROKERS={st.brokers}")
+        if not a.no_redis:
+            print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
+        print(f"# local stack running; topics created ({t.input} with {a.partitions} partitions); Ctrl-C stops it", flush=True)
+        _wait_for_stop()
+    return 0
+
+
+def _sandbox(a: argparse.Namespace) -> int:
+    from devkit.sandbox import Sandbox
 
     s = load_settings()
+    with Sandbox(
+        a.port,
+        hmac_key=s.success.hmac_key.encode(),
+        crm_token=s.crm.token,
+        erp_token=s.erp.token,
+        admin_token=s.sandbox.admin_token,
+        host=a.host,
+    ) as sb:
+        print(f"sandbox on {sb.url} (open it in a browser); Ctrl-C stops it", flush=True)
+        _wait_for_stop()
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from devkit.generator import GenSpec, produce
+
+    s = load_settings()
+    kafka.ensure_reachable(s.kafka.config())
     spec = GenSpec(
         total=a.total,
         tenants=a.tenants,
@@ -82,155 +180,99 @@ def _generate(a: argparse.Namespace) -> int:
         start=datetime.fromisoformat(a.start) if a.start else GenSpec.start,
         span=timedelta(seconds=a.span) if a.span else timedelta(seconds=a.total / (a.rate or 20_000)),
     )
-    kafka.ensure_reachable(kafka_config(s))
-    res = produce(s.brokers, a.topic or s.input_topic, spec, load_catalog(s.catalog), config=s.kafka, progress=True)
-    print(
-        json.dumps(
-            {
-                "produced": res.produced,
-                "kinds": res.kinds,
-                "end_offsets": res.end_offsets,
-                "events_per_s": round(res.produced / res.seconds),
-            }
-        )
+    cat = load_catalog(s.process.catalog)
+    res = produce(s.kafka.brokers, a.topic or s.topics.input, spec, cat, config=s.kafka.librdkafka, progress=True)
+    out = {"produced": res.produced, "kinds": res.kinds, "end_offsets": res.end_offsets, "events_per_s": round(res.produced / res.seconds)}
+    print(json.dumps(out))
+    return 0
+
+
+# -- the parser ----------------------------------------------------------------------------------
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    g = sub.add_parser("generate", help="produce synthetic usage events to the input topic", formatter_class=_Formatter)
+    g.add_argument("--total", type=int, default=100_000, help="events to produce")
+    g.add_argument("--tenants", type=int, default=1000, help="tenants of the catalog that send them")
+    g.add_argument("--duplicates", type=float, default=1.0, help="percent sent twice")
+    g.add_argument("--late", type=float, default=0.5, help="percent with an event time minutes to hours late")
+    g.add_argument("--malformed", type=float, default=0.1, help="percent malformed (each a dead letter)")
+    g.add_argument("--seed", type=int, default=7, help="same seed, same traffic")
+    g.add_argument("--rate", type=float, default=None, help="events/s (default: as fast as possible)")
+    g.add_argument("--start", default=None, help="event time of the first event, RFC 3339 (default: 2026-10-31T12:00Z)")
+    g.add_argument("--span", type=float, default=None, help="seconds of event time the events cover (default: total / 20k)")
+    g.add_argument("--topic", default=None, help="topic to produce to (default: TALLYFLOW_INPUT_TOPIC)")
+    g.set_defaults(run=_generate)
+
+
+def parser() -> argparse.ArgumentParser:
+    from devkit import bench, demo
+    from ops import dlq, reconcile, replay
+
+    ap = argparse.ArgumentParser(
+        prog="tallyflow",
+        description="Usage telemetry from Kafka to threshold alerts, rated usage and dead letters.",
+        epilog=OVERVIEW,
+        formatter_class=_Formatter,
     )
-    return 0
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
+    def cmd(name: str, help: str, run: Callable[[argparse.Namespace], int], doc: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=doc or help, formatter_class=_Formatter)
+        p.set_defaults(run=run)
+        return p
 
-def _stack(a: argparse.Namespace) -> int:
-    from tallyflow.stack import LocalStack
+    r = cmd("rate", "run the rating dataflow (tails the input topic)", lambda a: _run_flow("rate", a.bytewax))
+    r.usage, r.epilog = "tallyflow rate [BYTEWAX OPTIONS]", BYTEWAX_HELP
+    d = cmd("deliver", "run a delivery dataflow: alerts (CRM, success tool) or erp", lambda a: _run_flow(a.what, a.bytewax))
+    d.usage, d.epilog, d.formatter_class = (
+        "tallyflow deliver {alerts,erp} [BYTEWAX OPTIONS]",
+        BYTEWAX_HELP,
+        argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("what", choices=["alerts", "erp"], help="alerts: to the CRM and the success tool; erp: rated usage to the ERP")
 
-    with LocalStack(redis=not a.no_redis) as st:
-        s = load_settings(brokers=st.brokers)
-        st.create_topics({s.input_topic: a.partitions, s.alerts_topic: 1, s.rated_topic: 1, s.dlq_topic: 1})
-        print(f"export TALLYFLOW_BROKERS={st.brokers}")
-        if not a.no_redis:
-            print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
-        print("# local stack running; Ctrl-C stops it", flush=True)
-        _wait_for_stop()
-    return 0
+    t = cmd("topics", "create the input and output topics on TALLYFLOW_BROKERS and say what they have", _topics)
+    t.add_argument("--partitions", type=int, default=12, help="partitions of the input topic (the most useful rating workers)")
+    t.add_argument("--output-partitions", type=int, default=3, help="partitions of each output topic")
+    cmd("config", "print the effective configuration by variable name (secrets masked)", _config)
+    c = cmd("check-catalog", "validate a catalog file; a problem is named with its field and the fix", _check_catalog)
+    c.add_argument("path", nargs="?", help="catalog file (default: TALLYFLOW_CATALOG)")
+    rc = cmd("recovery", "set up a Bytewax recovery store: `recovery init [DIR] [--partitions N]`", _recovery)
+    rc.add_argument("action", choices=["init"], help="init: create the partitions unless some exist")
+    rc.add_argument("dir", nargs="?", help="recovery directory (default: TALLYFLOW_RECOVERY_DIR)")
+    rc.add_argument("--partitions", type=int, default=None, help="partitions to create (default: TALLYFLOW_RECOVERY_PARTITIONS)")
+    for mod, name, what in (
+        (reconcile, "reconcile", "source = rated = ERP-acknowledged totals per tenant, meter and period"),
+        (replay, "replay", "re-rate billing periods from the input topic; differences go out as corrections"),
+        (dlq, "dlq", "dead letters by reason and tenant; --redrive sends fixed ones back to the input topic"),
+    ):
+        mod.add_arguments(cmd(name, what, _with_brokers(mod.run), mod.__doc__))
 
-
-def _topics(a: argparse.Namespace) -> int:
-    s = load_settings()
-    kafka.ensure_reachable(kafka_config(s))
-    wanted = {s.input_topic: a.partitions}
-    for t in (s.alerts_topic, s.rated_topic, s.dlq_topic, s.exceptions_topic):
-        wanted[t] = a.output_partitions
-    short = 0
-    for r in kafka.ensure_topics(kafka_config(s), wanted):
-        print(f"{r.name}: {'created' if r.created else 'already existed'} with {r.partitions} partition(s)", end="")
-        print(f"; {wanted[r.name]} asked, but {r.problem}" if r.problem else "")
-        short += bool(r.problem)
-    return 1 if short else 0
-
-
-def _recovery(a: argparse.Namespace) -> int:
-    from tallyflow.recovery import ensure_partitions
-
-    s = load_settings()
-    d = a.dir or s.recovery_dir
-    if not d:
-        raise ConfigError("no recovery directory: pass one or set TALLYFLOW_RECOVERY_DIR")
-    n = a.partitions or s.recovery_partitions
-    print(f"{d}: {'initialised ' + str(n) + ' partition(s)' if ensure_partitions(d, n) else 'partitions exist, left as they are'}")
-    return 0
+    st = cmd("stack", "run a local broker and redis-server until Ctrl-C; prints the variables to export", _stack)
+    st.add_argument("--partitions", type=int, default=4, help="partitions of the input topic it creates")
+    st.add_argument("--no-redis", action="store_true", help="the broker only")
+    sb = cmd("sandbox", "local CRM, success-tool and ERP endpoints with fault injection, until Ctrl-C", _sandbox)
+    sb.add_argument("--port", type=int, default=8787, help="port to listen on")
+    sb.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
+    _add_generate(sub)
+    for mod, name, what in (
+        (demo, "demo", "the whole pipeline locally on embedded defaults, then a summary"),
+        (bench, "bench", "throughput and latency against the lean reference loop, as one JSON object"),
+    ):
+        mod.add_arguments(cmd(name, what, mod.run, mod.__doc__))
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["rate"]:
-        return _guard(lambda: _run_flow("rate", argv[1:]))
-    if argv[:1] == ["deliver"] and argv[1:2] and argv[1] in ("alerts", "erp"):
-        return _guard(lambda: _run_flow(argv[1], argv[2:]))
-    ap = argparse.ArgumentParser(prog="tallyflow", description="Usage telemetry to alerts, rated usage and dead letters.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("rate", help="run the rating dataflow (any further arguments go to bytewax.run)")
-    sub.add_parser("deliver", help="deliver alerts (`deliver alerts`) or rated usage (`deliver erp`); further arguments go to bytewax.run")
-    sb = sub.add_parser("sandbox", help="local CRM, success-tool and ERP endpoints with fault injection")
-    sb.add_argument("--port", type=int, default=8787)
-    sb.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    g = sub.add_parser("generate", help="produce synthetic usage events to the input topic")
-    g.add_argument("--total", type=int, default=100_000)
-    g.add_argument("--tenants", type=int, default=1000)
-    g.add_argument("--duplicates", type=float, default=1.0, help="percent")
-    g.add_argument("--late", type=float, default=0.5, help="percent")
-    g.add_argument("--malformed", type=float, default=0.1, help="percent")
-    g.add_argument("--seed", type=int, default=7)
-    g.add_argument("--rate", type=float, default=None, help="events/s (default: as fast as possible)")
-    g.add_argument("--start", default=None, help="event time of the first event, RFC 3339")
-    g.add_argument("--span", type=float, default=None, help="seconds of event time the events cover")
-    g.add_argument("--topic", default=None)
-    st = sub.add_parser("stack", help="run a local broker (and redis) until Ctrl-C")
-    st.add_argument("--partitions", type=int, default=4)
-    st.add_argument("--no-redis", action="store_true")
-    t = sub.add_parser("topics", help="create the input and output topics on TALLYFLOW_BROKERS")
-    t.add_argument("--partitions", type=int, default=12)
-    t.add_argument("--output-partitions", type=int, default=3)
-    c = sub.add_parser("check-catalog", help="validate a catalog file")
-    c.add_argument("path", nargs="?")
-    sub.add_parser("config", help="print the effective configuration (secrets masked)")
-    sub.add_parser("demo", help="the whole pipeline locally, then a summary")
-    sub.add_parser("bench", help="dataflow vs hand-written loop throughput, as JSON")
-    sub.add_parser("reconcile", help="source = rated = ERP-acknowledged totals per tenant, meter and period")
-    sub.add_parser("replay", help="re-rate a period from the input topic; differences go out as corrections (--dry-run)")
-    sub.add_parser("dlq", help="dead letters by reason and tenant; --redrive sends fixed ones back to the input topic")
-    rc = sub.add_parser("recovery", help="recovery store: `recovery init [DIR] [--partitions N]`")
-    rc.add_argument("action", choices=["init"])
-    rc.add_argument("dir", nargs="?")
-    rc.add_argument("--partitions", type=int, default=None)
-    a, rest = ap.parse_known_args(argv)
-    if a.cmd == "demo":
-        from tallyflow import demo
-
-        return demo.main(rest)
-    if a.cmd == "bench":
-        from tallyflow import bench
-
-        return bench.main(rest)
-    if a.cmd == "reconcile":
-        from tallyflow import reconcile
-
-        return _guard(lambda: _with_brokers(reconcile.main, rest))
-    if a.cmd == "replay":
-        from tallyflow.replay import main as replay_main
-
-        return _guard(lambda: _with_brokers(replay_main, rest))
-    if a.cmd == "dlq":
-        from tallyflow import dlq
-
-        return _guard(lambda: _with_brokers(dlq.main, rest))
-    if rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    if a.cmd == "recovery":
-        return _guard(lambda: _recovery(a))
-    if a.cmd == "generate":
-        return _guard(lambda: _generate(a))
-    if a.cmd == "stack":
-        return _stack(a)
-    if a.cmd == "sandbox":
-        return _sandbox(a)
-    if a.cmd == "deliver":
-        ap.error("deliver needs a destination class: alerts or erp")
-    if a.cmd == "topics":
-        return _guard(lambda: _topics(a))
-    if a.cmd == "config":
-        return _guard(lambda: print(json.dumps(load_settings().masked(), indent=2)) or 0)
-    if a.cmd == "check-catalog":
-
-        def check() -> int:
-            cat = load_catalog(a.path or load_settings().catalog)
-            print(f"catalog OK: {len(cat.meters)} meters, {len(cat.plans)} plans, {len(cat.tenants)} tenants")
-            return 0
-
-        return _guard(check)
-    return 2  # pragma: no cover
-
-
-def _guard(fn: object) -> int:
-    """Configuration and catalog errors end the process with their message, not a traceback."""
+    p = parser()
+    a, rest = p.parse_known_args(argv)
+    if rest and a.cmd not in ("rate", "deliver"):
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    a.bytewax = rest  # rate and deliver hand them to bytewax.run
     try:
-        return int(fn())  # type: ignore[operator]
+        return int(a.run(a))
     except TallyflowError as e:
         print(f"tallyflow: {e}", file=sys.stderr)
         return 2

@@ -9,11 +9,12 @@ from typing import Any
 import orjson
 
 from operators.catalog_index import CatalogIndex
-from operators.rating import EngineConfig, ShardEngine
+from operators.engine import EngineConfig, ShardEngine
 from operators.stats import Stats
-from operators.validate import Accepted, Validator
+from operators.validate import Validator
 from schemas.catalog import parse_catalog
 from schemas.outputs import DeadLetter
+from schemas.records import Accepted
 
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 UPGRADE_AT = datetime(2026, 3, 20, 0, 0, tzinfo=UTC)

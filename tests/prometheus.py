@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tallyflow.pipeline import wait_until
-from tallyflow.stack import free_port
+from devkit.pipeline import wait_until
+from devkit.stack import free_port
 
 
 class Prometheus:

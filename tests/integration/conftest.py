@@ -5,8 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tallyflow.config import Settings, load_settings
-from tallyflow.stack import LocalStack
+from devkit.stack import LocalStack
+from runtime.settings import Settings, load_settings
 
 
 @pytest.fixture(scope="session")
@@ -31,5 +31,5 @@ def settings(stack: LocalStack) -> Settings:
         grace_seconds=600,
         shards=8,
     )
-    stack.create_topics({s.input_topic: 3, s.alerts_topic: 1, s.rated_topic: 2, s.dlq_topic: 1})
+    stack.create_topics({s.topics.input: 3, s.topics.alerts: 1, s.topics.rated: 2, s.topics.dlq: 1})
     return s

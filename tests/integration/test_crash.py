@@ -17,11 +17,11 @@ import orjson
 import yaml
 from confluent_kafka import Producer
 
+from devkit.generator import GenSpec, produce
+from devkit.pipeline import LocalPipeline, wait_until
+from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter
-from tallyflow.generator import GenSpec, produce
-from tallyflow.kafka import read_topic
-from tallyflow.pipeline import LocalPipeline, wait_until
 from tests.reference import expected
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         )
         for name in ("rate", "alerts", "erp"):
             lp.start(name)
-        args = (s.brokers, s.input_topic, spec, load_catalog(s.catalog))
+        args = (s.kafka.brokers, s.topics.input, spec, load_catalog(s.process.catalog))
         gen = threading.Thread(target=produce, args=args, kwargs={"record": sent}, daemon=True)
         gen.start()
 
@@ -80,9 +80,9 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         lp.start("rate")
         kills.append("rate")
         copies = [v for v in rng.sample(sent, 2_000) if _subject(v)][:300]
-        p = Producer({"bootstrap.servers": s.brokers})
+        p = Producer({"bootstrap.servers": s.kafka.brokers})
         for v in copies:
-            p.produce(s.input_topic, v, _subject(v).encode())
+            p.produce(s.topics.input, v, _subject(v).encode())
         p.flush()
         sent += copies
 
@@ -121,7 +121,7 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         # once; dead letters (deduplicated by position: a replay writes them again) match
         # by reason; so duplicates = in - accepted - dead match too.
         assert sum(int(it["event_count"]) for it in erp.values()) == ref.accepted
-        dead = {(d.partition, d.offset, d.index): d.reason for d in map(_dead, read_topic(s.brokers, s.dlq_topic))}
+        dead = {(d.partition, d.offset, d.index): d.reason for d in map(_dead, read_topic(s.kafka.brokers, s.topics.dlq))}
         assert Counter(dead.values()) == Counter(ref.dead)
         assert len(sent) == ref.accepted + ref.duplicates + len(dead)
         assert sorted(kills) == ["alerts", "alerts", "erp", "erp", "rate", "rate", "rate"]

@@ -15,18 +15,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import orjson
 import pytest
 from confluent_kafka import Producer
 
+from dataflows import FLOWS
+from devkit.pipeline import wait_until
+from devkit.sandbox import Sandbox
+from devkit.stack import LocalStack
+from ops.reconcile import rated_and_acknowledged
+from runtime.kafka import read_topic
+from runtime.settings import Settings, to_env
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
-from tallyflow.config import Settings, to_env
-from tallyflow.kafka import read_topic
-from tallyflow.pipeline import FLOWS, wait_until
-from tallyflow.reconcile import rated_and_acknowledged
-from tallyflow.sandbox import Sandbox
-from tallyflow.stack import LocalStack
 
 HMAC_KEY = "test-hmac-key"
 
@@ -59,8 +59,7 @@ def sandbox() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def dsettings(settings: Settings, stack: LocalStack, sandbox: Sandbox) -> Settings:
-    s = msgspec.structs.replace(
-        settings,
+    s = settings.replace(
         redis_url=stack.redis_url,
         crm_url=sandbox.url,
         success_url=sandbox.url,
@@ -74,7 +73,7 @@ def dsettings(settings: Settings, stack: LocalStack, sandbox: Sandbox) -> Settin
         erp_batch_max_latency_seconds=0.3,
         erp_rate_per_second=50.0,
     )
-    stack.create_topics({s.exceptions_topic: 1})
+    stack.create_topics({s.topics.exceptions: 1})
     return s
 
 
@@ -94,7 +93,7 @@ def flows(tmp_path: Path) -> Iterator[Callable[[str, Settings], FlowProcess]]:
 
 def produce(s: Settings, topic: str, records: list[Any]) -> dict[str, float]:
     """Produce records keyed by tenant; returns id -> time it was handed to the broker."""
-    p = Producer({"bootstrap.servers": s.brokers, "linger.ms": 0})
+    p = Producer({"bootstrap.servers": s.kafka.brokers, "linger.ms": 0})
     sent: dict[str, float] = {}
     for r in records:
         p.produce(topic, ENCODER.encode(r), r.tenant_id.encode())
@@ -164,11 +163,11 @@ def test_alerts_flow_while_the_erp_is_down_and_the_backlog_drains_after(dsetting
     flows("erp", dsettings)
     flows("alerts", dsettings)
     backlog = lines(400, random.Random(1))
-    produce(dsettings, dsettings.rated_topic, backlog)
+    produce(dsettings, dsettings.topics.rated, backlog)
     wait_until(lambda: len(erp.requests) >= 3, 30, "the ERP delivery to be retrying against the outage")
 
     batch = alerts(40)
-    sent = produce(dsettings, dsettings.alerts_topic, batch)
+    sent = produce(dsettings, dsettings.topics.alerts, batch)
     wait_until(lambda: len(crm.accepted) == 40 and len(success.accepted) == 40, 30, "all alerts at CRM and success tool")
     latency = sorted(crm.accepted[a.alert_id]["received_at"] - sent[a.alert_id] for a in batch)
     assert latency[-1] < 2.0, f"alert latency grew while the ERP was down: max {latency[-1]:.3f}s"
@@ -197,11 +196,11 @@ def test_while_the_erp_is_down_the_backlog_waits_in_kafka_not_in_memory(dsetting
     proc = flows("erp", dsettings)
     rng = random.Random(5)
     first = lines(5_000, rng)
-    produce(dsettings, dsettings.rated_topic, first)
+    produce(dsettings, dsettings.topics.rated, first)
     wait_until(lambda: len(erp.requests) >= 4, 30, "the ERP delivery to be retrying")
     before = rss_mb(proc.p.pid)
     backlog = first + lines(60_000, rng)  # ~45 MB of lines arrive while the ERP is down
-    produce(dsettings, dsettings.rated_topic, backlog[5_000:])
+    produce(dsettings, dsettings.topics.rated, backlog[5_000:])
     n = len(erp.requests)
     wait_until(lambda: len(erp.requests) >= n + 4, 30, "more retries after the backlog grew")
     grown = rss_mb(proc.p.pid) - before
@@ -212,11 +211,11 @@ def test_while_the_erp_is_down_the_backlog_waits_in_kafka_not_in_memory(dsetting
 
 
 def test_429_storm_keeps_under_the_rate_limit_and_honours_retry_after(dsettings, sandbox, flows):
-    s = msgspec.structs.replace(dsettings, erp_rate_per_second=5.0, erp_batch_max_lines=20)
+    s = dsettings.replace(erp_rate_per_second=5.0, erp_batch_max_lines=20)
     erp = sandbox.state.endpoints["erp"]
     sandbox.fault("erp", "throttle", count=4, retry_after=0.6)
     backlog = lines(200, random.Random(2))
-    produce(s, s.rated_topic, backlog)
+    produce(s, s.topics.rated, backlog)
     flows("erp", s)
     wait_until(lambda: len(erp.accepted) == 200, 60, "all lines at the ERP")
     times = [t for t, _ in erp.requests]
@@ -231,28 +230,29 @@ def test_429_storm_keeps_under_the_rate_limit_and_honours_retry_after(dsettings,
 
 
 def test_a_rejected_batch_goes_to_the_exceptions_topic_and_the_rest_flows(dsettings, sandbox, flows):
-    s = msgspec.structs.replace(dsettings, erp_batch_max_lines=50)
+    s = dsettings.replace(erp_batch_max_lines=50)
     erp = sandbox.state.endpoints["erp"]
     sandbox.fault("erp", "reject", count=1)
     backlog = lines(200, random.Random(3))
-    produce(s, s.rated_topic, backlog)
+    produce(s, s.topics.rated, backlog)
     flows("erp", s)
     wait_until(lambda: len(erp.accepted) == 150, 60, "the accepted batches")
-    parked = wait_until(lambda: read_topic(s.brokers, s.exceptions_topic), 30, "the exception record")
+    parked = wait_until(lambda: read_topic(s.kafka.brokers, s.topics.exceptions), 30, "the exception record")
     assert len(parked) == 1
     rec = orjson.loads(parked[0])
     assert rec["destination"] == "erp" and rec["status"] == 422 and len(rec["ids"]) == 50
-    assert {ln["line_id"] for ln in rec["request"]["lines"]} == set(rec["ids"])
+    assert {ln["line_id"] for ln in rec["items"]} == set(rec["ids"]) == set(rec["reasons"])
+    assert all(r.startswith("422") for r in rec["reasons"].values())
     assert set(rec["ids"]).isdisjoint(erp.accepted)
     assert set(rec["ids"]) | set(erp.accepted) == {ln.line_id for ln in backlog}
 
 
 def test_delivery_killed_mid_batch_and_restarted_delivers_each_line_once(dsettings, sandbox, flows):
-    s = msgspec.structs.replace(dsettings, erp_batch_max_lines=50)
+    s = dsettings.replace(erp_batch_max_lines=50)
     erp = sandbox.state.endpoints["erp"]
     sandbox.fault("erp", "latency", latency_ms=1500)
     backlog = lines(200, random.Random(4))
-    produce(s, s.rated_topic, backlog)
+    produce(s, s.topics.rated, backlog)
     first = flows("erp", s)
     wait_until(lambda: erp.inflight >= 1, 30, "a batch in flight")
     first.kill9()  # the ERP finishes that request; the ledger never hears back
@@ -268,13 +268,13 @@ def test_delivery_killed_mid_batch_and_restarted_delivers_each_line_once(dsettin
 def test_alerts_are_delivered_once_across_a_restart(dsettings, sandbox, flows):
     crm, success = sandbox.state.endpoints["crm"], sandbox.state.endpoints["success"]
     batch = alerts(30)
-    produce(dsettings, dsettings.alerts_topic, batch)
+    produce(dsettings, dsettings.topics.alerts, batch)
     first = flows("alerts", dsettings)
     wait_until(lambda: len(crm.accepted) == 30 and len(success.accepted) == 30, 30, "first delivery")
     first.stop()
     flows("alerts", dsettings)  # re-reads the topic from the beginning
     more = alerts(5)
-    produce(dsettings, dsettings.alerts_topic, more)
+    produce(dsettings, dsettings.topics.alerts, more)
     wait_until(lambda: len(crm.accepted) == 35 and len(success.accepted) == 35, 30, "the new alerts")
     assert crm.duplicates == [] and success.duplicates == []
     # The ledger skipped what was acknowledged; an alert in doubt at the stop may be re-sent,
@@ -284,14 +284,14 @@ def test_alerts_are_delivered_once_across_a_restart(dsettings, sandbox, flows):
 
 
 def test_lines_pending_under_an_expired_intent_are_sent_afresh(dsettings, sandbox, flows):
-    from sinks.ledger import PENDING, Ledger
+    from state.ledger import PENDING, Ledger
 
     erp = sandbox.state.endpoints["erp"]
     backlog = lines(120, random.Random(6))
     # A previous process marked these pending, and the written-ahead body has since expired.
-    ledger = Ledger(dsettings.redis_url, 60, f"{dsettings.redis_prefix}:ledger")
+    ledger = Ledger(dsettings.stores)
     ledger.r.mset({ledger.key("erp", ln.line_id): PENDING + "expired-key" for ln in backlog[:70]})
-    produce(dsettings, dsettings.rated_topic, backlog)
+    produce(dsettings, dsettings.topics.rated, backlog)
     flows("erp", dsettings)
     wait_until(lambda: len(erp.accepted) == 120, 60, "every line, including the in-doubt ones")
     assert erp.duplicates == []

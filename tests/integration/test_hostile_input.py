@@ -19,12 +19,12 @@ import pytest
 from bytewax._bytewax import cli_main
 from confluent_kafka import Producer
 
-from dataflows.rating import build_flow
+from dataflows.rating import Bounds, build_flow
+from devkit.pipeline import wait_until
 from operators.stats import Stats
+from runtime.kafka import read_topic
+from runtime.settings import Settings, to_env
 from schemas.outputs import DeadLetter, RatedUsageLine
-from tallyflow.config import Settings, kafka_config, to_env
-from tallyflow.kafka import read_topic
-from tallyflow.pipeline import wait_until
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 TENANTS = ["t-0001", "t-0002", "t-0003", "t-0004"]
@@ -62,17 +62,17 @@ def poison() -> list[tuple[str, bytes]]:
 
 
 def produce(s: Settings, messages: list[bytes]) -> dict[int, int]:
-    p = Producer({"bootstrap.servers": s.brokers, "message.max.bytes": 5_000_000})
+    p = Producer({"bootstrap.servers": s.kafka.brokers, "message.max.bytes": 5_000_000})
     ends: dict[int, int] = {}
     for m in messages:
-        p.produce(s.input_topic, m, partition=0, on_delivery=lambda err, msg: ends.__setitem__(msg.partition(), msg.offset() + 1))
+        p.produce(s.topics.input, m, partition=0, on_delivery=lambda err, msg: ends.__setitem__(msg.partition(), msg.offset() + 1))
     assert p.flush(30) == 0
     return ends
 
 
 def test_one_message_of_each_poison_class_among_valid_events_is_one_dead_letter_each(settings: Settings):
     # Outputs must fit a producer limit far below the poison's size.
-    s = msgspec.structs.replace(settings, kafka={"message.max.bytes": "200000"})
+    s = settings.replace(kafka={"message.max.bytes": "200000"})
     valid = [orjson.dumps(event(i, TENANTS[i % 4], tokens=i + 1)) for i in range(200)]
     array = orjson.dumps([event(500, "t-0001", tokens=7), event(501, "t-0002", tokens=8), event(502, "t-0003", tokens=9)])
     bad_utf8 = array.replace(b'"ok-501"', b'"ok-\xff501"')
@@ -80,9 +80,9 @@ def test_one_message_of_each_poison_class_among_valid_events_is_one_dead_letter_
     cases = poison()
     messages = valid[:100] + [m for _, m in cases] + [bad_utf8, surrogate] + valid[100:]
     stats = Stats()
-    cli_main(build_flow(s, end_offsets=produce(s, messages), stats=stats))  # returns: the flow stayed up to the end
+    cli_main(build_flow(s, bounds=Bounds(produce(s, messages)), stats=stats))  # returns: the flow stayed up to the end
 
-    dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(kafka_config(s), s.dlq_topic)]
+    dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.config(), s.topics.dlq)]
     by_offset = {(d.offset, d.index): d for d in dead}
     for k, (reason, raw) in enumerate(cases, start=100):
         d = by_offset[(k, None)]
@@ -94,7 +94,7 @@ def test_one_message_of_each_poison_class_among_valid_events_is_one_dead_letter_
     assert [(d.reason, d.index) for d in arrays] == [("invalid_json", 1), ("invalid_json", 1)]
     assert Counter(d.reason for d in dead) == Counter([r for r, _ in cases] + ["invalid_json", "invalid_json"])
 
-    lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(kafka_config(s), s.rated_topic)]
+    lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.config(), s.topics.rated)]
     qty: Counter[str] = Counter()
     for ln in lines:
         qty[ln.tenant_id] += int(ln.quantity)
@@ -114,7 +114,7 @@ def test_a_future_dated_event_does_not_poison_its_tenant(settings: Settings):
     messages = [orjson.dumps(event(1, "t-0001", at=NOW + timedelta(days=365)))]
     messages += [orjson.dumps(event(i, "t-0001", at=NOW - timedelta(hours=2) + timedelta(seconds=i))) for i in range(2, 102)]
     stats = Stats()
-    cli_main(build_flow(settings, end_offsets=produce(settings, messages), stats=stats))
+    cli_main(build_flow(settings, bounds=Bounds(produce(settings, messages)), stats=stats))
     assert dict(stats.dead) == {"future_time": 1} and stats.accepted == 100
 
 
@@ -136,7 +136,7 @@ def test_a_quiet_partition_still_finishes_within_the_idle_timeout(settings: Sett
     try:
         # Wait until the flow reads its input (a first event rated), then the burst.
         produce(settings, [orjson.dumps(event(0, "t-0100", tokens=1))])
-        wait_until(lambda: read_topic(kafka_config(settings), settings.rated_topic), 60, "the flow to rate its first event")
+        wait_until(lambda: read_topic(settings.kafka.config(), settings.topics.rated), 60, "the flow to rate its first event")
         burst = [orjson.dumps(event(i, f"t-{i:04d}", tokens=i)) for i in range(1, 21)]
         burst += [b"{broken", orjson.dumps(event(99, "nobody"))]
         produce(settings, burst)
@@ -144,9 +144,9 @@ def test_a_quiet_partition_still_finishes_within_the_idle_timeout(settings: Sett
 
         def done() -> bool:
             rated = {
-                msgspec.json.decode(v, type=RatedUsageLine).tenant_id for v in read_topic(kafka_config(settings), settings.rated_topic)
+                msgspec.json.decode(v, type=RatedUsageLine).tenant_id for v in read_topic(settings.kafka.config(), settings.topics.rated)
             }
-            return len(read_topic(kafka_config(settings), settings.dlq_topic)) == 2 and rated >= {f"t-{i:04d}" for i in range(1, 21)}
+            return len(read_topic(settings.kafka.config(), settings.topics.dlq)) == 2 and rated >= {f"t-{i:04d}" for i in range(1, 21)}
 
         wait_until(done, 30, "every line and dead letter of the burst")
         took = time.monotonic() - sent

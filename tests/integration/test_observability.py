@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import msgspec
 
+from dataflows import FLOWS
+from devkit.generator import GenSpec, produce
+from devkit.pipeline import LocalPipeline, wait_until
+from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import RatedUsageLine, ThresholdAlert
-from tallyflow.generator import GenSpec, produce
-from tallyflow.kafka import read_topic
-from tallyflow.pipeline import FLOWS, LocalPipeline, wait_until
 from tests.prometheus import Prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,10 +64,10 @@ def test_prometheus_scrapes_every_dataflow_and_logs_correlate() -> None:
         lp.start_all()
         start = datetime(2026, 11, 1, tzinfo=UTC)
         spec = GenSpec(total=6_000, tenants=40, duplicate_pct=2, malformed_pct=1, seed=11, start=start, span=timedelta(minutes=10))
-        res = produce(s.brokers, s.input_topic, spec, load_catalog(s.catalog))
+        res = produce(s.kafka.brokers, s.topics.input, spec, load_catalog(s.process.catalog))
         m = lp.wait_rated(res.produced, 90)
-        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
-        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)]
+        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
+        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, s.topics.rated)]
         assert alerts and lines
         want_crm = {a.alert_id for a in alerts if "crm" in a.destinations}
         wait_until(lambda: lp.sandbox.items("crm").keys() >= want_crm, 60, "every CRM alert delivered")

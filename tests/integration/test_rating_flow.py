@@ -13,15 +13,15 @@ import yaml
 from bytewax._bytewax import cli_main
 from confluent_kafka import Producer
 
-from dataflows.rating import build_flow
+from dataflows.rating import Bounds, build_flow
+from devkit.generator import GenSpec, produce
 from operators.stats import Stats
+from ops.reconcile import compare, rated_and_acknowledged, recount
+from runtime.kafka import read_topic
+from runtime.settings import Settings, to_env
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine, ThresholdAlert
-from tallyflow.config import Settings, to_env
-from tallyflow.generator import GenSpec, produce
-from tallyflow.kafka import read_topic
-from tallyflow.reconcile import compare, rated_and_acknowledged, recount
-from tallyflow.reconcile import main as reconcile_main
+from tallyflow.cli import main as tallyflow
 from tests.reference import expected
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,16 +29,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(s: Settings, end_offsets: dict[int, int]) -> tuple[Stats, list[ThresholdAlert], list[RatedUsageLine], list[DeadLetter]]:
     stats = Stats()
-    cli_main(build_flow(s, end_offsets=end_offsets, stats=stats))
-    alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
-    lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)]
-    dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, s.dlq_topic)]
+    cli_main(build_flow(s, bounds=Bounds(end_offsets), stats=stats))
+    alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
+    lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, s.topics.rated)]
+    dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.brokers, s.topics.dlq)]
     return stats, alerts, lines, dead
 
 
 def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Settings, monkeypatch, capsys):
     """40k events around a month end with duplicates, late, hours-late and malformed ones."""
-    cat = load_catalog(settings.catalog)
+    cat = load_catalog(settings.process.catalog)
     spec = GenSpec(
         total=40_000,
         tenants=150,
@@ -50,7 +50,7 @@ def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Setting
         span=timedelta(minutes=40),
     )
     sent: list[bytes] = []
-    gen = produce(settings.brokers, settings.input_topic, spec, cat, record=sent)
+    gen = produce(settings.kafka.brokers, settings.topics.input, spec, cat, record=sent)
     stats, alerts, lines, dead = run(settings, gen.end_offsets)
 
     # Conservation: every record is accepted, a duplicate or a dead letter; the topics agree.
@@ -59,7 +59,7 @@ def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Setting
     assert len(dead) == sum(stats.dead.values()) and len(lines) == stats.lines
 
     # The independent model agrees on every count and, per tenant/meter/period, to the cent.
-    ref = expected(sent, yaml.safe_load((ROOT / "examples" / "catalog.yaml").read_text()), settings.grace_seconds)
+    ref = expected(sent, yaml.safe_load((ROOT / "examples" / "catalog.yaml").read_text()), settings.engine.grace_seconds)
     assert (stats.accepted, stats.duplicates) == (ref.accepted, ref.duplicates)
     assert Counter(d.reason for d in dead) == Counter(ref.dead)
     assert ref.dead["too_late"] > 0 and ref.duplicates > 0 and ref.dead["invalid_json"] > 0
@@ -87,12 +87,12 @@ def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Setting
     assert (recounted.accepted, recounted.duplicates) == (stats.accepted, stats.duplicates)
     # ...and a line that should not be there is reported, with exit code 1.
     forged = msgspec.structs.replace(lines[0], line_id="forged", quantity=lines[0].quantity + 1)
-    p = Producer({"bootstrap.servers": settings.brokers})
-    p.produce(settings.rated_topic, ENCODER.encode(forged))
+    p = Producer({"bootstrap.servers": settings.kafka.brokers})
+    p.produce(settings.topics.rated, ENCODER.encode(forged))
     p.flush()
     for k, v in to_env(settings).items():
         monkeypatch.setenv(k, v)
-    assert reconcile_main(["--no-erp", "--json"]) == 1
+    assert tallyflow(["reconcile", "--no-erp", "--json"]) == 1
     report = orjson.loads(capsys.readouterr().out)
     assert [(d["tenant"], d["meter"], d["period"]) for d in report["differences"]] == [(forged.tenant_id, forged.meter, forged.period)]
 
@@ -119,11 +119,11 @@ def test_malformed_and_batched_messages(settings: Settings):
         b"",
         orjson.dumps(e(6)),
     ]
-    p = Producer({"bootstrap.servers": settings.brokers})
+    p = Producer({"bootstrap.servers": settings.kafka.brokers})
     ends: dict[int, int] = {}
     for m in messages:
         p.produce(
-            settings.input_topic,
+            settings.topics.input,
             m,
             b"t-0001",
             partition=0,

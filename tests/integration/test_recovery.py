@@ -21,18 +21,19 @@ import yaml
 from bytewax._bytewax import cli_main
 from confluent_kafka import Producer
 
-from dataflows.rating import build_flow
+from dataflows import FLOWS
+from dataflows.rating import Bounds, build_flow
+from devkit.pipeline import scrape, wait_until
+from devkit.stack import LocalStack, free_port, redis_binary
 from operators.stats import Stats
-from operators.validate import Accepted
+from ops import dlq
+from ops.replay import replay
+from runtime.kafka import log_ends, read_topic
+from runtime.settings import Settings, to_env
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from sinks.dedup_store import DedupStore
-from sinks.register import EmissionRegister
-from tallyflow import dlq
-from tallyflow.config import Settings, to_env
-from tallyflow.kafka import log_ends, read_topic
-from tallyflow.pipeline import FLOWS, scrape, wait_until
-from tallyflow.replay import replay
-from tallyflow.stack import LocalStack, free_port, redis_binary
+from schemas.records import Accepted
+from state.dedup_store import DedupStore
+from state.register import EmissionRegister
 from tests.helpers import CATALOG, UPGRADE_AT, ev
 
 D = Decimal
@@ -62,19 +63,19 @@ def _line(qty: int, amount: str, *, events: int, revision: int = 0, start: str =
 
 
 def test_register_settles_a_divergent_replay_by_difference(stack: LocalStack, settings: Settings) -> None:
-    prefix = f"{settings.redis_prefix}:emitted"
-    reg = EmissionRegister(stack.redis_url, 600, prefix)
+    prefix = settings.stores
+    reg = EmissionRegister(prefix)
     first = reg.settle([_line(12, "0.20", events=12)], [(D(12), D("0.20"), 12)])
     assert [(ln.quantity, ln.amount, ln.revision) for ln in first.lines] == [(12, D("0.20"), 0)]
     # The process dies before the Kafka flush is confirmed: the next one sends the line again
     # (same id) with whatever it emits for that key, and a replay that re-derives the same
     # totals adds nothing.
-    again = EmissionRegister(stack.redis_url, 600, prefix)
+    again = EmissionRegister(prefix)
     same = again.settle([_line(12, "0.20", events=12)], [(D(12), D("0.20"), 12)])
     assert [ln.line_id for ln in same.lines] == [first.lines[0].line_id] and same.resent == 1
     again.confirm(same.confirm, now=True)
     # A replay that saw the window close with 15 events instead: a correction of +3.
-    third = EmissionRegister(stack.redis_url, 600, prefix)
+    third = EmissionRegister(prefix)
     diff = third.settle([_line(15, "0.50", events=15)], [(D(15), D("0.50"), 15)])
     assert diff.resent == 0
     assert [(ln.quantity, ln.amount, ln.event_count, ln.revision) for ln in diff.lines] == [(3, D("0.30"), 3, 1)]
@@ -87,19 +88,19 @@ def test_register_settles_a_divergent_replay_by_difference(stack: LocalStack, se
 
 
 def test_register_history_skips_replayed_states_only_until_the_replay_diverges(stack: LocalStack, settings: Settings) -> None:
-    prefix = f"{settings.redis_prefix}:emitted"
-    live = EmissionRegister(stack.redis_url, 600, prefix)
+    prefix = settings.stores
+    live = EmissionRegister(prefix)
     # Before the crash: window 1 closed with events a, b; window 2 with c.
     s1 = live.settle([_line(2, "0", events=2)], [(D(2), D(0), 2)])
     s2 = live.settle([_line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)])
     live.confirm(s1.confirm, now=True)
     live.confirm(s2.confirm, now=True)
     # A replay that repeats history emits nothing...
-    same = EmissionRegister(stack.redis_url, 600, prefix)
+    same = EmissionRegister(prefix)
     assert same.settle([_line(2, "0", events=2)], [(D(2), D(0), 2)]).lines == []
     # ...but one whose window 1 closed early with a alone diverges: -1 now, and when b comes
     # as a correction (back at the old state (2, 0, 2)) it must go out, not be taken for history.
-    replay = EmissionRegister(stack.redis_url, 600, prefix)
+    replay = EmissionRegister(prefix)
     out = [replay.settle([_line(1, "0", events=1)], [(D(1), D(0), 1)])]
     out.append(replay.settle([_line(1, "0", events=1, revision=1)], [(D(2), D(0), 2)]))
     out.append(replay.settle([_line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)]))
@@ -109,19 +110,19 @@ def test_register_history_skips_replayed_states_only_until_the_replay_diverges(s
     for o in out:
         replay.confirm(o.confirm, now=True)
     # A later process replaying the new lineage skips its states, and not the abandoned one's.
-    after = EmissionRegister(stack.redis_url, 600, prefix)
+    after = EmissionRegister(prefix)
     assert after.settle([_line(1, "0", events=1)], [(D(1), D(0), 1)]).lines == []
 
 
 def test_register_rereads_a_key_another_process_wrote(stack: LocalStack, settings: Settings) -> None:
     """The live process caches its keys; a replay writing one meanwhile must not make the
     live process bill the same usage again."""
-    prefix = f"{settings.redis_prefix}:emitted"
-    live = EmissionRegister(stack.redis_url, 600, prefix)
+    prefix = settings.stores
+    live = EmissionRegister(prefix)
     first = live.settle([_line(2, "0.20", events=2)], [(D(2), D("0.20"), 2)])
     live.confirm(first.confirm, now=True)
     # A replay at the fixed price re-rates windows 1 and 2 (the live engine's window 2 is open).
-    replay = EmissionRegister(stack.redis_url, 600, prefix)
+    replay = EmissionRegister(prefix)
     fix = replay.settle([_line(5, "0.60", events=5)], [(D(5), D("0.60"), 5)], correction=True)
     replay.confirm(fix.confirm, now=True)
     assert [(ln.quantity, ln.amount, ln.revision) for ln in fix.lines] == [(3, D("0.40"), 1)]
@@ -134,7 +135,7 @@ def test_register_rereads_a_key_another_process_wrote(stack: LocalStack, setting
 
 
 def test_register_takes_totals_from_before_it_existed_as_emitted(stack: LocalStack, settings: Settings) -> None:
-    reg = EmissionRegister(stack.redis_url, 600, f"{settings.redis_prefix}:emitted")
+    reg = EmissionRegister(settings.stores)
     out = reg.settle([_line(2, "0.20", events=2, revision=0)], [(D(10), D("1.00"), 10)])
     assert [(ln.quantity, ln.amount, ln.event_count, ln.revision) for ln in out.lines] == [(2, D("0.20"), 2, 0)]
 
@@ -144,7 +145,7 @@ def _acc(tenant: str, key: str, partition: int, offset: int) -> Accepted:
 
 
 def test_dedup_store_knows_positions_and_expires_ids(stack: LocalStack, settings: Settings) -> None:
-    store = DedupStore(stack.redis_url, 7 * 86400, f"{settings.redis_prefix}:dedup")
+    store = DedupStore(settings.stores)
     items = [_acc("acme", "svc/1", 0, 10), _acc("acme", "svc/2", 0, 11), _acc("acme", "svc/1", 1, 99)]
     assert store.duplicates(items) == {2}  # a copy within the batch
     # Read again from the same positions (crash replay, backfill): not duplicates of themselves.
@@ -155,28 +156,28 @@ def test_dedup_store_knows_positions_and_expires_ids(stack: LocalStack, settings
     assert store.duplicates([_acc("acme", "bg/7", 3, 1), _acc("acme", "bg/8", 0, 108), _acc("acme", "bg/x", 0, 1)]) == {0}
     big = msgspec.structs.replace(_acc("acme", "big/1", 0, 5), index=70_000)
     assert store.duplicates([big]) == set() and store.duplicates([msgspec.structs.replace(big, index=70_001)]) == {0}
-    buckets = list(store.r.scan_iter(f"{settings.redis_prefix}:dedup:*"))
+    buckets = list(store.r.scan_iter(f"{settings.stores.redis_prefix}:dedup:*"))
     assert buckets and all(7 * 86400 < store.r.ttl(b) <= 8 * 86400 for b in buckets)
 
 
 def _produce(s: Settings, values: list[bytes], key: bytes = b"acme") -> dict[int, int]:
     """Produce to partition 0; return the exclusive end offsets."""
     ends: dict[int, int] = {}
-    p = Producer({"bootstrap.servers": s.brokers})
+    p = Producer({"bootstrap.servers": s.kafka.brokers})
     for v in values:
-        p.produce(s.input_topic, v, key, partition=0, on_delivery=lambda err, m: ends.__setitem__(m.partition(), m.offset() + 1))
+        p.produce(s.topics.input, v, key, partition=0, on_delivery=lambda err, m: ends.__setitem__(m.partition(), m.offset() + 1))
     p.flush()
     return ends
 
 
 def _run(s: Settings, ends: dict[int, int], start: dict[int, int] | None = None) -> Stats:
     stats = Stats()
-    cli_main(build_flow(s, end_offsets=ends, start_offsets=start, stats=stats, snapshots=False))
+    cli_main(build_flow(s, bounds=Bounds(ends, start), stats=stats, snapshots=False))
     return stats
 
 
 def _lines(s: Settings) -> list[RatedUsageLine]:
-    return [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)]
+    return [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, s.topics.rated)]
 
 
 @pytest.fixture
@@ -184,7 +185,7 @@ def small(settings: Settings, tmp_path: Path) -> Settings:
     """Settings with the small test catalog (tenants acme, bolt, late-co) in a file of its own."""
     path = tmp_path / "catalog.yaml"
     _write_catalog(path, CATALOG)
-    return msgspec.structs.replace(settings, catalog=str(path))
+    return settings.replace(catalog=str(path))
 
 
 def test_a_copy_older_than_the_memory_window_is_still_a_duplicate(small: Settings) -> None:
@@ -199,7 +200,7 @@ def test_a_copy_older_than_the_memory_window_is_still_a_duplicate(small: Setting
     second = _run(settings, more, start=ends)
     assert (second.records_in, second.accepted, second.duplicates) == (6, 1, 5)
     # Without the store the same run counts them again: this is what it protects.
-    third = _run(msgspec.structs.replace(settings, dedup_store_days=0), more, start=ends)
+    third = _run(settings.replace(dedup_store_days=0), more, start=ends)
     assert third.duplicates == 0
 
 
@@ -252,7 +253,7 @@ def _start_rating(s: Settings, log: Path, **env: str) -> subprocess.Popen[bytes]
 
 def test_without_redis_the_flow_stops_pulling_says_so_and_resumes(small: Settings, own_redis: _Redis, tmp_path: Path) -> None:
     port = free_port()
-    s = msgspec.structs.replace(small, redis_url=f"redis://127.0.0.1:{own_redis.port}/0", metrics_port=port, batch_size=100)
+    s = small.replace(redis_url=f"redis://127.0.0.1:{own_redis.port}/0", metrics_port=port, batch_size=100)
     proc = _start_rating(s, tmp_path / "rate.log")
     try:
         _produce(s, [ev(at=i * MIN / 10, id=f"a{i}") for i in range(300)])
@@ -287,7 +288,7 @@ def _write_catalog(path: Path, catalog: dict[str, Any]) -> None:
 def test_replay_after_a_pricing_fix_sends_only_corrections(settings: Settings, tmp_path: Path) -> None:
     cat_path = tmp_path / "catalog.yaml"
     _write_catalog(cat_path, CATALOG)
-    s = msgspec.structs.replace(settings, catalog=str(cat_path))
+    s = settings.replace(catalog=str(cat_path))
     events = [ev(at=i * MIN, id=f"c{i}") for i in range(30)] + [ev(at=3 * MIN, id="c3")]  # one duplicate
     events += [ev("late-co", at=i * MIN, id=f"l{i}") for i in range(12)]
     ends = _produce(s, events)
@@ -325,7 +326,7 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
     v1["tenants"] = [t for t in v1["tenants"] if t["tenant_id"] == "acme"]
     _write_catalog(cat_path, v1)
     port = free_port()
-    s = msgspec.structs.replace(settings, catalog=str(cat_path), metrics_port=port, catalog_reload_seconds=0.2, idle_timeout_seconds=1)
+    s = settings.replace(catalog=str(cat_path), metrics_port=port, catalog_reload_seconds=0.2, idle_timeout_seconds=1)
     proc = _start_rating(s, tmp_path / "rate.log")
     try:
         before = UPGRADE_AT - timedelta(hours=1)
@@ -356,10 +357,10 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
         by_version[(ln.tenant_id, ln.pricing_version)] = (q + ln.quantity, a + ln.amount)
     # From the effective instant acme is rated under plus (100 included, 0.05): 70 calls are free.
     assert by_version == {("acme", "basic:v1"): (11, D("0.10")), ("acme", "plus:v2"): (70, 0), ("newco", "basic:v1"): (1, 0)}
-    alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
+    alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
     acme = [(a.plan_id, a.level) for a in alerts if a.tenant_id == "acme"]
     assert acme == [("basic", "80%"), ("basic", "100%"), ("plus", "80%")]  # plus's own thresholds, from the upgrade on
-    dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, s.dlq_topic)]
+    dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.brokers, s.topics.dlq)]
     assert [(d.reason, d.event_id) for d in dead] == [("unknown_tenant", "n0")]  # before onboarding only
 
 
@@ -380,14 +381,14 @@ def test_dead_letters_drain_once_the_catalog_knows_the_tenant(small: Settings) -
     cat["tenants"].append(
         {"tenant_id": "newco", "plan": "basic", "crm_account_id": "CRM-9", "erp_customer_id": "ERP-9", "contract_id": "C-9"}
     )
-    _write_catalog(Path(s.catalog), cat)
+    _write_catalog(Path(s.process.catalog), cat)
 
     assert dlq.redrive(s, dlq.select(dead, ["unknown_tenant"], [])) == 8
-    ends2 = log_ends(s.brokers, s.input_topic)
+    ends2 = log_ends(s.kafka.brokers, s.topics.input)
     second = _run(s, ends2, start=ends)
     assert (second.records_in, second.accepted, dict(second.dead)) == (8, 8, {})
     assert sum(ln.event_count for ln in _lines(s) if ln.tenant_id == "newco") == 8
 
     dlq.redrive(s, dlq.select(dead, ["unknown_tenant"], ["newco"]))  # by mistake, again
-    third = _run(s, log_ends(s.brokers, s.input_topic), start=ends2)
+    third = _run(s, log_ends(s.kafka.brokers, s.topics.input), start=ends2)
     assert (third.accepted, third.duplicates) == (0, 8)

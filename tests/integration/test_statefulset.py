@@ -17,14 +17,14 @@ from pathlib import Path
 import msgspec
 from bytewax._bytewax import cli_main
 
-from dataflows.rating import build_flow
+from dataflows.rating import Bounds, build_flow
+from devkit.generator import GenSpec, produce
+from devkit.pipeline import scrape, wait_until
+from devkit.stack import LocalStack, free_port
+from runtime.kafka import read_topic
+from runtime.settings import Settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from tallyflow.config import Settings
-from tallyflow.generator import GenSpec, produce
-from tallyflow.kafka import read_topic
-from tallyflow.pipeline import scrape, wait_until
-from tallyflow.stack import LocalStack, free_port
 from tests.k8s import mounted_files, pod_env, render
 
 STS = "tallyflow-rating"
@@ -67,17 +67,17 @@ class _Pods:
                 env[k] = str(self._local(v))
         s = self.s
         env.update(  # the cluster's services and this test's own topics and keys
-            TALLYFLOW_BROKERS=s.brokers,
-            TALLYFLOW_REDIS_URL=s.redis_url,
-            TALLYFLOW_REDIS_PREFIX=s.redis_prefix,
-            TALLYFLOW_INPUT_TOPIC=s.input_topic,
-            TALLYFLOW_ALERTS_TOPIC=s.alerts_topic,
-            TALLYFLOW_RATED_TOPIC=s.rated_topic,
-            TALLYFLOW_DLQ_TOPIC=s.dlq_topic,
+            TALLYFLOW_BROKERS=s.kafka.brokers,
+            TALLYFLOW_REDIS_URL=s.stores.redis_url,
+            TALLYFLOW_REDIS_PREFIX=s.stores.redis_prefix,
+            TALLYFLOW_INPUT_TOPIC=s.topics.input,
+            TALLYFLOW_ALERTS_TOPIC=s.topics.alerts,
+            TALLYFLOW_RATED_TOPIC=s.topics.rated,
+            TALLYFLOW_DLQ_TOPIC=s.topics.dlq,
             TALLYFLOW_METRICS_PORT=str(metrics_port),  # pods have a port each; here they share a host
             TALLYFLOW_IDLE_TIMEOUT_SECONDS="2",
             TALLYFLOW_SNAPSHOT_INTERVAL_SECONDS="1",
-            TALLYFLOW_GRACE_SECONDS=str(int(s.grace_seconds)),
+            TALLYFLOW_GRACE_SECONDS=str(int(s.engine.grace_seconds)),
         )
         return env
 
@@ -111,18 +111,18 @@ class _Pods:
 def test_statefulset_pods_as_processes_match_one_process_and_survive_a_rescale(
     settings: Settings, stack: LocalStack, tmp_path: Path
 ) -> None:
-    s = msgspec.structs.replace(settings, input_topic=settings.input_topic + "-p4")
-    stack.create_topics({s.input_topic: 4})
+    s = settings.replace(input_topic=settings.topics.input + "-p4")
+    stack.create_topics({s.topics.input: 4})
     pods = _Pods(s, stack, tmp_path)
-    s = msgspec.structs.replace(s, catalog=str(pods._local("/etc/tallyflow/catalog/catalog.yaml")))  # the ConfigMap's
-    cat = load_catalog(s.catalog)
+    s = s.replace(catalog=str(pods._local("/etc/tallyflow/catalog/catalog.yaml")))  # the ConfigMap's
+    cat = load_catalog(s.process.catalog)
     start = datetime(2026, 11, 2, tzinfo=UTC)
 
     def traffic(seed: int, at: datetime) -> dict[int, int]:
         spec = GenSpec(
             total=12_000, tenants=60, duplicate_pct=2, late_pct=2, malformed_pct=1, seed=seed, start=at, span=timedelta(minutes=20)
         )
-        return produce(s.brokers, s.input_topic, spec, cat).end_offsets
+        return produce(s.kafka.brokers, s.topics.input, spec, cat).end_offsets
 
     half = traffic(5, start)
     # Two pods take the first half ...
@@ -132,16 +132,15 @@ def test_statefulset_pods_as_processes_match_one_process_and_survive_a_rescale(
     ends = traffic(6, start + timedelta(minutes=20))
 
     # The whole input through one process, in this process, to topics and keys of its own.
-    one = msgspec.structs.replace(
-        s,
-        rated_topic=s.rated_topic + "-one",
-        alerts_topic=s.alerts_topic + "-one",
-        dlq_topic=s.dlq_topic + "-one",
-        redis_prefix=s.redis_prefix + "-one",
+    one = s.replace(
+        rated_topic=s.topics.rated + "-one",
+        alerts_topic=s.topics.alerts + "-one",
+        dlq_topic=s.topics.dlq + "-one",
+        redis_prefix=s.stores.redis_prefix + "-one",
     )
-    stack.create_topics({one.rated_topic: 1, one.alerts_topic: 1, one.dlq_topic: 1})
-    cli_main(build_flow(one, end_offsets=ends, snapshots=False, commit_positions=False))  # type: ignore[no-untyped-call]
-    want = _totals([msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, one.rated_topic)])
+    stack.create_topics({one.topics.rated: 1, one.topics.alerts: 1, one.topics.dlq: 1})
+    cli_main(build_flow(one, bounds=Bounds(ends), snapshots=False))  # type: ignore[no-untyped-call]
+    want = _totals([msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, one.topics.rated)])
     assert sum(t[2] for t in want.values()) > 20_000
 
     # ... then the StatefulSet is scaled to three: all pods start again, resume from the
@@ -149,17 +148,17 @@ def test_statefulset_pods_as_processes_match_one_process_and_survive_a_rescale(
     pods.start(3)
 
     def cluster_totals() -> Totals:
-        return _totals([msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)])
+        return _totals([msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, s.topics.rated)])
 
     try:
         wait_until(lambda: cluster_totals() == want, 120, "the three-pod cluster's totals to equal the single process's")
     finally:
         pods.stop()
-    alerts = {msgspec.json.decode(v, type=ThresholdAlert).alert_id for v in read_topic(s.brokers, s.alerts_topic)}
-    assert alerts == {msgspec.json.decode(v, type=ThresholdAlert).alert_id for v in read_topic(s.brokers, one.alerts_topic)}
+    alerts = {msgspec.json.decode(v, type=ThresholdAlert).alert_id for v in read_topic(s.kafka.brokers, s.topics.alerts)}
+    assert alerts == {msgspec.json.decode(v, type=ThresholdAlert).alert_id for v in read_topic(s.kafka.brokers, one.topics.alerts)}
 
     def dead(topic: str) -> Counter[str]:
-        ds = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, topic)]
+        ds = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.brokers, topic)]
         return Counter({(d.partition, d.offset, d.index): d.reason for d in ds}.values())
 
-    assert dead(s.dlq_topic) == dead(one.dlq_topic) and sum(dead(one.dlq_topic).values()) > 200
+    assert dead(s.topics.dlq) == dead(one.topics.dlq) and sum(dead(one.topics.dlq).values()) > 200

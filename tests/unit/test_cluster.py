@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tallyflow.cluster import ClusterError, KubeApi, ResizeWatch, addresses, ordinal, prepare
+from runtime.cluster import ClusterError, KubeApi, ResizeWatch, addresses, ordinal, prepare
 
 
 class _Api:

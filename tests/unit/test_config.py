@@ -1,19 +1,19 @@
 import pytest
 
-from tallyflow.config import ConfigError, kafka_config, load_settings
+from runtime.settings import ConfigError, load_settings
 
 
 def test_precedence_env_over_file_over_defaults(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("shards: 8\nbatch_size: 50\nkafka: {security.protocol: SSL}\n")
     s = load_settings({"TALLYFLOW_CONFIG": str(f), "TALLYFLOW_SHARDS": "16"})
-    assert (s.shards, s.batch_size, s.window_seconds) == (16, 50, 60.0)
-    assert s.kafka == {"security.protocol": "SSL"}
+    assert (s.engine.shards, s.kafka.batch_size, s.engine.window_seconds) == (16, 50, 60.0)
+    assert s.kafka.librdkafka == {"security.protocol": "SSL"}
 
 
 def test_kafka_settings_pass_through_and_user_wins():
     s = load_settings({"TALLYFLOW_KAFKA_SASL_MECHANISM": "PLAIN", "TALLYFLOW_KAFKA_LINGER_MS": "50"})
-    cfg = kafka_config(s, **{"linger.ms": 5})
+    cfg = s.kafka.config(**{"linger.ms": 5})
     assert cfg["sasl.mechanism"] == "PLAIN" and cfg["linger.ms"] == "50"
 
 
@@ -59,7 +59,7 @@ def test_credentials_inside_urls_are_masked_and_may_come_from_files(tmp_path):
             "TALLYFLOW_ERP_URL": "https://svc:pa55@erp.example.com/api",
         }
     )
-    assert s.redis_url == "redis://:s3cret@redis:6379/0" and s.kafka["sasl.password"] == "hunter2"
+    assert s.stores.redis_url == "redis://:s3cret@redis:6379/0" and s.kafka.librdkafka["sasl.password"] == "hunter2"
     shown = str(s.masked())
     assert "s3cret" not in shown and "pa55" not in shown and "hunter2" not in shown
     assert s.masked()["erp_url"] == "https://svc:***@erp.example.com/api"
@@ -74,5 +74,5 @@ def test_an_unknown_variable_is_warned_about_with_the_closest_name(capsys):
 
 def test_input_limits_come_from_settings():
     s = load_settings({"TALLYFLOW_MAX_MESSAGE_BYTES": "4096", "TALLYFLOW_MAX_QUANTITY": "1000", "TALLYFLOW_MAX_FUTURE_SECONDS": "0"})
-    lim = s.limits()
+    lim = s.limits
     assert (lim.max_message_bytes, str(lim.max_quantity), lim.max_future_seconds) == (4096, "1000", 0.0)

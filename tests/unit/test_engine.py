@@ -4,7 +4,7 @@ import pickle
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from operators.rating import EngineConfig, ShardEngine
+from operators.engine import EngineConfig, ShardEngine
 from tests.helpers import UPGRADE_AT, Harness, ev
 
 M = timedelta(minutes=1)
@@ -200,7 +200,7 @@ def test_iso_matches_the_standard_library():
 def test_stable_id_is_a_standard_uuid5():
     import uuid
 
-    from operators.rating import _NS, stable_id
+    from operators.ids import _NS, stable_id
 
     for parts in [("line", "t-1", "tokens", 0, "starter:v1", 0), ("alert", "ä", "x", "2026-11", "p:v1", "80%")]:
         assert stable_id(*parts) == str(uuid.uuid5(uuid.UUID(bytes=_NS), "|".join(map(str, parts))))

@@ -7,7 +7,7 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.rating import EngineConfig
+from operators.engine import EngineConfig
 from tests.helpers import CATALOG, Harness, ev
 from tests.reference import charge
 

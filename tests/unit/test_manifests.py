@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 
+from runtime.settings import DATAFLOW_SECRETS, FILE_FIELDS, FLAT, KAFKA_PREFIX, PREFIX, load_settings
 from schemas.catalog import load_catalog
-from tallyflow.config import KAFKA_PREFIX, PREFIX, SECRET_FIELDS, Settings, load_settings
 from tests.k8s import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -395,18 +395,18 @@ def test_credentials_are_mounted_files_readable_by_the_pod_only(overlay, docs):
             assert secret["defaultMode"] == 0o440
             assert secret["secretName"].startswith("tallyflow-credentials")
             env = env_map(c)
-            for field in SECRET_FIELDS:
+            for field in DATAFLOW_SECRETS:
                 assert env[f"{PREFIX}{field.upper()}_FILE"]["value"] == f"{SECRETS_MOUNT}/{field}"
                 assert f"{PREFIX}{field.upper()}" not in env, "secrets come from files, not from the manifest"
             if overlay not in OUT_OF_BAND_SECRETS:
                 data = named(docs, "Secret", secret["secretName"]).get("data", {})
-                assert set(SECRET_FIELDS) <= set(data), "the Secret lacks a key the app reads"
+                assert set(DATAFLOW_SECRETS) <= set(data), "the Secret lacks a key the app reads"
 
 
 def test_settings_are_names_the_app_reads_and_load(docs):
     """load_settings ignores unknown TALLYFLOW_* names, so a typo would pass silently."""
-    known = {PREFIX + f.upper() for f in Settings.__struct_fields__ if f != "kafka"}
-    known |= {f"{PREFIX}{f.upper()}_FILE" for f in SECRET_FIELDS}
+    known = {PREFIX + f.upper() for f in FLAT if f != "kafka"}
+    known |= {f"{PREFIX}{f.upper()}_FILE" for f in FILE_FIELDS}
     for sts in dataflows(docs):
         c = main_container(sts)
         env = effective_env(c, docs)
@@ -414,8 +414,8 @@ def test_settings_are_names_the_app_reads_and_load(docs):
         unknown = sorted(n for n in names if n.startswith(PREFIX) and n not in known and not n.startswith(KAFKA_PREFIX))
         assert not unknown, f"{sts['metadata']['name']}: settings the app does not read: {unknown}"
         s = app_settings(c, docs)  # raises ConfigError naming a bad value
-        assert (s.metrics_port, s.cluster_port) == (METRICS_PORT, CLUSTER_PORT)
-        assert s.recovery_dir == env["TALLYFLOW_RECOVERY_DIR"] and s.log_format == "json"
+        assert (s.process.metrics_port, s.process.cluster_port) == (METRICS_PORT, CLUSTER_PORT)
+        assert s.process.recovery_dir == env["TALLYFLOW_RECOVERY_DIR"] and s.process.log_format == "json"
 
 
 # --- disruption, network and RBAC ------------------------------------------------------------
@@ -561,7 +561,11 @@ def test_keda_scales_the_rating_statefulset_on_its_consumer_lag(docs):
         meta = trigger["metadata"]
         assert trigger["type"] == "kafka"
         # The group the rating dataflow commits its read positions to (for lag tooling only).
-        assert meta["consumerGroup"] == f"{app_settings(main_container(target), docs).consumer_group_prefix}-rating" == "tallyflow-rating"
+        assert (
+            meta["consumerGroup"]
+            == f"{app_settings(main_container(target), docs).kafka.consumer_group_prefix}-rating"
+            == "tallyflow-rating"
+        )
         assert meta["topic"] == settings["TALLYFLOW_INPUT_TOPIC"]
         assert meta["bootstrapServers"] == settings["TALLYFLOW_BROKERS"]
         assert meta["allowIdleConsumers"] == "false" and int(meta["lagThreshold"]) > 0

@@ -8,7 +8,7 @@ import hmac
 import httpx
 import orjson
 
-from tallyflow.sandbox import Sandbox
+from devkit.sandbox import Sandbox
 
 LINE = {"batch_id": "b", "lines": [{"line_id": "l1", "tenant_id": "t", "currency": "USD", "amount": "1.00"}]}
 ALERT = {"alert_id": "a1"}

@@ -8,9 +8,10 @@ import signal
 from collections.abc import Callable
 
 from operators.stats import Stats
-from tallyflow.cluster import ResizeWatch
-from tallyflow.config import Settings, tune_gc
-from tallyflow.observability import HEALTH, serve, setup_logging
+from runtime.cluster import ResizeWatch
+from runtime.health import HEALTH, serve
+from runtime.logs import setup_logging
+from runtime.settings import Settings, tune_gc
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -22,11 +23,11 @@ def _stop(signum: int, frame: object) -> None:
 
 def started(s: Settings, dataflow: str, stats: Stats | None = None, **checks: Callable[[], str | None]) -> None:
     """`checks` name a readiness condition each, returning why it fails or None."""
-    setup_logging(s.log_format, s.log_level, dataflow)
+    setup_logging(s.process.log_format, s.process.log_level, dataflow)
     logging.getLogger("tallyflow").info("tallyflow %s starting", dataflow, extra={"settings": s.masked()})
     HEALTH.checks.update(checks)
-    serve(s.metrics_port, dataflow, stats)
-    ResizeWatch.start(os.environ, s.cluster_check_seconds)
+    serve(s.process.metrics_port, dataflow, stats)
+    ResizeWatch.start(os.environ, s.process.cluster_check_seconds)
     # As PID 1 in a container, SIGTERM has no default action: without a handler a pod would
     # wait out its grace period and be killed. And Bytewax turns Ctrl-C into a Rust panic
     # with a backtrace. So both stop the process at once, with one line: a restart resumes

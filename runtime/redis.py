@@ -1,7 +1,10 @@
-"""Waiting out a Redis outage: the pipeline never proceeds without its ledgers.
+"""Redis for every store: one way to connect, and one retry policy.
 
-Blocking the calling worker is the point: it stops pulling from Kafka, the backlog waits
-there as consumer lag, and processing resumes where it stopped when Redis answers again.
+Waiting out an outage is the point: the calling worker blocks, stops pulling from Kafka,
+the backlog waits there as consumer lag, and processing resumes where it stopped when Redis
+answers again. Only transient errors are retried (connection loss, timeouts, a replica
+still loading); anything else (a script error, a wrong type) is a bug or a misconfiguration
+and propagates with its message.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from operators.delivery import Backoff
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def client(url: str) -> redis.Redis:
+    """A client with timeouts: a Redis that stops answering is an outage, not a hang."""
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
 class Patience:
@@ -39,7 +48,7 @@ class Patience:
         while True:
             try:
                 v = fn()
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+            except TRANSIENT as e:
                 attempt += 1
                 if self.up:
                     self._set(False)

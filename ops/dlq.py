@@ -17,10 +17,11 @@ from collections.abc import Iterable
 
 import msgspec
 
+from runtime import kafka
+from runtime.kafka import read_topic
+from runtime.settings import Settings, load_settings
+from schemas.errors import TallyflowError
 from schemas.outputs import DeadLetter
-from tallyflow import kafka
-from tallyflow.config import Settings, kafka_config, load_settings
-from tallyflow.kafka import read_topic
 
 
 def load(s: Settings) -> list[DeadLetter]:
@@ -28,7 +29,7 @@ def load(s: Settings) -> list[DeadLetter]:
     again is dead twice, at two positions), else by input position (a crash replay may
     have written it twice)."""
     seen: dict[object, DeadLetter] = {}
-    for v in read_topic(kafka_config(s), s.dlq_topic):
+    for v in read_topic(s.kafka.config(), s.topics.dlq):
         d = msgspec.json.decode(v, type=DeadLetter)
         key = (d.tenant_id, d.event_id) if d.event_id else (d.topic, d.partition, d.offset, d.index)
         seen[key] = d  # the latest judgement counts
@@ -50,9 +51,9 @@ def summary(dead: list[DeadLetter]) -> dict[str, object]:
 
 def redrive(s: Settings, dead: list[DeadLetter]) -> int:
     """Produce the events back to the input topic, keyed by tenant as producers key them."""
-    p = kafka.producer(kafka_config(s))
+    p = kafka.producer(s.kafka.config())
     for d in dead:
-        p.produce(s.input_topic, d.payload, d.tenant_id.encode() if d.tenant_id else None)
+        p.produce(s.topics.input, d.payload, d.tenant_id.encode() if d.tenant_id else None)
         p.poll(0)
     left = p.flush(30)
     if left:
@@ -60,14 +61,15 @@ def redrive(s: Settings, dead: list[DeadLetter]) -> int:
     return len(dead)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="tallyflow dlq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--reason", action="append", default=[], help="only this reason (repeatable)")
     ap.add_argument("--tenant", action="append", default=[], help="only this tenant (repeatable)")
     ap.add_argument("--redrive", action="store_true", help="produce the selected events back to the input topic")
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     if a.redrive and "too_late" in a.reason:
-        ap.error("too_late events would be too late again; settle them with finance (see README: replay)")
+        raise TallyflowError("--redrive --reason too_late: they would be too late again; settle them with finance (README: replay)")
     s = load_settings()
     chosen = select(load(s), a.reason, a.tenant)
     out = summary(chosen)

@@ -29,10 +29,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-import redis
-
-from operators.validate import Accepted
-from sinks.patience import Patience
+from runtime.redis import Patience, client
+from runtime.settings import StoreSettings
+from schemas.records import Accepted
 
 log = logging.getLogger(__name__)
 DAY_S = 86_400
@@ -77,14 +76,12 @@ return dups
 
 
 class DedupStore:
-    def __init__(
-        self, url: str, horizon_seconds: float, prefix: str = "tallyflow:dedup", on_change: Callable[[bool], None] | None = None
-    ) -> None:
-        self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self.horizon_s = horizon_seconds
+    def __init__(self, store: StoreSettings, on_change: Callable[[bool], None] | None = None) -> None:
+        self.r = client(store.redis_url)
+        horizon_seconds = self.horizon_s = store.dedup_store_days * DAY_S
         self.days = math.ceil(horizon_seconds / DAY_S) + 1  # buckets that can hold a live id
         self.ttl_s = int(horizon_seconds) + DAY_S  # a bucket outlives its last write by the horizon
-        self.prefix = prefix
+        self.prefix = store.key("dedup")
         self._check = self.r.register_script(_CHECK)
         self._record = self.r.register_script(_RECORD)
         self.patience = Patience("long-horizon dedup", on_change=on_change)

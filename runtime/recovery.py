@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bytewax.recovery import init_db_dir
 
-from tallyflow.config import Settings
+from runtime.settings import Settings
 
 
 def ensure_partitions(directory: str | Path, count: int) -> bool:
@@ -33,7 +33,7 @@ def ensure_partitions(directory: str | Path, count: int) -> bool:
 
 def bytewax_args(s: Settings, argv: list[str]) -> list[str]:
     """The recovery options for bytewax.run that `argv` does not already give."""
-    if not s.recovery_dir or any(a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv):
+    if not s.process.recovery_dir or any(a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv):
         return []
-    ensure_partitions(s.recovery_dir, s.recovery_partitions)
-    return ["-r", s.recovery_dir, "-s", str(s.snapshot_interval_seconds), "-b", str(s.backup_interval_seconds)]
+    ensure_partitions(s.process.recovery_dir, s.process.recovery_partitions)
+    return ["-r", s.process.recovery_dir, "-s", str(s.process.snapshot_interval_seconds), "-b", str(s.process.backup_interval_seconds)]

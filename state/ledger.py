@@ -12,16 +12,18 @@ destination recognises, instead of re-forming a different batch around the same 
 
 from __future__ import annotations
 
-import redis
+from runtime.redis import client
+from runtime.settings import StoreSettings
 
 PENDING = "pending:"
+DAY_S = 86_400
 
 
 class Ledger:
-    def __init__(self, url: str, ttl_seconds: int, prefix: str = "tallyflow:ledger") -> None:
-        self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self.ttl = ttl_seconds
-        self.prefix = prefix
+    def __init__(self, store: StoreSettings) -> None:
+        self.r = client(store.redis_url)
+        self.ttl = int(store.ledger_ttl_days * DAY_S)
+        self.prefix = store.key("ledger")
 
     def key(self, dest: str, i: str) -> str:
         return f"{self.prefix}:{dest}:{i}"
@@ -46,6 +48,11 @@ class Ledger:
     def intent(self, dest: str, key: str) -> bytes | None:
         v = self.r.get(self.key(dest, f"intent:{key}"))
         return v.encode() if isinstance(v, str) else v
+
+    def forget(self, dest: str, ids: list[str]) -> None:
+        """Make ids deliverable again (an exception re-driven after its cause was fixed)."""
+        if ids:
+            self.r.delete(*[self.key(dest, i) for i in ids])
 
     def ack(self, dest: str, ids: list[str], outcome: str = "ok") -> None:
         """Record the outcome (ok, or rejected: parked in the exceptions topic) for each id."""

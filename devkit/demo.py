@@ -10,6 +10,7 @@ three-way reconciliation of events and money.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import threading
@@ -21,11 +22,11 @@ from typing import Any
 
 import msgspec
 
+from devkit.generator import GenSpec, produce
+from devkit.pipeline import RECORDS_IN, LocalPipeline, wait_until
+from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from tallyflow.generator import GenSpec, produce
-from tallyflow.kafka import read_topic
-from tallyflow.pipeline import RECORDS_IN, LocalPipeline, wait_until
 
 # Event time runs from 23:30 on 31 October to 00:30 on 1 November: one billing period
 # closes mid-demo, a plan upgrade happens at 23:50, and a 10-minute grace makes hours-late
@@ -61,28 +62,27 @@ def _money(rows: Any) -> dict[str, Decimal]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tallyflow demo", description=__doc__)
-    ap.add_argument("--events", type=int, default=500_000)
-    ap.add_argument("--tenants", type=int, default=1000)
-    ap.add_argument("--rate", type=float, default=12_500, help="events/s produced (default: 40 s for 500k)")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--events", type=int, default=500_000, help="events to generate")
+    ap.add_argument("--tenants", type=int, default=1000, help="tenants of the example catalog that send them")
+    ap.add_argument("--rate", type=float, default=12_500, help="events/s produced (40 s for 500k)")
     ap.add_argument("--outage", type=float, default=20, help="seconds the ERP is down, starting halfway")
-    ap.add_argument("--seed", type=int, default=7)
-    args = ap.parse_args(argv)
+    ap.add_argument("--seed", type=int, default=7, help="seed of the traffic generator (same seed, same traffic)")
+
+
+def run(args: argparse.Namespace) -> int:
     print("tallyflow demo: starting broker, redis-server, sandbox and the three dataflows ...", flush=True)
     with LocalPipeline(DEMO_ENV) as lp:
         s = lp.settings
         lp.start_all()
-        print(f"  broker {s.brokers}, redis {s.redis_url}, sandbox {lp.sandbox.url} (open it in a browser)")
+        print(f"  broker {s.kafka.brokers}, redis {s.stores.redis_url}, sandbox {lp.sandbox.url} (open it in a browser)")
         print(
-            f"  window {s.window_seconds:g}s, grace {s.grace_seconds:g}s, ERP batches of up to {s.erp_batch_max_lines} "
-            f"lines or {s.erp_batch_max_latency_seconds:g}s, ERP limit {s.erp_rate_per_second:g} req/s",
+            f"  window {s.engine.window_seconds:g}s, grace {s.engine.grace_seconds:g}s, ERP batches of up to {s.erp.batch_max_lines} "
+            f"lines or {s.erp.batch_max_latency_seconds:g}s, ERP limit {s.erp.rate_per_second:g} req/s",
             flush=True,
         )
 
-        cat = load_catalog(s.catalog)
+        cat = load_catalog(s.process.catalog)
         spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1), rate=args.rate)
         outage: dict[str, float] = {}
 
@@ -104,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         script = threading.Thread(target=erp_outage, daemon=True)
         script.start()
         sent_at: dict[str, float] = {}
-        gen = produce(s.brokers, s.input_topic, spec, cat, progress=sys.stderr.isatty(), sent_at=sent_at)
+        gen = produce(s.kafka.brokers, s.topics.input, spec, cat, progress=sys.stderr.isatty(), sent_at=sent_at)
         script.join()
         print(f"  produced {gen.produced:,} in {gen.seconds:.1f}s; waiting for rating and delivery to finish ...", flush=True)
 
         m = lp.wait_rated(gen.produced, 120)
-        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
-        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.brokers, s.rated_topic)]
-        dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.brokers, s.dlq_topic)]
+        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
+        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, s.topics.rated)]
+        dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.brokers, s.topics.dlq)]
         want = {
             "crm": {a.alert_id for a in alerts if "crm" in a.destinations},
             "success": {a.alert_id for a in alerts if "success" in a.destinations},
@@ -198,7 +198,3 @@ def main(argv: list[str] | None = None) -> int:
     if latency:
         print(f"\n  (median alert latency {statistics.median(latency) * 1000:.0f} ms)")
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,21 +1,10 @@
 """The emission register in Redis: what the rating dataflow has put on `usage.rated`.
 
-Recovery rolls the engine back to its last snapshot and replays the input after it. The
-replay need not repeat history: batch boundaries, partition interleaving and the idle
-clock differ, so a window may close with other events or a correction may be split in
-two. Rated lines are deltas, so re-emitting "the same" line with different content would
-lose or double money at the ERP. The register makes replays harmless by settling every
-line against what was emitted: per tenant, meter, period and pricing version it keeps the
-emitted period-to-date quantity, amount and event count and a sequence number; each line
-the engine produces is re-expressed as the difference between the engine's period-to-date
-totals and the register's. When the replay agrees with history the difference is zero and
-nothing is emitted; when it differs, the difference goes out as a correction (revision
->= 1, signed delta). So the ERP's sum always equals the engine's totals. The register also
-remembers the last `HISTORY` totals it emitted per key: a replay passing through one of
-them is re-deriving history (its events were emitted already) and emits nothing, instead of
-a negative correction followed by positive ones. Event counts grow with every emission,
-so a new emission never equals an old state; once a replay diverges (emits a difference),
-the old history is dropped, since it is no longer the engine's past.
+Recovery rolls the engine back to its last snapshot and replays the input after it; the
+replay need not repeat history, and rated lines are deltas. So every line is settled
+against what was emitted before it goes out (`operators.settlement` has the arithmetic
+and why): per tenant, meter, period and pricing version this keeps the emitted
+period-to-date totals, a sequence number, and the last `HISTORY` emitted states.
 
 Lines are written here *before* they are produced to Kafka, as pending; the Kafka sink
 confirms them after its flush. A pending line found by the next process (it died between
@@ -31,11 +20,11 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
-import redis
 
-from operators.rating import stable_id
+from operators.settlement import Entry, Totals, settle
+from runtime.redis import Patience, client
+from runtime.settings import StoreSettings
 from schemas.outputs import ENCODER, RatedUsageLine
-from sinks.patience import Patience
 
 _LINE = msgspec.json.Decoder(RatedUsageLine)
 HISTORY = 256
@@ -92,16 +81,6 @@ for _ = 1, tonumber(ARGV[i]) do
 end
 return conflicts
 """
-_ZERO = Decimal(0)
-Totals = tuple[Decimal, Decimal, int]  # period-to-date quantity, amount, event count
-
-
-@dataclass(slots=True)
-class _Entry:
-    seq: int = 0
-    qty: Decimal = _ZERO
-    amount: Decimal = _ZERO
-    events: int = 0
 
 
 @dataclass(slots=True)
@@ -112,17 +91,15 @@ class Settled:
 
 
 class EmissionRegister:
-    def __init__(
-        self, url: str, ttl_seconds: int, prefix: str = "tallyflow:emitted", on_change: Callable[[bool], None] | None = None
-    ) -> None:
-        self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        self.ttl = ttl_seconds
-        self.prefix = prefix
+    def __init__(self, store: StoreSettings, on_change: Callable[[bool], None] | None = None) -> None:
+        self.r = client(store.redis_url)
+        self.ttl = int(store.register_ttl_days * 86_400)
+        self.prefix = store.key("emitted")
         self.patience = Patience("emission register", on_change=on_change)
         # Keys this process has read (their pending lines were produced again), with the
         # recent emitted totals; this process is their only writer from then on.
         self._hist: dict[str, set[bytes]] = {}
-        self._state: dict[str, _Entry] = {}
+        self._state: dict[str, Entry] = {}
         self._confirmed: dict[str, list[str]] = {}  # flushed, to be un-pended with the next write
         self._read = self.r.register_script(_READ)
         self._write = self.r.register_script(_WRITE)
@@ -145,12 +122,12 @@ class EmissionRegister:
 
         res: list[Any] = self.patience(lambda: self._read(args=fresh)) if fresh else []
         copy = dry_run  # a dry run must leave the cached state as it was
-        state: dict[str, _Entry] = {}
+        state: dict[str, Entry] = {}
         hist: dict[str, set[bytes]] = {}
         for k in keys:
             if k in self._state:
                 e, h = self._state[k], self._hist[k]
-                state[k], hist[k] = (_Entry(e.seq, e.qty, e.amount, e.events), set(h)) if copy else (e, h)
+                state[k], hist[k] = (e.copy(), set(h)) if copy else (e, h)
         for i, k in enumerate(fresh):
             now, pend, past = res[i]
             state[k] = _entry(now)  # type: ignore[arg-type]
@@ -162,44 +139,12 @@ class EmissionRegister:
         # A key the register has never seen, while the engine already has closed totals for
         # it, was emitted before the register existed (an upgrade): take that as emitted.
         seed = {k for k in fresh if state[k].seq == 0 and not hist[k]} if not correction else set()
+        settled = settle(lines, totals, self.key, state, hist, seed=seed, correction=correction)
+        out.lines += settled.lines
+        emitted, reset = settled.emitted, settled.reset
         pending: dict[str, dict[str, bytes]] = {}
-        emitted: dict[str, list[bytes]] = {}
-        reset: set[str] = set()
-        for ln, (q, a, n) in zip(lines, totals, strict=True):
-            k = self.key(ln)
-            e = state[k]
-            if k in seed:
-                seed.discard(k)
-                e.qty, e.amount, e.events = q - ln.quantity, a - ln.amount, n - ln.event_count
-            dq, da, dn = q - e.qty, a - e.amount, n - e.events
-            if not (dq or da or dn):
-                continue  # a replay re-deriving what was already emitted
-            token = f"{q}|{a}|{n}".encode()
-            if token in hist[k] and not correction:
-                continue  # a replay passing through an emitted state
-            e.seq += 1
-            e.qty, e.amount, e.events = q, a, n
-            same = dq == ln.quantity and da == ln.amount and dn == ln.event_count and not correction
-            if same:
-                hist[k].add(token)
-                emitted.setdefault(k, []).append(token)
-            else:
-                # The emitted history is no longer this engine's past: passing through one
-                # of its states later would not mean "already emitted". Start it afresh.
-                hist[k] = {token}
-                emitted[k] = [token]
-                reset.add(k)
-            rev = ln.revision if same else max(ln.revision, 1)
-            new = msgspec.structs.replace(
-                ln,
-                line_id=stable_id("line", ln.tenant_id, ln.meter, ln.window_start, ln.pricing_version, rev, e.seq),
-                quantity=dq,
-                amount=da,
-                event_count=dn,
-                revision=rev,
-            )
-            out.lines.append(new)
-            pending.setdefault(k, {})[new.line_id] = ENCODER.encode(new)
+        for new in settled.lines:
+            pending.setdefault(self.key(new), {})[new.line_id] = ENCODER.encode(new)
         if dry_run:
             return out
         touched = {k: state[k] for k in pending}
@@ -268,8 +213,8 @@ class EmissionRegister:
         return {k: (e.qty, e.amount, e.events) for k, e in ((k, _entry(v)) for k, v in zip(ks, p.execute(), strict=True))}
 
 
-def _entry(v: list[bytes | None]) -> _Entry:
+def _entry(v: list[bytes | None]) -> Entry:
     seq, qty, amount, events = v
     if seq is None:
-        return _Entry()
-    return _Entry(int(seq), Decimal(qty.decode()), Decimal(amount.decode()), int(events))  # type: ignore[union-attr,arg-type]
+        return Entry()
+    return Entry(int(seq), Decimal(qty.decode()), Decimal(amount.decode()), int(events))  # type: ignore[union-attr,arg-type]

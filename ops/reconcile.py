@@ -12,8 +12,8 @@ events share a partition (producers key by tenant), as the spec asks them to.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,17 +23,17 @@ from decimal import Decimal
 import msgspec
 from confluent_kafka import KafkaError, TopicPartition
 
-from dataflows.rating import engine_config
 from operators.catalog_index import CatalogIndex
+from operators.engine import ShardEngine
 from operators.periods import iso
-from operators.rating import ShardEngine
 from operators.stats import Stats
-from operators.validate import Accepted, Validator
+from operators.validate import Validator
+from runtime import kafka
+from runtime.kafka import read_topic
+from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine
-from tallyflow import kafka
-from tallyflow.config import Settings, kafka_config, load_settings
-from tallyflow.kafka import read_topic
+from schemas.records import Accepted
 
 Key = tuple[str, str, str]  # tenant, meter, period
 SOURCES = ("source", "rated", "erp")
@@ -54,25 +54,25 @@ class Totals:
 
 def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tuple[bytes | None, int, int]]]]:
     """The input topic, partition by partition in offset order, up to its end (partition EOF)."""
-    c = kafka.consumer(kafka_config(s), **{"group.id": f"tallyflow-reconcile-{uuid.uuid4()}", "enable.partition.eof": True})
+    c = kafka.consumer(s.kafka.config(), **{"group.id": f"tallyflow-reconcile-{uuid.uuid4()}", "enable.partition.eof": True})
     try:
-        parts = sorted(c.list_topics(s.input_topic, timeout=10).topics[s.input_topic].partitions)
+        parts = sorted(c.list_topics(s.topics.input, timeout=10).topics[s.topics.input].partitions)
         for p in parts:
-            c.assign([TopicPartition(s.input_topic, p, 0)])
+            c.assign([TopicPartition(s.topics.input, p, 0)])
             deadline = time.monotonic() + timeout_s
             done = False
             while not done:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{s.input_topic}[{p}]: no end of partition within {timeout_s}s")
+                    raise TimeoutError(f"{s.topics.input}[{p}]: no end of partition within {timeout_s}s")
                 chunk: list[tuple[bytes | None, int, int]] = []
-                for m in c.consume(s.batch_size, 0.5):
+                for m in c.consume(s.kafka.batch_size, 0.5):
                     err = m.error()
                     if err is None:
                         chunk.append((m.value(), m.offset() or 0, m.timestamp()[1]))
                     elif err.code() == KafkaError._PARTITION_EOF:
                         done = True
                     else:
-                        raise RuntimeError(f"{s.input_topic}[{p}]: {err}")
+                        raise RuntimeError(f"{s.topics.input}[{p}]: {err}")
                 if chunk:
                     yield p, chunk
     finally:
@@ -82,16 +82,16 @@ def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tup
 def recount(s: Settings) -> tuple[Totals, Stats]:
     """Source totals: the input topic rated again by the same operators, in one pass."""
     stats = Stats()
-    catalog = CatalogIndex.build(load_catalog(s.catalog))
-    validator = Validator(catalog, stats, s.limits())
-    engine = ShardEngine(catalog, engine_config(s), stats)  # one engine: every tenant, no sharding needed
+    catalog = CatalogIndex.build(load_catalog(s.process.catalog))
+    validator = Validator(catalog, stats, s.limits)
+    engine = ShardEngine(catalog, s.engine.config(), stats)  # one engine: every tenant, no sharding needed
     totals = Totals()
     now = time.time()
     received = iso(int(now * 1000))
     for p, chunk in _batches(s):
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
-        validator.parse_batch(chunk, s.input_topic, p, received, accepted, dead, int(now * 1000))
+        validator.parse_batch(chunk, s.topics.input, p, received, accepted, dead, int(now * 1000))
         for ln in engine.process(accepted, now, received).lines:
             totals.add(ln)
     for ln in engine.flush_all().lines:
@@ -104,7 +104,7 @@ def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals 
     # A line id can be on the topic more than once (a crash replay produces it again, with
     # the same content); it counts once, as it does at the ERP.
     unique: dict[str, RatedUsageLine] = {}
-    for v in read_topic(kafka_config(s), s.rated_topic):
+    for v in read_topic(s.kafka.config(), s.topics.rated):
         ln = msgspec.json.decode(v, type=RatedUsageLine)
         unique[ln.line_id] = ln
     lines = list(unique.values())
@@ -112,9 +112,9 @@ def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals 
         rated.add(ln)
     if not with_erp:
         return rated, None
-    from sinks.ledger import Ledger
+    from state.ledger import Ledger
 
-    ledger = Ledger(s.redis_url, int(s.ledger_ttl_days * 86400), f"{s.redis_prefix}:ledger")
+    ledger = Ledger(s.stores)
     erp = Totals()
     for i in range(0, len(lines), 1000):
         part = lines[i : i + 1000]
@@ -146,13 +146,12 @@ def compare(totals: dict[str, Totals]) -> list[dict[str, object]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tallyflow reconcile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="print JSON for machines")
     ap.add_argument("--no-erp", action="store_true", help="skip the ERP-acknowledged column (no delivery ledger)")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     s = load_settings()
     source, stats = recount(s)
     rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp)
@@ -189,7 +188,3 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows[:200]:
                 print("  " + " | ".join(str(r[h]) for h in head))
     return 1 if rows else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,6 @@ correction (signed delta, revision > 0) until its billing period's grace has pas
 
 from __future__ import annotations
 
-import hashlib
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,27 +20,17 @@ from operators.aggregate import AGGREGATIONS, Agg
 from operators.catalog_index import CatalogIndex, Level, PlanMeterIndex
 from operators.deadletters import dead_letter, internal_error
 from operators.dedup import GenerationalDedup
+from operators.ids import stable_id
 from operators.periods import Period, PeriodCache, iso
 from operators.stats import Stats
-from operators.validate import Accepted
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from schemas.records import Accepted
 
-_NS = uuid.UUID("6f1c2d36-7a52-4a8e-9c1e-54a1f0e0b7d1").bytes
 _INF = Decimal("Infinity")
 
 
-def stable_id(*parts: object) -> str:
-    """Deterministic id (a UUIDv5), so a replay produces the same alert_id / line_id.
-    Computed with hashlib directly: uuid.uuid5 costs several times more per line."""
-    b = bytearray(hashlib.sha1(_NS + "|".join(map(str, parts)).encode()).digest()[:16])
-    b[6] = (b[6] & 0x0F) | 0x50
-    b[8] = (b[8] & 0x3F) | 0x80
-    x = b.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
-
-
 class Backstop(Protocol):
-    """Long-horizon dedup behind the in-memory window (sinks.dedup_store.DedupStore)."""
+    """Long-horizon dedup behind the in-memory window (state.dedup_store.DedupStore)."""
 
     def duplicates(self, events: Sequence[Accepted]) -> set[int]:
         """Indices of events seen before; records the others."""

@@ -4,6 +4,7 @@ times, are what to compare across these noisy machines)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -16,34 +17,34 @@ from typing import Any
 import msgspec
 from confluent_kafka import TopicPartition
 
+from devkit.generator import GenSpec, produce
+from devkit.stack import LocalStack
 from operators.catalog_index import CatalogIndex
 from operators.dedup import GenerationalDedup
+from operators.engine import Out, ShardEngine
 from operators.periods import iso
-from operators.rating import Out, ShardEngine
 from operators.sharding import Sharder
 from operators.stats import Stats
-from operators.validate import Accepted, Validator
+from operators.validate import Validator
+from runtime import kafka
+from runtime.settings import Settings, StoreSettings, load_settings, tune_gc
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter
-from tallyflow import kafka
-from tallyflow.config import Settings, load_settings, tune_gc
-from tallyflow.generator import GenSpec, produce
-from tallyflow.stack import LocalStack
+from schemas.records import Accepted
 
 
 def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
     """The bar: one consumer, the same operators, outputs produced to the same topics."""
-    from dataflows.rating import engine_config
 
     stats = Stats()
-    cat = CatalogIndex.build(load_catalog(s.catalog))
-    validator = Validator(cat, stats, s.limits())
-    cfg = engine_config(s)
+    cat = CatalogIndex.build(load_catalog(s.process.catalog))
+    validator = Validator(cat, stats, s.limits)
+    cfg = s.engine.config()
     engines: dict[str, ShardEngine] = {}
-    sharder = Sharder(s.shards)
-    consumer = kafka.consumer(s.brokers)
-    consumer.assign([TopicPartition(s.input_topic, p, 0) for p in end_offsets])
-    producer = kafka.producer(s.brokers)
+    sharder = Sharder(s.engine.shards)
+    consumer = kafka.consumer(s.kafka.brokers)
+    consumer.assign([TopicPartition(s.topics.input, p, 0) for p in end_offsets])
+    producer = kafka.producer(s.kafka.brokers)
     remaining = {p: e for p, e in end_offsets.items() if e > 0}
 
     def emit(topic: str, items: list[Any]) -> None:
@@ -56,12 +57,12 @@ def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
                     producer.poll(0.05)
 
     def emit_out(o: Out) -> None:
-        emit(s.alerts_topic, o.alerts)
-        emit(s.rated_topic, o.lines)
-        emit(s.dlq_topic, o.dead)
+        emit(s.topics.alerts, o.alerts)
+        emit(s.topics.rated, o.lines)
+        emit(s.topics.dlq, o.dead)
 
     while remaining:
-        msgs = consumer.consume(s.batch_size, 0.1)
+        msgs = consumer.consume(s.kafka.batch_size, 0.1)
         if not msgs:
             continue
         now = time.time()
@@ -74,10 +75,10 @@ def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
         accepted: list[Accepted] = []
         dead: list[DeadLetter] = []
         for p, vals in by_part.items():
-            validator.parse_batch(vals, s.input_topic, p, received, accepted, dead, int(now * 1000))
+            validator.parse_batch(vals, s.topics.input, p, received, accepted, dead, int(now * 1000))
             if vals[-1][1] + 1 >= remaining.get(p, 0):
                 remaining.pop(p, None)
-        emit(s.dlq_topic, dead)
+        emit(s.topics.dlq, dead)
         for shard, batch in sharder.group(accepted).items():
             eng = engines.get(shard)
             if eng is None:
@@ -94,20 +95,20 @@ def reference_loop(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
 def run_dataflow(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
     from bytewax._bytewax import cli_main
 
-    from dataflows.rating import build_flow
+    from dataflows.rating import Bounds, build_flow
 
     stats = Stats()
     # No recovery store in these runs (nor in the reference), so no snapshots either.
-    cli_main(build_flow(s, end_offsets=end_offsets, stats=stats, snapshots=False, commit_positions=False))  # type: ignore[no-untyped-call]
+    cli_main(build_flow(s, bounds=Bounds(end_offsets), stats=stats, snapshots=False))  # type: ignore[no-untyped-call]
     return stats
 
 
 def dedup_store_keys_per_s(url: str, n: int = 200_000, batch: int = 1000) -> dict[str, float]:
     """The long-horizon dedup store alone, one Lua call per batch of `batch` new ids:
     recorded in the background (every accepted event) and checked (events memory cannot judge)."""
-    from sinks.dedup_store import DedupStore
+    from state.dedup_store import DedupStore
 
-    store = DedupStore(url, 7 * 86400, "bench:dedup-store")
+    store = DedupStore(StoreSettings(redis_url=url, redis_prefix="bench-store", dedup_store_days=7))
     evs = [Accepted("t-0001", "starter:v1", f"svc/llm\x1f7-{i:09d}", str(i), 0, [], b"", "t", 0, i, None) for i in range(2 * n)]
     t0 = time.perf_counter()
     for i in range(0, n, batch):
@@ -126,9 +127,9 @@ WARM_UP_S = 3.0
 def delivery_bench(events: int, rate: float) -> dict[str, Any]:
     """Alert latency (event produced -> received by the CRM sandbox) under a steady load, with
     all three dataflows running as processes, and ERP efficiency (events per request)."""
+    from devkit.pipeline import LocalPipeline, wait_until
+    from runtime.kafka import read_topic
     from schemas.outputs import RatedUsageLine, ThresholdAlert
-    from tallyflow.kafka import read_topic
-    from tallyflow.pipeline import LocalPipeline, wait_until
 
     # Measure the pipeline, not a rate limit: this load fires ~150 alerts/s at first, above
     # the default 100 requests/s per destination, which would queue them by design.
@@ -138,11 +139,11 @@ def delivery_bench(events: int, rate: float) -> dict[str, Any]:
         lp.start_all()
         sent_at: dict[str, float] = {}
         spec = GenSpec(total=events, span=timedelta(seconds=events / 20_000), rate=rate)
-        gen = produce(s.brokers, s.input_topic, spec, load_catalog(s.catalog), sent_at=sent_at)
+        gen = produce(s.kafka.brokers, s.topics.input, spec, load_catalog(s.process.catalog), sent_at=sent_at)
 
         lp.wait_rated(events, 300)
-        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.brokers, s.alerts_topic)]
-        n_lines = len(read_topic(s.brokers, s.rated_topic))
+        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
+        n_lines = len(read_topic(s.kafka.brokers, s.topics.rated))
         n_crm = sum(1 for a in alerts if "crm" in a.destinations)
         wait_until(
             lambda: (st := lp.sandbox.state())["crm"]["accepted"] >= n_crm and st["erp"]["accepted"] >= n_lines, 300, "delivery to finish"
@@ -193,26 +194,25 @@ def dedup_bytes_per_id(n: int = 200_000) -> float:
     return used / n
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="tallyflow bench", description=__doc__)
-    ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--partitions", type=int, default=4)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--events", type=int, default=1_000_000, help="events of the throughput runs")
+    ap.add_argument("--partitions", type=int, default=4, help="partitions of the input topic")
     ap.add_argument("--rounds", type=int, default=3, help="alternate reference and dataflow runs; the best of each counts")
     ap.add_argument("--delivery-events", type=int, default=750_000, help="events for the alert-latency run (0: skip it)")
     ap.add_argument("--delivery-rates", default="20000,50000", help="steady loads of the alert-latency runs, events/s")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"events": args.events, "partitions": args.partitions}
     with LocalStack(redis=True) as st:
         # The reference loop does the in-memory work only; "dataflow" does the same, and
         # "dataflow_with_redis" adds the long-horizon dedup store and the emission register.
         s = load_settings(brokers=st.brokers, redis_url=st.redis_url, dedup_store_days=0, emission_register=False)
-        st.create_topics({s.input_topic: args.partitions, s.alerts_topic: 1, s.rated_topic: 1, s.dlq_topic: 1})
-        cat = load_catalog(s.catalog)
+        st.create_topics({s.topics.input: args.partitions, s.topics.alerts: 1, s.topics.rated: 1, s.topics.dlq: 1})
+        cat = load_catalog(s.process.catalog)
         # Traffic of 1,000 tenants at 20k events/s of event time: 1-minute windows fill up.
         spec = GenSpec(total=args.events, span=timedelta(seconds=args.events / 20_000))
-        gen = produce(st.brokers, s.input_topic, spec, cat, progress=sys.stderr.isatty())
+        gen = produce(st.brokers, s.topics.input, spec, cat, progress=sys.stderr.isatty())
         results["produce_events_per_s"] = round(gen.produced / gen.seconds)
         tune_gc()
         ref_rates, flow_rates, redis_rates = [], [], []
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             flow = run_dataflow(s, gen.end_offsets)
             flow_rates.append(args.events / (time.perf_counter() - t0))
             # A fresh key space per round: a register that has seen the lines emits nothing.
-            with_redis = msgspec.structs.replace(s, dedup_store_days=7.0, emission_register=True, redis_prefix=f"bench-{i}")
+            with_redis = s.replace(dedup_store_days=7.0, emission_register=True, redis_prefix=f"bench-{i}")
             t0 = time.perf_counter()
             flow_r = run_dataflow(with_redis, gen.end_offsets)
             redis_rates.append(args.events / (time.perf_counter() - t0))
@@ -253,7 +253,3 @@ def main(argv: list[str] | None = None) -> int:
             results[f"delivery_at_{rate / 1000:g}k_events_per_s"] = delivery_bench(args.delivery_events, rate)
     print(json.dumps(results, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Kafka source and sink for Bytewax that move whole batches per item.
+"""The Kafka source for Bytewax that moves whole batches per item.
 
 Bytewax's own KafkaSource yields one item per message, which caps a worker near 100k
 events/s; yielding one list per consume() call lets the operators work per batch.
@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client.core import REGISTRY, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tallyflow import kafka
-from tallyflow.observability import BATCH_SIZE, HEALTH
+from runtime import kafka
+from runtime.health import HEALTH
+from runtime.metrics import BATCH_SIZE
+from runtime.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +131,27 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
 
     def __init__(
         self,
-        config: Mapping[str, Any],
+        cfg: KafkaSettings,
         topic: str,
         *,
-        batch_size: int = 1000,
-        start_from: str = "earliest",
+        label: str,
+        commit_positions: bool = True,
         end_offsets: Mapping[int, int] | None = None,
         start_offsets: Mapping[int, int] | None = None,
-        group: str | None = None,
-        label: str = "",
+        client: Mapping[str, Any] | None = None,
     ) -> None:
-        self._config = dict(config)
-        if group:
-            self._config["group.id"] = group
-        self._commit = bool(group)
-        self._label = label or topic
+        """`label` names the dataflow (metrics, and the consumer group `<prefix>-<label>` its
+        positions are committed to unless `commit_positions` is off); `client` adds our own
+        librdkafka settings under the user's."""
+        self._config = cfg.config(**(client or {}))
+        self._commit = commit_positions
+        if commit_positions:
+            self._config["group.id"] = f"{cfg.consumer_group_prefix}-{label}"
+        self._label = label
         self._begin = dict(start_offsets) if start_offsets is not None else None
         self._topic = topic
-        self._batch_size = batch_size
-        self._start = OFFSET_BEGINNING if start_from == "earliest" else OFFSET_END
+        self._batch_size = cfg.batch_size
+        self._start = OFFSET_BEGINNING if cfg.start_from == "earliest" else OFFSET_END
         self._end = dict(end_offsets) if end_offsets is not None else None
 
     def list_parts(self) -> list[str]:
@@ -171,78 +174,3 @@ class KafkaBatchSource(FixedPartitionedSource[list[Message], int]):
         start = self._start if self._begin is None else self._begin.get(part, self._start)
         offset = resume_state if resume_state is not None else start
         return _Partition(self._config, self._topic, part, offset, end, self._batch_size, self._commit, self._label)
-
-
-# Items reach the sink still keyed by shard: unkeying them would cost a step per item.
-SinkItem = tuple[str, list[Record]]
-
-
-# Size errors: the record is larger than the producer or the broker accepts.
-_TOO_LARGE = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE}
-Shrink = Callable[[bytes], bytes]
-
-
-class _SinkPartition(StatelessSinkPartition[SinkItem]):
-    def __init__(self, config: dict[str, Any], shrink: Mapping[str, Shrink]) -> None:
-        self._producer = kafka.producer(config)
-        self._shrink = shrink
-        self._errors: list[tuple[KafkaError, Message]] = []
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._errors.append((err, msg))
-
-    def _produce(self, topic: str, value: bytes, key: bytes | None) -> None:
-        p = self._producer
-        while True:
-            try:
-                p.produce(topic, value, key, on_delivery=self._on_delivery)
-                return
-            except BufferError:
-                p.poll(0.05)
-            except KafkaException as e:
-                shrink = self._shrink.get(topic)
-                if e.args[0].code() not in _TOO_LARGE or shrink is None:
-                    raise
-                value = self._smaller(topic, value, shrink)
-
-    @staticmethod
-    def _smaller(topic: str, value: bytes, shrink: Shrink) -> bytes:
-        smaller = shrink(value)
-        if len(smaller) >= len(value):
-            raise KafkaException(f"{topic}: a record of {len(value):,} bytes is too large and cannot be made smaller")
-        log.warning("%s: a record of %d bytes was too large; wrote it cut to %d bytes", topic, len(value), len(smaller))
-        return smaller
-
-    def write_batch(self, items: list[SinkItem]) -> None:
-        for _, records in items:
-            for topic, key, value in records:
-                self._produce(topic, value, key)
-        # Flushing before returning is what makes the next recovery snapshot safe:
-        # nothing is acknowledged upstream until the broker has it.
-        self._producer.flush()
-        while self._errors:
-            errs, self._errors = self._errors, []
-            fatal = [f"{m.topic()}: {e}" for e, m in errs if e.code() not in _TOO_LARGE or m.topic() not in self._shrink]
-            if fatal:
-                raise KafkaException(f"{len(fatal)} output records were not delivered, first: {fatal[0]}")
-            for _, m in errs:  # the broker's own limit is below ours: write them smaller
-                topic = m.topic() or ""
-                self._produce(topic, self._smaller(topic, m.value() or b"", self._shrink[topic]), m.key())
-            self._producer.flush()
-
-    def close(self) -> None:
-        self._producer.flush()
-
-
-class KafkaBatchSink(DynamicSink[SinkItem]):
-    """Items are (shard, [(topic, key, value), ...]); one idempotent producer per worker.
-    `shrink` (topic -> function) makes a record of that topic smaller when the producer or
-    the broker refuses it as too large (dead letters: their payload is cut further)."""
-
-    def __init__(self, config: Mapping[str, Any], shrink: Mapping[str, Shrink] | None = None) -> None:
-        self._config = dict(config)
-        self._shrink = dict(shrink or {})
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _SinkPartition:
-        return _SinkPartition(self._config, self._shrink)

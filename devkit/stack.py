@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime import kafka
 from schemas.errors import TallyflowError
-from tallyflow import kafka
 
 
 class StackError(TallyflowError):

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, Message
 
+from runtime import kafka
 from schemas.catalog import Catalog, Meter
-from tallyflow import kafka
 
 DEFAULT_START = datetime(2026, 10, 31, 12, 0, tzinfo=UTC)
 

@@ -13,20 +13,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
-import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from tallyflow.config import Settings, load_settings, to_env
-from tallyflow.recovery import bytewax_args
-from tallyflow.sandbox import SandboxClient
-from tallyflow.stack import LocalStack, free_port
+from dataflows import FLOWS
+from devkit.sandbox import SandboxClient
+from devkit.stack import LocalStack, free_port
+from runtime.recovery import bytewax_args
+from runtime.settings import Settings, load_settings, to_env
 
 T = TypeVar("T")
-FLOWS = {
-    "rate": "dataflows.rating:get_flow()",
-    "alerts": "dataflows.delivery:alerts_flow()",
-    "erp": "dataflows.delivery:erp_flow()",
-}
 HMAC_KEY = "local-sandbox-hmac-key"
 # Distinct credentials per endpoint, as real systems have: the sandbox checks each one.
 CREDENTIALS = {"success_hmac_key": HMAC_KEY, "crm_token": "local-crm-token", "erp_token": "local-erp-token"}
@@ -97,7 +92,7 @@ class LocalPipeline:
         )
         s = self.settings
         self.stack.create_topics(
-            {s.input_topic: self.partitions, s.alerts_topic: 1, s.rated_topic: 2, s.dlq_topic: 1, s.exceptions_topic: 1}
+            {s.topics.input: self.partitions, s.topics.alerts: 1, s.topics.rated: 2, s.topics.dlq: 1, s.topics.exceptions: 1}
         )
         return self
 
@@ -105,7 +100,7 @@ class LocalPipeline:
         env = {**os.environ, **to_env(self.settings), "TALLYFLOW_METRICS_PORT": str(self.ports[name])}
         args: list[str] = []
         if self.recovery:  # one recovery store per dataflow, kept across restarts
-            s = msgspec.structs.replace(self.settings, recovery_dir=str(self.logdir / f"recovery-{name}"))
+            s = self.settings.replace(recovery_dir=str(self.logdir / f"recovery-{name}"))
             args = bytewax_args(s, [])
         log = (self.logdir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(

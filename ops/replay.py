@@ -30,17 +30,18 @@ from decimal import Decimal
 import orjson
 from bytewax._bytewax import cli_main
 
-from dataflows.rating import build_flow
+from dataflows.rating import Bounds, Replay, build_flow
 from operators.catalog_index import CatalogIndex
 from operators.periods import PeriodCache
+from operators.settlement import Totals
 from operators.stats import Stats
-from operators.validate import Accepted
+from runtime import kafka
+from runtime.kafka import log_ends
+from runtime.settings import ConfigError, Settings, StoreSettings, load_settings
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, RatedUsageLine
-from sinks.register import EmissionRegister, Settled, Totals
-from tallyflow import kafka
-from tallyflow.config import ConfigError, Settings, kafka_config, load_settings
-from tallyflow.kafka import log_ends
+from schemas.records import Accepted
+from state.register import EmissionRegister, Settled
 
 Key = tuple[str, str, str, str]  # tenant, meter, period, pricing version
 
@@ -57,8 +58,8 @@ class _Recorder(EmissionRegister):
     """Stands in for the register during the run: keeps the replay's final totals per key
     (and its last line as the template of a correction); nothing goes out until the end."""
 
-    def __init__(self, url: str, ttl_seconds: int, prefix: str) -> None:
-        super().__init__(url, ttl_seconds, prefix)
+    def __init__(self, store: StoreSettings) -> None:
+        super().__init__(store)
         self.last: dict[str, tuple[RatedUsageLine, Totals]] = {}
 
     def settle(self, lines: list[RatedUsageLine], totals: list[Totals], *, dry_run: bool = False, correction: bool = False) -> Settled:
@@ -98,24 +99,17 @@ def replay(
     progress: bool = False,
 ) -> tuple[dict[Key, Change], Stats]:
     """Run the replay; return the changes (made, or that would be made) per key."""
-    cat = CatalogIndex.build(load_catalog(s.catalog))
-    ends = log_ends(kafka_config(s), s.input_topic)
+    cat = CatalogIndex.build(load_catalog(s.process.catalog))
+    ends = log_ends(s.kafka.config(), s.topics.input)
     total = sum(e - (start_offsets or {}).get(p, 0) for p, e in ends.items())
-    ttl = int(s.register_ttl_days * 86400)
-    prefix = f"{s.redis_prefix}:emitted"
-    register = _Recorder(s.redis_url, ttl, prefix)
+    register = _Recorder(s.stores)
     stats = Stats()
     flow = build_flow(
         s,
-        end_offsets=ends,
-        start_offsets=start_offsets,
+        bounds=Bounds(ends, start_offsets),
         stats=stats,
         snapshots=False,
-        register=register,
-        alerts=False,
-        dead_letters=False,
-        accept=_filter(cat, periods, tenants),
-        commit_positions=False,
+        replay=Replay(register, _filter(cat, periods, tenants)),
     )
     done = threading.Event()
     if progress:
@@ -127,17 +121,15 @@ def replay(
     # One correction per key: the difference between the re-rated period-to-date totals
     # and what was emitted, settled through the register like any other line.
     lines = [ln for ln, _ in register.last.values()]
-    settled = EmissionRegister(s.redis_url, ttl, prefix).settle(
-        lines, [t for _, t in register.last.values()], dry_run=dry_run, correction=True
-    )
+    settled = EmissionRegister(s.stores).settle(lines, [t for _, t in register.last.values()], dry_run=dry_run, correction=True)
     new = settled.lines[settled.resent :]
     if not dry_run and settled.lines:
-        p = kafka.producer(kafka_config(s))
+        p = kafka.producer(s.kafka.config())
         for ln in settled.lines:
-            p.produce(s.rated_topic, ENCODER.encode(ln), ln.tenant_id.encode())
+            p.produce(s.topics.rated, ENCODER.encode(ln), ln.tenant_id.encode())
         if p.flush(30):
-            raise RuntimeError(f"corrections not confirmed by {s.brokers} within 30 s; run the replay again (it is idempotent)")
-        EmissionRegister(s.redis_url, ttl, prefix).confirm(settled.confirm, now=True)
+            raise RuntimeError(f"corrections not confirmed by {s.kafka.brokers} within 30 s; run the replay again (it is idempotent)")
+        EmissionRegister(s.stores).confirm(settled.confirm, now=True)
     changes = {
         (ln.tenant_id, ln.meter, ln.period, ln.pricing_version): Change(ln.currency, ln.quantity, ln.amount, ln.event_count) for ln in new
     }
@@ -153,15 +145,16 @@ def _progress(stats: Stats, total: int, done: threading.Event) -> None:
         bar.update(total - bar.n)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="tallyflow replay", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--period", action="append", required=True, help="billing period to re-rate, e.g. 2026-10 (repeatable)")
     ap.add_argument("--tenant", action="append", default=[], help="only this tenant (repeatable; default: all)")
     ap.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     ap.add_argument("--start-offsets", default=None, help="partition:offset,... to start from (default: the beginning)")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print JSON for machines")
     ap.add_argument("--limit", type=int, default=20, help="rows of the table (0: all)")
-    a = ap.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
     s = load_settings()
     changes, stats = replay(
         s, set(a.period), set(a.tenant), dry_run=a.dry_run, start_offsets=_offsets(a.start_offsets), progress=not a.json

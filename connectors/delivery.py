@@ -1,0 +1,100 @@
+"""Bytewax steps of the delivery dataflows: a sink that hands batches to couriers, and the
+stateful micro-batcher in front of the ERP.
+
+A sink blocks while its destination is down or throttling; the worker then stops pulling,
+so the backlog waits in Kafka as consumer lag and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Message
+
+from operators.delivery import MicroBatcher
+from runtime.metrics import BATCH_SIZE, PENDING_LINES
+from sinks.courier import Courier
+
+T = TypeVar("T")
+
+
+class _CourierPartition(StatelessSinkPartition[Any], Generic[T]):
+    """Decodes each item into a batch and gives it to every courier at once (each has its
+    own rate limit and order; none waits for another)."""
+
+    def __init__(self, couriers: list[Courier[T]], decode: Callable[[Any], list[T]], label: str) -> None:
+        self.couriers, self.decode = couriers, decode
+        self.pool = ThreadPoolExecutor(len(couriers), thread_name_prefix=f"{label}-delivery") if len(couriers) > 1 else None
+        self.batch = BATCH_SIZE.labels(label, "deliver")
+
+    def write_batch(self, items: list[Any]) -> None:
+        for item in items:
+            batch = self.decode(item)
+            self.batch.observe(len(batch))
+            if self.pool is None:
+                self.couriers[0].deliver(batch)
+            else:
+                for f in [self.pool.submit(c.deliver, batch) for c in self.couriers]:
+                    f.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        for c in self.couriers:
+            c.close()
+
+
+class CourierSink(DynamicSink[Any], Generic[T]):
+    """`make` builds the couriers in the worker (clients, threads and sockets are per process)."""
+
+    def __init__(self, make: Callable[[], list[Courier[T]]], decode: Callable[[Any], list[T]], label: str) -> None:
+        self.make, self.decode, self.label = make, decode, label
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _CourierPartition[T]:
+        return _CourierPartition(self.make(), self.decode, self.label)
+
+
+def message_values(msgs: list[Message]) -> list[bytes]:
+    return [m.value() or b"" for m in msgs]
+
+
+# Pending lines and when the first arrived: the batch being formed survives a restart.
+BatchState = tuple[list[bytes], float | None]
+
+
+class Batcher(StatefulBatchLogic[bytes, list[bytes], BatchState]):
+    """Closes a batch at `max_items` or when its first item is `max_latency` old."""
+
+    def __init__(self, max_items: int, max_latency: float, resume: BatchState | None) -> None:
+        self.mb: MicroBatcher[bytes] = MicroBatcher(max_items, max_latency)
+        if resume is not None:
+            self.mb.items, self.mb.first_at = list(resume[0]), resume[1]
+
+    def on_batch(self, values: list[bytes]) -> tuple[list[list[bytes]], bool]:
+        now = time.time()
+        out = [b for b in (self.mb.add(v, now) for v in values) if b]
+        PENDING_LINES.set(len(self.mb.items))
+        return out, self.RETAIN
+
+    def on_notify(self) -> tuple[list[list[bytes]], bool]:
+        b = self.mb.due(time.time())
+        PENDING_LINES.set(len(self.mb.items))
+        return ([b] if b else []), self.RETAIN
+
+    def on_eof(self) -> tuple[list[list[bytes]], bool]:
+        b = self.mb.take()
+        PENDING_LINES.set(0)
+        return ([b] if b else []), self.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        d = self.mb.deadline()
+        return datetime.fromtimestamp(d, UTC) if d is not None else None
+
+    def snapshot(self) -> BatchState:
+        return (list(self.mb.items), self.mb.first_at)

@@ -1,0 +1,27 @@
+"""The record that passes between the rating dataflow's steps: an event that passed
+validation, on its way to the engine that owns its tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Accepted(msgspec.Struct, gc=False):
+    """A schema-valid, enriched event on its way to its tenant's shard. It holds ids, not
+    catalog objects, because batches cross workers."""
+
+    tenant_id: str
+    pricing_version: str
+    key: str  # dedup key within the tenant: source + id
+    event_id: str
+    ts_ms: int
+    values: list[tuple[str, Any]]  # (meter slug, quantity or unique value)
+    payload: bytes
+    topic: str
+    partition: int
+    offset: int
+    index: int | None
+    seen: bool = False  # the long-horizon dedup store has this key from another position
+    asked: bool = False  # the store was asked (and so has recorded it)

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: deps demo test bench lint fuzz clean
+.PHONY: deps demo test test-fast bench lint fuzz clean
 
 deps: $(STAMP)
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || bash scripts/install-system-deps.sh
@@ -21,6 +21,9 @@ demo: deps
 
 test: deps
 	$(BIN)/pytest -q
+
+test-fast: deps
+	$(BIN)/pytest -q -m "not integration"
 
 bench: deps
 	$(BIN)/tallyflow bench

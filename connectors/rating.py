@@ -11,12 +11,14 @@ that the delivery ledger has seen.
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -24,7 +26,8 @@ from confluent_kafka import Message
 
 from operators.catalog_index import CatalogIndex
 from operators.deadletters import encode_fitted, shrink_encoded
-from operators.engine import Out, ShardEngine, TenantState
+from operators.engine import ShardEngine
+from operators.engine_state import Out, TenantState
 from operators.periods import iso
 from operators.settlement import Totals
 from operators.sharding import Sharder
@@ -134,6 +137,16 @@ class Intake:
         return items
 
 
+_MOVED = {"operators.rating": "operators.engine_state"}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Snapshots of earlier versions name the state's classes where they lived then."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(_MOVED.get(module, module), name)
+
+
 class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
     def __init__(self, engine: ShardEngine, enc: Encoder, snapshots: bool, store: DedupStore | None) -> None:
         self.engine, self.enc, self.snapshots, self.store = engine, enc, snapshots, store
@@ -153,7 +166,7 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         watch.listeners.append(reloaded)
 
         def build(resume: bytes | None) -> ShardLogic:
-            state: dict[str, TenantState] | None = pickle.loads(resume) if resume else None
+            state: dict[str, TenantState] | None = _Unpickler(io.BytesIO(resume)).load() if resume else None
             engine = ShardEngine.resume(watch.index, cfg, stats, state, store)
             engines.append(engine)
             return cls(engine, enc, snapshots, store)

@@ -21,7 +21,8 @@ from devkit.generator import GenSpec, produce
 from devkit.stack import LocalStack
 from operators.catalog_index import CatalogIndex
 from operators.dedup import GenerationalDedup
-from operators.engine import Out, ShardEngine
+from operators.engine import ShardEngine
+from operators.engine_state import Out
 from operators.periods import iso
 from operators.sharding import Sharder
 from operators.stats import Stats

@@ -11,11 +11,11 @@ three-way reconciliation of events and money.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -68,6 +68,162 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rate", type=float, default=12_500, help="events/s produced (40 s for 500k)")
     ap.add_argument("--outage", type=float, default=20, help="seconds the ERP is down, starting halfway")
     ap.add_argument("--seed", type=int, default=7, help="seed of the traffic generator (same seed, same traffic)")
+    ap.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="stop at once after the summary (without it, a terminal keeps the sandbox page up until Enter)",
+    )
+
+
+@dataclass
+class Observed:
+    """What the demo saw: the rating counters, the three output topics, the sandbox."""
+
+    produced: int
+    metrics: dict[str, float]
+    alerts: list[ThresholdAlert]
+    lines: list[RatedUsageLine]
+    dead: list[DeadLetter]
+    sent_at: dict[str, float]
+    outage: dict[str, float]
+    sandbox: dict[str, Any] = field(default_factory=dict)  # state, crm and erp items, erp requests
+
+
+def _traffic(lp: LocalPipeline, args: argparse.Namespace) -> tuple[int, dict[str, float], dict[str, float]]:
+    """Produce the demo's traffic while its script takes the ERP down halfway through."""
+    s = lp.settings
+    spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1), rate=args.rate)
+    outage: dict[str, float] = {}
+
+    def erp_outage() -> None:
+        time.sleep(spec.total / args.rate / 2)  # the demo's script: halfway through the traffic
+        lp.sandbox.fault("erp", "down")
+        outage["down"] = time.time()
+        print(f"\n  >>> ERP sandbox DOWN for {args.outage:g}s", flush=True)
+        time.sleep(args.outage)
+        lp.sandbox.clear_faults()
+        outage["up"] = time.time()
+        print("\n  >>> ERP sandbox back UP", flush=True)
+
+    print(
+        f"generating {spec.total:,} events for {spec.tenants:,} tenants at {args.rate:,.0f}/s "
+        f"({spec.duplicate_pct}% duplicates, {spec.late_pct}% late, {spec.malformed_pct}% malformed) ...",
+        flush=True,
+    )
+    script = threading.Thread(target=erp_outage, daemon=True)
+    script.start()
+    sent_at: dict[str, float] = {}
+    gen = produce(s.kafka.brokers, s.topics.input, spec, load_catalog(s.process.catalog), progress=sys.stderr.isatty(), sent_at=sent_at)
+    script.join()
+    print(f"  produced {gen.produced:,} in {gen.seconds:.1f}s; waiting for rating and delivery to finish ...", flush=True)
+    return gen.produced, sent_at, outage
+
+
+def _observe(lp: LocalPipeline, produced: int, sent_at: dict[str, float], outage: dict[str, float]) -> Observed:
+    s = lp.settings
+    m = lp.wait_rated(produced, 120)
+
+    def topic(name: str, t: Any) -> list[Any]:
+        return [msgspec.json.decode(v, type=t) for v in read_topic(s.kafka.brokers, name)]
+
+    o = Observed(
+        produced,
+        m,
+        topic(s.topics.alerts, ThresholdAlert),
+        topic(s.topics.rated, RatedUsageLine),
+        topic(s.topics.dlq, DeadLetter),
+        sent_at,
+        outage,
+    )
+    want = {
+        "crm": {a.alert_id for a in o.alerts if "crm" in a.destinations},
+        "success": {a.alert_id for a in o.alerts if "success" in a.destinations},
+        "erp": {ln.line_id for ln in o.lines},
+    }
+    wait_until(lambda: all(lp.sandbox.state()[k]["accepted"] >= len(want[k]) for k in want), 180, "every alert and line to be delivered")
+    items = {k: lp.sandbox.items(k) for k in want}
+    o.sandbox = {"state": lp.sandbox.state(), "items": items, "erp_requests": lp.sandbox.requests("erp"), "want": want}
+    o.sandbox["delivered"] = all(want[k] <= items[k].keys() for k in want)
+    return o
+
+
+def _rating(o: Observed) -> bool:
+    m = o.metrics
+    accepted, dups = int(m["tallyflow_records_total{outcome=accepted}"]), int(m["tallyflow_records_total{outcome=duplicate}"])
+    records_in = int(m[RECORDS_IN])
+    conserved = records_in == o.produced == accepted + dups + len(o.dead)
+    print("\nsummary: rating (what the rating dataflow made of the input)")
+    print(_row("events produced", f"{o.produced:,}"))
+    print(_row("accepted", f"{accepted:,}"))
+    print(_row("duplicates dropped", f"{dups:,}  (the same source and id again, for the same tenant)"))
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(Counter(d.reason for d in o.dead).items()))
+    print(_row("dead letters (usage.dlq)", f"{len(o.dead):,}  {reasons}"))
+    levels = ", ".join(f"{lv} {n}" for lv, n in sorted(Counter(a.level for a in o.alerts).items()))
+    print(_row("threshold alerts (usage.alerts)", f"{len(o.alerts):,}  by level: {levels}"))
+    print(_row("rated lines (usage.rated)", f"{len(o.lines):,}  ({sum(1 for ln in o.lines if ln.revision):,} corrections of late events)"))
+    print(
+        _row(
+            "conservation",
+            f"{records_in:,} in = {accepted:,} accepted + {dups:,} duplicates + {len(o.dead):,} dead letters: "
+            + ("OK" if conserved else "MISMATCH"),
+        )
+    )
+    return conserved
+
+
+def _delivery(o: Observed) -> int:
+    """Prints what reached the sandbox; returns the number of ids that arrived twice."""
+    sb = o.sandbox
+    crm, erp, want, state = sb["items"]["crm"], sb["items"]["erp"], sb["want"], sb["state"]
+    down, up = o.outage["down"], o.outage["up"]
+    by_alert = {a.alert_id: a for a in o.alerts}
+    latency = [crm[i]["received_at"] - o.sent_at[by_alert[i].correlation_id] for i in want["crm"]]
+    during = [x for i, x in zip(want["crm"], latency, strict=True) if down <= crm[i]["received_at"] <= up]
+    print("\nsummary: delivery (what the CRM, success-tool and ERP sandbox accepted)")
+    print(_row("ERP outage", f"{up - down:.1f}s"))
+    for dest, label in (("crm", "the CRM"), ("success", "the success tool")):
+        skipped = sorted({a.level for a in o.alerts if dest not in a.destinations})
+        why = f"every alert but the {', '.join(skipped)} level(s), whose thresholds do not notify {label}" if skipped else "every alert"
+        print(_row(f"alerts to {label}", f"{len(want[dest]):,}  ({why})"))
+    print(_row("alert latency, event produced -> CRM", _ms(latency)))
+    print(_row("  of which during the ERP outage", f"{len(during):,} alerts, {_ms(during)}"))
+    erp_ok = sum(1 for _, st in sb["erp_requests"] if st == 200)
+    erp_events = sum(x["event_count"] for x in erp.values())
+    print(_row("ERP requests by status", ", ".join(f"{k}: {v}" for k, v in sorted(state["erp"]["by_status"].items()))))
+    per = f"{len(erp) / max(1, erp_ok):.0f} lines, {erp_events / max(1, erp_ok):,.0f} events per request"
+    print(_row("ERP lines accepted", f"{len(erp):,} in {erp_ok:,} requests ({per})"))
+    backlog = sum(1 for x in erp.values() if x["received_at"] > up)
+    drained = max(x["received_at"] for x in erp.values()) - up
+    print(_row("ERP backlog after the outage", f"{backlog:,} lines, drained {drained:.1f}s after the ERP came back"))
+    dup_ids = sum(state[k]["duplicates"] for k in ("crm", "success", "erp"))
+    print(_row("alert_id / line_id received twice", dup_ids))
+    return int(dup_ids)
+
+
+def _reconcile(o: Observed) -> bool:
+    erp = o.sandbox["items"]["erp"]
+    accepted = int(o.metrics["tallyflow_records_total{outcome=accepted}"])
+    rated_money = _money((ln.currency, ln.amount) for ln in o.lines)
+    erp_money = _money((x["currency"], x["amount"]) for x in erp.values())
+    rated_events = sum(ln.event_count for ln in o.lines)
+    erp_events = sum(x["event_count"] for x in erp.values())
+    per_tenant = _money(((ln.tenant_id, ln.currency), ln.amount) for ln in o.lines) == _money(
+        ((x["tenant_id"], x["currency"]), x["amount"]) for x in erp.values()
+    )
+    print("\nreconciliation (source = rating counters, rated = usage.rated, ERP = accepted by the sandbox)")
+    print(_row("events", f"source {accepted:,} = rated {rated_events:,} = ERP {erp_events:,}"))
+    for cur in sorted(set(rated_money) | set(erp_money)):
+        print(_row(f"amount {cur}", f"rated {rated_money.get(cur, 0):,} = ERP {erp_money.get(cur, 0):,}"))
+    print(_row("per tenant and currency", "all equal" if per_tenant else "DIFFER"))
+    return accepted == rated_events == erp_events and rated_money == erp_money and per_tenant
+
+
+def _keep_page_up(lp: LocalPipeline, args: argparse.Namespace) -> None:
+    """The sandbox page named at the start is still there to look at, until Enter."""
+    if args.no_wait or not sys.stdin.isatty():
+        return
+    print(f"\nthe sandbox page is still up at {lp.sandbox.url} ; press Enter to stop everything", flush=True)
+    sys.stdin.readline()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,120 +237,11 @@ def run(args: argparse.Namespace) -> int:
             f"lines or {s.erp.batch_max_latency_seconds:g}s, ERP limit {s.erp.rate_per_second:g} req/s",
             flush=True,
         )
-
-        cat = load_catalog(s.process.catalog)
-        spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1), rate=args.rate)
-        outage: dict[str, float] = {}
-
-        def erp_outage() -> None:
-            time.sleep(spec.total / args.rate / 2)  # the demo's script: halfway through the traffic
-            lp.sandbox.fault("erp", "down")
-            outage["down"] = time.time()
-            print(f"\n  >>> ERP sandbox DOWN for {args.outage:g}s", flush=True)
-            time.sleep(args.outage)
-            lp.sandbox.clear_faults()
-            outage["up"] = time.time()
-            print("\n  >>> ERP sandbox back UP", flush=True)
-
-        print(
-            f"generating {spec.total:,} events for {spec.tenants:,} tenants at {args.rate:,.0f}/s "
-            f"({spec.duplicate_pct}% duplicates, {spec.late_pct}% late, {spec.malformed_pct}% malformed) ...",
-            flush=True,
-        )
-        script = threading.Thread(target=erp_outage, daemon=True)
-        script.start()
-        sent_at: dict[str, float] = {}
-        gen = produce(s.kafka.brokers, s.topics.input, spec, cat, progress=sys.stderr.isatty(), sent_at=sent_at)
-        script.join()
-        print(f"  produced {gen.produced:,} in {gen.seconds:.1f}s; waiting for rating and delivery to finish ...", flush=True)
-
-        m = lp.wait_rated(gen.produced, 120)
-        alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
-        lines = [msgspec.json.decode(v, type=RatedUsageLine) for v in read_topic(s.kafka.brokers, s.topics.rated)]
-        dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.brokers, s.topics.dlq)]
-        want = {
-            "crm": {a.alert_id for a in alerts if "crm" in a.destinations},
-            "success": {a.alert_id for a in alerts if "success" in a.destinations},
-            "erp": {ln.line_id for ln in lines},
-        }
-        wait_until(
-            lambda: all(lp.sandbox.state()[k]["accepted"] >= len(want[k]) for k in want), 180, "every alert and line to be delivered"
-        )
-        crm, erp = lp.sandbox.items("crm"), lp.sandbox.items("erp")
-        state = lp.sandbox.state()
-        erp_requests = lp.sandbox.requests("erp")
-        delivered = all(want[k] <= lp.sandbox.items(k).keys() for k in want)
-
-    # -- what happened ---------------------------------------------------------------------
-    accepted, dups = int(m["tallyflow_records_total{outcome=accepted}"]), int(m["tallyflow_records_total{outcome=duplicate}"])
-    records_in = int(m[RECORDS_IN])
-    by_alert = {a.alert_id: a for a in alerts}
-    latency = [crm[i]["received_at"] - sent_at[by_alert[i].correlation_id] for i in want["crm"]]
-    during = [
-        crm[i]["received_at"] - sent_at[by_alert[i].correlation_id]
-        for i in want["crm"]
-        if outage["down"] <= crm[i]["received_at"] <= outage["up"]
-    ]
-    erp_ok = [t for t, st in erp_requests if st == 200]
-    drained = max(x["received_at"] for x in erp.values()) - outage["up"]
-    backlog_at_up = sum(1 for x in erp.values() if x["received_at"] > outage["up"])
-    rated_money = _money((ln.currency, ln.amount) for ln in lines)
-    erp_money = _money((x["currency"], x["amount"]) for x in erp.values())
-    rated_events = sum(ln.event_count for ln in lines)
-    erp_events = sum(x["event_count"] for x in erp.values())
-    per_tenant_ok = _money(((ln.tenant_id, ln.currency), ln.amount) for ln in lines) == _money(
-        ((x["tenant_id"], x["currency"]), x["amount"]) for x in erp.values()
-    )
-    dup_ids = sum(state[k]["duplicates"] for k in ("crm", "success", "erp"))
-    conserved = records_in == gen.produced == accepted + dups + len(dead)
-    reconciled = accepted == rated_events == erp_events and rated_money == erp_money and per_tenant_ok
-    ok = conserved and reconciled and dup_ids == 0 and delivered
-
-    print("\nsummary: rating")
-    print(_row("events produced", f"{gen.produced:,}"))
-    print(_row("accepted", f"{accepted:,}"))
-    print(_row("duplicates dropped", f"{dups:,}"))
-    print(
-        _row(
-            "dead letters (usage.dlq)",
-            f"{len(dead):,}  " + ", ".join(f"{r} {n}" for r, n in sorted(Counter(d.reason for d in dead).items())),
-        )
-    )
-    print(
-        _row(
-            "alerts (usage.alerts)",
-            f"{len(alerts):,}  " + ", ".join(f"{lv} {n}" for lv, n in sorted(Counter(a.level for a in alerts).items())),
-        )
-    )
-    print(_row("rated lines (usage.rated)", f"{len(lines):,} ({sum(1 for ln in lines if ln.revision):,} corrections)"))
-    print(
-        _row(
-            "conservation",
-            f"{records_in:,} in = {accepted:,} accepted + {dups:,} duplicates + {len(dead):,} dead letters: "
-            + ("OK" if conserved else "MISMATCH"),
-        )
-    )
-    print("\nsummary: delivery")
-    print(_row("ERP outage", f"{outage['up'] - outage['down']:.1f}s"))
-    print(_row("alerts at CRM / success tool", f"{len(want['crm']):,} / {len(want['success']):,}"))
-    print(_row("alert latency, event produced -> CRM", _ms(latency)))
-    print(_row("  of which during the ERP outage", f"{len(during):,} alerts, {_ms(during)}"))
-    print(_row("ERP requests", ", ".join(f"{k}: {v}" for k, v in sorted(state["erp"]["by_status"].items()))))
-    print(
-        _row(
-            "ERP lines accepted",
-            f"{len(erp):,} in {len(erp_ok):,} requests ({len(erp) / max(1, len(erp_ok)):.0f} lines, "
-            f"{erp_events / max(1, len(erp_ok)):,.0f} events per request)",
-        )
-    )
-    print(_row("ERP backlog after the outage", f"{backlog_at_up:,} lines, drained {drained:.1f}s after the ERP came back"))
-    print(_row("duplicate alert_id / line_id at sandbox", dup_ids))
-    print("\nreconciliation (source = rating counters, rated = usage.rated, ERP = accepted by the sandbox)")
-    print(_row("events", f"source {accepted:,} = rated {rated_events:,} = ERP {erp_events:,}"))
-    for cur in sorted(set(rated_money) | set(erp_money)):
-        print(_row(f"amount {cur}", f"rated {rated_money.get(cur, 0):,} = ERP {erp_money.get(cur, 0):,}"))
-    print(_row("per tenant and currency", "all equal" if per_tenant_ok else "DIFFER"))
-    print(_row("verdict", "OK" if ok else "MISMATCH"))
-    if latency:
-        print(f"\n  (median alert latency {statistics.median(latency) * 1000:.0f} ms)")
+        o = _observe(lp, *_traffic(lp, args))
+        conserved = _rating(o)
+        dup_ids = _delivery(o)
+        reconciled = _reconcile(o)
+        ok = conserved and reconciled and dup_ids == 0 and bool(o.sandbox["delivered"])
+        print(_row("verdict", "OK" if ok else "MISMATCH"))
+        _keep_page_up(lp, args)
     return 0 if ok else 1

@@ -193,11 +193,7 @@ def produce(
     producer = kafka.producer(
         {"bootstrap.servers": brokers, **(config or {})}, **{"linger.ms": 20, "queue.buffering.max.messages": 500_000}
     )
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=spec.total, unit="ev", unit_scale=True, desc="generate", mininterval=0.5)
+    bar = _bar(spec.total) if progress else None
     t0 = time.monotonic()
     for n, (kind, tenant, value, eid) in enumerate(events(spec, catalog), 1):
         res.kinds[kind] = res.kinds.get(kind, 0) + 1
@@ -205,12 +201,7 @@ def produce(
             record.append(value)
         if sent_at is not None:
             sent_at.setdefault(eid, time.time())
-        while True:
-            try:
-                producer.produce(topic, value, tenant.encode(), on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        _produce(producer, topic, value, tenant.encode(), on_delivery)
         if n % 5000 == 0:
             producer.poll(0)
             if bar is not None:
@@ -228,3 +219,18 @@ def produce(
     res.produced = spec.total
     res.seconds = time.monotonic() - t0
     return res
+
+
+def _bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ev", unit_scale=True, desc="generate", mininterval=0.5)
+
+
+def _produce(producer: Any, topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)

@@ -289,29 +289,43 @@ class Sandbox:
             self.state.faults.clear()
 
 
+# What the page shows of the last items each endpoint accepted.
+_COLUMNS = {
+    "crm": ("alert_id", "tenant_id", "crm_account_id", "meter", "period", "level", "usage", "limit"),
+    "success": ("alert_id", "tenant_id", "meter", "period", "level", "usage", "limit"),
+    "erp": ("line_id", "tenant_id", "erp_customer_id", "product_code", "quantity", "amount", "currency", "window_start", "revision"),
+}
+
+
+def _table(head: tuple[str, ...] | list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
 def _page(s: dict[str, Any]) -> str:
-    rows = []
+    """The sandbox for people: counts per endpoint, the last items as tables, ERP totals."""
+    counts = []
     for name in TARGETS:
         d = s[name]
-        last = "".join(f"<li><code>{html.escape(json.dumps(x, default=str)[:220])}</code></li>" for x in d["last"])
-        rows.append(
-            f"<h2>{name}</h2><p>accepted <b>{d['accepted']}</b> · duplicates <b>{d['duplicates']}</b> · "
-            f"requests {d['requests']} {html.escape(json.dumps(d['by_status']))} · replayed keys {d['replayed_keys']}</p>"
-            f"<ul>{last}</ul>"
-        )
-        if name == "erp":
-            tot = sorted(d["totals_per_tenant"].items())[:50]
-            rows.append(
-                "<table><tr><th>tenant</th><th>totals</th></tr>"
-                + "".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for t, v in tot)
-                + "</table>"
-            )
-    faults = html.escape(json.dumps(s["faults"]))
+        responses = ", ".join(f"{k}: {v}" for k, v in sorted(d["by_status"].items()))
+        counts.append([name, d["accepted"], d["duplicates"], d["requests"], d["replayed_keys"], d["inflight"], responses])
+    parts = [_table(["endpoint", "accepted", "received twice", "requests", "replayed keys", "in flight", "responses"], counts)]
+    for name in TARGETS:
+        cols = _COLUMNS[name]
+        last = [[x.get(c, "") for c in cols] for x in reversed(s[name]["last"])]
+        parts.append(f"<h2>{name}: last accepted</h2>" + (_table(cols, last) if last else "<p>nothing yet</p>"))
+    totals = sorted(s["erp"]["totals_per_tenant"].items())
+    rows = [[t, cur, amt] for t, by_cur in totals[:100] for cur, amt in sorted(by_cur.items())]
+    parts.append(f"<h2>erp: amount per tenant ({len(totals):,} tenants{', first 100' if len(totals) > 100 else ''})</h2>")
+    parts.append(_table(["tenant", "currency", "amount"], rows))
+    faults = [[t, f["mode"], "until cleared" if f["count"] is None else f["count"]] for t, f in s["faults"].items()]
+    fault_html = _table(["endpoint", "fault", "requests left"], faults) if faults else "<p>none</p>"
     return (
         "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>"
-        "<title>Tallyflow sandbox</title><style>body{font-family:sans-serif;margin:2em}code{font-size:.8em}"
-        "td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>"
-        f"<h1>Tallyflow sandbox</h1><p>faults: <code>{faults}</code></p>{''.join(rows)}</body></html>"
+        "<title>Tallyflow sandbox</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{padding:2px 10px;border-bottom:1px solid #ddd;text-align:left;font-size:.9em}th{background:#f4f4f4}</style></head><body>"
+        f"<h1>Tallyflow sandbox</h1><h2>faults</h2>{fault_html}{''.join(parts)}</body></html>"
     )
 
 

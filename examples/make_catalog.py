@@ -1,4 +1,7 @@
-"""Regenerate examples/catalog.yaml: 3 plans, 5 meters, 1,000 tenants (the demo's catalog)."""
+"""Regenerate the example catalog: 3 plans, 5 meters, 1,000 tenants (the demo's catalog).
+
+It lives in k8s/base/catalog.yaml (the ConfigMap of every overlay); examples/catalog.yaml
+links to it, so the demo, the tests and the manifests share one file."""
 
 from __future__ import annotations
 
@@ -135,7 +138,7 @@ def main() -> None:
             f"  - {{tenant_id: t-{i:04d}, plan: {plan}, crm_account_id: CRM-{i:05d}, erp_customer_id: ERP-{i:05d}, "
             f"contract_id: C-{2026}-{i:04d}{extra}}}\n"
         )
-    Path(__file__).with_name("catalog.yaml").write_text("".join(lines))
+    (Path(__file__).resolve().parent.parent / "k8s" / "base" / "catalog.yaml").write_text("".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import yaml
 
-from operators.engine import EngineConfig
+from operators.engine_state import EngineConfig
 from schemas.errors import TallyflowError
 from schemas.events import InputLimits
 

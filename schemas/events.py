@@ -9,6 +9,7 @@ letter. `InputLimits` are the bounds every event is held to before it can change
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -47,7 +48,7 @@ class CloudEvent(msgspec.Struct, gc=False, kw_only=True):
     type: Annotated[str, msgspec.Meta(min_length=1, description="event type; meters select events by it")]
     subject: Annotated[str, msgspec.Meta(min_length=1, max_length=128, description="the tenant id")]
     time: Annotated[datetime, msgspec.Meta(tz=True, description="event time, RFC 3339 with a zone")]
-    data: dict[str, Any] | None = None
+    data: Annotated[dict[str, Any] | None, msgspec.Meta(description="the usage: meters read their quantity from it by path")] = None
 
 
 def _envelope_base(lim: InputLimits) -> type:
@@ -133,3 +134,23 @@ def _data_struct(name: str, paths: Sequence[tuple[str, Any]]) -> Any:
 def _build(name: str, tree: dict[str, Any]) -> Any:
     fields = [(k, _build(f"{name}_{k}", v) if isinstance(v, dict) else v) for k, v in sorted(tree.items())]
     return msgspec.defstruct(name, fields, gc=False)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the input event, for producers to validate against (the checked-in
+    schemas/cloudevent.schema.json; `python -m schemas.events` prints it)."""
+    schema: dict[str, Any] = msgspec.json.schema(CloudEvent)
+    event = schema["$defs"]["CloudEvent"]
+    event["description"] = inspect.cleandoc(event["description"]).replace("\n", " ")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://tallyflow.dev/schemas/cloudevent.schema.json",
+        "title": "Tallyflow usage event (CloudEvents 1.0, structured JSON mode)",
+        **schema,
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))

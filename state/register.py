@@ -102,7 +102,7 @@ class EmissionRegister:
         self._state: dict[str, Entry] = {}
         self._confirmed: dict[str, list[str]] = {}  # flushed, to be un-pended with the next write
         self._read = self.r.register_script(_READ)
-        self._write = self.r.register_script(_WRITE)
+        self._write_script = self.r.register_script(_WRITE)
 
     def key(self, ln: RatedUsageLine) -> str:
         return f"{self.prefix}:{ln.tenant_id}:{ln.meter}:{ln.period}:{ln.pricing_version}"
@@ -118,16 +118,43 @@ class EmissionRegister:
         if not lines:
             return out
         keys = list(dict.fromkeys(self.key(ln) for ln in lines))
-        fresh = [k for k in keys if k not in self._state]
+        state, hist, fresh = self._load(keys, dry_run, out)
+        expected = {k: state[k].seq for k in keys}
+        # A key the register has never seen, while the engine already has closed totals for
+        # it, was emitted before the register existed (an upgrade): take that as emitted.
+        seed = {k for k in fresh if state[k].seq == 0 and not hist[k]} if not correction else set()
+        settled = settle(lines, totals, self.key, state, hist, seed=seed, correction=correction)
+        out.lines += settled.lines
+        pending: dict[str, dict[str, bytes]] = {}
+        for new in settled.lines:
+            pending.setdefault(self.key(new), {})[new.line_id] = ENCODER.encode(new)
+        if dry_run:
+            return out
+        conflicts = self._write(state, pending, expected, settled.emitted, settled.reset)
+        for k in keys:
+            if k in conflicts:  # another process wrote it since: forget, read again below
+                self._state.pop(k, None)
+                self._hist.pop(k, None)
+                continue
+            h = hist[k]
+            self._hist[k] = h if len(h) <= 2 * HISTORY else set(settled.emitted.get(k, []))
+            self._state[k] = state[k]
+        out.confirm = {k: list(v) for k, v in pending.items() if k not in conflicts}
+        for ln in out.lines[: out.resent]:
+            out.confirm.setdefault(self.key(ln), []).append(ln.line_id)
+        return self._again(out, lines, totals, conflicts, correction) if conflicts else out
 
+    def _load(self, keys: list[str], dry_run: bool, out: Settled) -> tuple[dict[str, Entry], dict[str, set[bytes]], list[str]]:
+        """State and history of `keys`: from this process's cache, or read (with the pending
+        lines an earlier process left, which go out again first)."""
+        fresh = [k for k in keys if k not in self._state]
         res: list[Any] = self.patience(lambda: self._read(args=fresh)) if fresh else []
-        copy = dry_run  # a dry run must leave the cached state as it was
         state: dict[str, Entry] = {}
         hist: dict[str, set[bytes]] = {}
         for k in keys:
             if k in self._state:
                 e, h = self._state[k], self._hist[k]
-                state[k], hist[k] = (e.copy(), set(h)) if copy else (e, h)
+                state[k], hist[k] = (e.copy(), set(h)) if dry_run else (e, h)  # a dry run leaves the cache as it was
         for i, k in enumerate(fresh):
             now, pend, past = res[i]
             state[k] = _entry(now)  # type: ignore[arg-type]
@@ -135,23 +162,21 @@ class EmissionRegister:
             if not dry_run:
                 out.lines += sorted((_LINE.decode(v) for v in pend), key=lambda ln: ln.line_id)  # type: ignore[attr-defined]
         out.resent = len(out.lines)
-        expected = {k: state[k].seq for k in keys}
-        # A key the register has never seen, while the engine already has closed totals for
-        # it, was emitted before the register existed (an upgrade): take that as emitted.
-        seed = {k for k in fresh if state[k].seq == 0 and not hist[k]} if not correction else set()
-        settled = settle(lines, totals, self.key, state, hist, seed=seed, correction=correction)
-        out.lines += settled.lines
-        emitted, reset = settled.emitted, settled.reset
-        pending: dict[str, dict[str, bytes]] = {}
-        for new in settled.lines:
-            pending.setdefault(self.key(new), {})[new.line_id] = ENCODER.encode(new)
-        if dry_run:
-            return out
+        return state, hist, fresh
+
+    def _write(
+        self,
+        state: dict[str, Entry],
+        pending: dict[str, dict[str, bytes]],
+        expected: dict[str, int],
+        emitted: dict[str, list[bytes]],
+        reset: set[str],
+    ) -> set[str]:
+        """One command for the whole write (a pipeline of per-key commands costs ~40 µs each
+        in redis-py): confirmations, then per key its totals, pending lines and history.
+        Returns the keys another process wrote since they were read."""
         touched = {k: state[k] for k in pending}
         confirmed, self._confirmed = self._confirmed, {}
-
-        # One command for the whole write (a pipeline of per-key commands costs ~40 µs each
-        # in redis-py): confirmations, then per key its totals, pending lines and history.
         args: list[str | int | bytes] = [self.ttl, HISTORY, len(confirmed)]
         for k, ids in confirmed.items():
             args += [k, len(ids), *ids]
@@ -161,22 +186,12 @@ class EmissionRegister:
             for line_id, body in pending[k].items():
                 args += [line_id, body]
             args += [len(emitted[k]), *emitted[k]]
-        conflicts: set[str] = set()
-        if touched or confirmed:
-            conflicts = {c.decode() if isinstance(c, bytes) else c for c in self.patience(lambda: self._write(args=args))}
-        for k in keys:
-            if k in conflicts:  # another process wrote it since: forget, read again below
-                self._state.pop(k, None)
-                self._hist.pop(k, None)
-                continue
-            h = hist[k]
-            self._hist[k] = h if len(h) <= 2 * HISTORY else set(emitted.get(k, []))
-            self._state[k] = state[k]
-        out.confirm = {k: list(v) for k, v in pending.items() if k not in conflicts}
-        for ln in out.lines[: out.resent]:
-            out.confirm.setdefault(self.key(ln), []).append(ln.line_id)
-        if not conflicts:
-            return out
+        if not (touched or confirmed):
+            return set()
+        return {c.decode() if isinstance(c, bytes) else c for c in self.patience(lambda: self._write_script(args=args))}
+
+    def _again(self, out: Settled, lines: list[RatedUsageLine], totals: list[Totals], conflicts: set[str], correction: bool) -> Settled:
+        """Settle the lines of conflicting keys anew, against what the other process wrote."""
         again = [(ln, t) for ln, t in zip(lines, totals, strict=True) if self.key(ln) in conflicts]
         sub = self.settle([ln for ln, _ in again], [t for _, t in again], correction=correction)
         kept = [ln for ln in out.lines[out.resent :] if self.key(ln) not in conflicts]

@@ -14,8 +14,8 @@ import atheris
 
 with atheris.instrument_imports():
     from operators.validate import Validator  # noqa: F401  (instrumented for coverage)
-    from tests.helpers import Harness
-    from tests.unit.test_fuzz import seeds
+    from tests.operators.test_fuzz import seeds
+    from tests.support.events import Harness
 
 HARNESS = Harness()
 

@@ -13,7 +13,7 @@ import orjson
 
 from operators.deadletters import encode_fitted
 from schemas.outputs import ENCODER
-from tests.helpers import Harness, ev
+from tests.support.events import Harness, ev
 
 MESSAGES = 200_000
 BATCH = 500

@@ -25,7 +25,7 @@ from runtime.kafka import read_topic
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from tests.k8s import mounted_files, pod_env, render
+from tests.support.k8s import mounted_files, pod_env, render
 
 STS = "tallyflow-rating"
 POD_ROOTS = ("/etc/tallyflow", "/var/lib/tallyflow", "/var/run/tallyflow")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import orjson
+import pytest
 import yaml
 from confluent_kafka import Producer
 
@@ -22,7 +23,9 @@ from devkit.pipeline import LocalPipeline, wait_until
 from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter
-from tests.reference import expected
+from tests.support.reference import expected
+
+pytestmark = pytest.mark.integration  # starts the whole pipeline as processes
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 600

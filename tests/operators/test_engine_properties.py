@@ -7,9 +7,9 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.engine import EngineConfig
-from tests.helpers import CATALOG, Harness, ev
-from tests.reference import charge
+from operators.engine_state import EngineConfig
+from tests.support.events import CATALOG, Harness, ev
+from tests.support.reference import charge
 
 BASIC = CATALOG["plans"][0]
 

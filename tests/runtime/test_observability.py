@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 
 from dataflows import FLOWS
 from devkit.generator import GenSpec, produce
@@ -22,7 +23,9 @@ from devkit.pipeline import LocalPipeline, wait_until
 from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import RatedUsageLine, ThresholdAlert
-from tests.prometheus import Prometheus
+from tests.support.prometheus import Prometheus
+
+pytestmark = pytest.mark.integration  # starts the whole pipeline as processes
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "k8s" / "components" / "monitoring" / "tallyflow-dashboard.json"

@@ -22,7 +22,7 @@ from runtime.settings import Settings, to_env
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine, ThresholdAlert
 from tallyflow.cli import main as tallyflow
-from tests.reference import expected
+from tests.support.reference import expected
 
 ROOT = Path(__file__).resolve().parents[2]
 

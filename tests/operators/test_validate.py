@@ -12,7 +12,7 @@ from operators.deadletters import dead_letter, encode_fitted
 from operators.validate import Validator
 from schemas.events import InputLimits
 from schemas.outputs import DeadLetter
-from tests.helpers import Harness, ev
+from tests.support.events import Harness, ev
 
 
 def reasons(h: Harness) -> list[str]:

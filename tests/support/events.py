@@ -9,7 +9,8 @@ from typing import Any
 import orjson
 
 from operators.catalog_index import CatalogIndex
-from operators.engine import EngineConfig, ShardEngine
+from operators.engine import ShardEngine
+from operators.engine_state import EngineConfig
 from operators.stats import Stats
 from operators.validate import Validator
 from schemas.catalog import parse_catalog

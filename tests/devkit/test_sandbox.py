@@ -34,3 +34,14 @@ def test_each_endpoint_checks_its_own_credential_and_faults_need_the_admin_token
         assert sb.state.faults == {}
         assert c.post("/api/faults", json=fault, headers={"Authorization": "Bearer adm"}).status_code == 200
         assert set(sb.state.faults) == {"erp"}
+
+
+def test_the_page_shows_tables_not_raw_json():
+    with Sandbox(erp_token="erp") as sb:
+        c = httpx.Client(base_url=sb.url)
+        line = {**LINE["lines"][0], "erp_customer_id": "ERP-1", "quantity": "3", "window_start": "2026-11-02T10:00:00.000Z"}
+        body = {"batch_id": "b", "lines": [line]}
+        assert c.post("/erp/usage-batches", json=body, headers={"Idempotency-Key": "b", "Authorization": "Bearer erp"}).status_code == 200
+        page = c.get("/").text
+        assert "<table>" in page and "<td>l1</td>" in page and "<td>ERP-1</td>" in page
+        assert "{" not in page.split("<body>", 1)[1]  # no JSON dumped into the page

@@ -4,8 +4,9 @@ import pickle
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from operators.engine import EngineConfig, ShardEngine
-from tests.helpers import UPGRADE_AT, Harness, ev
+from operators.engine import ShardEngine
+from operators.engine_state import EngineConfig
+from tests.support.events import UPGRADE_AT, Harness, ev
 
 M = timedelta(minutes=1)
 S = timedelta(seconds=1)

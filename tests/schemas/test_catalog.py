@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from schemas.catalog import CatalogError, load_catalog, parse_catalog
-from tests.helpers import CATALOG
+from tests.support.events import CATALOG
 
 ROOT = Path(__file__).resolve().parents[2]
 

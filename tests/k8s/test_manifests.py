@@ -16,7 +16,7 @@ import pytest
 
 from runtime.settings import DATAFLOW_SECRETS, FILE_FIELDS, FLAT, KAFKA_PREFIX, PREFIX, load_settings
 from schemas.catalog import load_catalog
-from tests.k8s import render
+from tests.support.k8s import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

@@ -1,0 +1,121 @@
+"""The state one shard engine keeps per tenant, and what it hands back per batch.
+
+Snapshotted by the rating dataflow at every epoch for every touched shard, so kept small:
+period-to-date aggregates, the windows still open, dedup generations, fired levels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+from operators.aggregate import Agg
+from operators.dedup import GenerationalDedup
+from operators.periods import Period
+from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from schemas.records import Accepted
+
+INF = Decimal("Infinity")
+
+
+class Backstop(Protocol):
+    """Long-horizon dedup behind the in-memory window (state.dedup_store.DedupStore)."""
+
+    def duplicates(self, events: Sequence[Accepted]) -> set[int]:
+        """Indices of events seen before; records the others."""
+        ...
+
+    def record(self, events: Sequence[Accepted]) -> None:
+        """Remember accepted events (may be asynchronous)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    window_ms: int = 60_000
+    allowed_lateness_ms: int = 0  # windows close at watermark - lateness
+    grace_ms: int = 3_600_000  # corrections accepted until period end + grace
+    dedup_horizon_ms: int = 3_600_000
+    idle_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.window_ms <= 0:
+            raise ValueError("window must be positive")
+        if self.grace_ms < self.allowed_lateness_ms:
+            raise ValueError("grace must be at least the allowed lateness, or windows could close after their period is final")
+
+
+@dataclass(slots=True)
+class WindowAcc:
+    agg: Agg
+    start_ms: int
+    end_ms: int
+    count: int = 0
+    first_ms: int = 2**62
+    last_ms: int = -(2**62)
+
+    def add(self, v: Any, ts: int) -> None:
+        self.agg.add(v, ts)
+        self.count += 1
+        if ts < self.first_ms:
+            self.first_ms = ts
+        if ts > self.last_ms:
+            self.last_ms = ts
+
+
+@dataclass(slots=True)
+class MeterPeriod:
+    """Period-to-date state of one tenant meter: live total for thresholds, closed totals per
+    pricing version for rating."""
+
+    period: Period
+    live: Agg
+    closed: dict[str, Agg] = field(default_factory=dict)
+    closed_events: dict[str, int] = field(default_factory=dict)  # per pricing version
+    fired: set[tuple[str, str]] = field(default_factory=set)  # (pricing version, level)
+    next_limit: Decimal = INF
+    levels_of: str = ""  # pricing version that next_limit was computed for
+    correction_seq: int = 0
+
+
+@dataclass(slots=True)
+class Slot:
+    """Where a meter's recent events went; consecutive events of a tenant mostly share it."""
+
+    pv: str
+    ws: int
+    late: bool
+    summed: bool  # SUM or COUNT: updated inline on the hot path
+    mp: MeterPeriod
+    acc: WindowAcc
+
+
+# window key: (meter slug, period idx, pricing version, window start)
+WKey = tuple[str, int, str, int]
+
+
+@dataclass(slots=True)
+class TenantState:
+    tenant_id: str
+    dedup: GenerationalDedup
+    watermark: int = -(2**62)
+    closed_through: int = -(2**62)
+    last_wall: float = 0.0
+    periods: dict[tuple[str, int], MeterPeriod] = field(default_factory=dict)
+    open: dict[WKey, WindowAcc] = field(default_factory=dict)
+    pending: dict[WKey, WindowAcc] = field(default_factory=dict)
+    sustained: dict[tuple[str, str], set[int]] = field(default_factory=dict)
+    next_due: int = -(2**62)  # watermark at which windows, periods or dedup need attention
+    hot: dict[str, Slot] = field(default_factory=dict)  # per meter: the slot the last event used
+
+
+@dataclass(slots=True)
+class Out:
+    alerts: list[ThresholdAlert] = field(default_factory=list)
+    lines: list[RatedUsageLine] = field(default_factory=list)
+    # Per line: the period-to-date (quantity, amount, events) of its tenant, meter, period
+    # and pricing version after it, so an emission register can settle replays by difference.
+    totals: list[tuple[Decimal, Decimal, int]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)

@@ -1,0 +1,70 @@
+"""Threshold levels: fired on every accepted event that reaches one (alerts are immediate),
+once per tenant, meter, period, pricing version and level; a level with
+`sustained_periods: N` fires only when it is reached in N consecutive periods."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from operators.catalog_index import CatalogIndex, Level, PlanMeterIndex
+from operators.engine_state import INF, MeterPeriod, Out, TenantState
+from operators.ids import stable_id
+from operators.periods import iso
+from operators.stats import Stats
+from schemas.outputs import ThresholdAlert
+from schemas.records import Accepted
+
+
+def next_limit(mp: MeterPeriod, pmi: PlanMeterIndex, pv: str) -> Decimal:
+    for lv in pmi.levels:
+        if (pv, lv.name) not in mp.fired:
+            return lv.limit
+    return INF
+
+
+def fire(cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: PlanMeterIndex, pv: str, ev: Accepted, out: Out) -> None:
+    """Fire every level the live total has reached, lowest first, once per period.
+    Levels come from the plan in force at the event: after an upgrade the new plan's
+    levels are new thresholds and fire when the period's usage reaches them."""
+    usage = mp.live.value()
+    for lv in pmi.levels:
+        if lv.limit > usage:
+            break
+        if (pv, lv.name) in mp.fired:
+            continue
+        mp.fired.add((pv, lv.name))
+        n = lv.threshold.sustained_periods
+        if n is not None and not _sustained(t, pmi.slug, lv, mp.period.idx, n):
+            continue
+        stats.alerts[lv.name] += 1
+        tenant = cat.tenants[t.tenant_id].tenant
+        out.alerts.append(
+            ThresholdAlert(
+                alert_id=stable_id("alert", t.tenant_id, pmi.slug, mp.period.key, pv, lv.name),
+                tenant_id=t.tenant_id,
+                crm_account_id=tenant.crm_account_id,
+                meter=pmi.slug,
+                period=mp.period.key,
+                level=lv.name,
+                limit=lv.limit,
+                usage=Decimal(usage),
+                crossed_at=iso(ev.ts_ms),
+                correlation_id=ev.event_id,
+                plan_id=pmi.plan.id,
+                plan_version=pmi.plan.version,
+                detected_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                destinations=list(lv.threshold.notify),
+                sustained_periods=n,
+            )
+        )
+    mp.next_limit = next_limit(mp, pmi, pv)
+
+
+def _sustained(t: TenantState, slug: str, lv: Level, idx: int, n: int) -> bool:
+    """Record that `lv` was crossed in period `idx`; true once it held n periods running."""
+    hist = t.sustained.setdefault((slug, lv.name), set())
+    hist.add(idx)
+    for old in [p for p in hist if p <= idx - n]:
+        hist.discard(old)
+    return all(idx - k in hist for k in range(n))

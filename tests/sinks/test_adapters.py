@@ -1,0 +1,118 @@
+"""The HTTP adapters alone (httpx.MockTransport): the request each sends, and how each
+response becomes an Answer. No server and no Redis: the courier is tested elsewhere."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from decimal import Decimal
+
+import httpx
+import orjson
+import pytest
+
+from runtime.settings import CrmSettings, ErpSettings, SuccessSettings
+from schemas.outputs import RatedUsageLine, ThresholdAlert
+from sinks.crm import CrmHttp
+from sinks.erp import ErpHttp
+from sinks.success import SuccessWebhook
+
+ALERT = ThresholdAlert(
+    alert_id="a-1",
+    tenant_id="acme",
+    crm_account_id="CRM-1",
+    meter="calls",
+    period="2026-11",
+    level="80%",
+    limit=Decimal(80),
+    usage=Decimal(81),
+    crossed_at="2026-11-02T10:00:00.000Z",
+    correlation_id="e-9",
+    plan_id="starter",
+    plan_version=1,
+    detected_at="2026-11-02T10:00:00.050Z",
+    destinations=["crm", "success"],
+)
+
+
+def line(i: int) -> RatedUsageLine:
+    t = "2026-11-02T10:00:00.000Z"
+    return RatedUsageLine(
+        line_id=f"l-{i}",
+        tenant_id="acme",
+        erp_customer_id="ERP-1",
+        contract_id="C-1",
+        product_code="SKU",
+        meter="calls",
+        quantity=Decimal(i),
+        amount=Decimal("0.10") * i,
+        currency="USD",
+        window_start=t,
+        window_end=t,
+        period="2026-11",
+        pricing_version="starter:v1",
+        event_count=i,
+        first_event_time=t,
+        last_event_time=t,
+        revision=0,
+    )
+
+
+def transport(status: int, seen: list[httpx.Request], headers: dict[str, str] | None = None) -> httpx.MockTransport:
+    def handle(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(status, headers=headers, json={"status": status})
+
+    return httpx.MockTransport(handle)
+
+
+def test_crm_posts_one_alert_to_its_account_with_the_alert_id_as_idempotency_key():
+    seen: list[httpx.Request] = []
+    crm = CrmHttp(CrmSettings(url="http://crm", token="t0k"), 5, transport(200, seen))
+    answer = crm.send("a-1", [ALERT])
+    assert not answer.retry and not answer.rejected
+    (req,) = seen
+    assert req.url.path == "/crm/accounts/CRM-1/signals"
+    assert req.headers["Idempotency-Key"] == "a-1" and req.headers["Authorization"] == "Bearer t0k"
+    assert orjson.loads(req.content)["correlation_id"] == "e-9"
+
+
+def test_the_success_webhook_is_signed_over_its_exact_body():
+    seen: list[httpx.Request] = []
+    SuccessWebhook(SuccessSettings(url="http://cs", hmac_key="k"), 5, transport(202, seen)).send("a-1", [ALERT])
+    (req,) = seen
+    want = "sha256=" + hmac.new(b"k", req.content, hashlib.sha256).hexdigest()
+    assert req.headers["X-Tallyflow-Signature"] == want and "Authorization" not in req.headers
+
+
+def test_the_erp_gets_one_batch_under_its_key_with_exact_amounts():
+    seen: list[httpx.Request] = []
+    answer = ErpHttp(ErpSettings(url="http://erp"), 5, transport(200, seen)).send("k-1", [line(1), line(3)])
+    assert not answer.retry and not answer.rejected
+    body = orjson.loads(seen[0].content)
+    assert body["batch_id"] == "k-1" and [ln["amount"] for ln in body["lines"]] == ["0.10", "0.30"]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retry", "rejected", "wait"),
+    [
+        (200, None, False, 0, None),
+        (409, None, False, 0, None),  # the remote has it already
+        (422, None, False, 2, None),  # rejected for good: both lines
+        (429, {"Retry-After": "7"}, True, 0, 7.0),
+        (503, None, True, 0, None),
+        (408, None, True, 0, None),
+    ],
+)
+def test_responses_become_answers(status, headers, retry, rejected, wait):
+    answer = ErpHttp(ErpSettings(url="http://erp"), 5, transport(status, [], headers)).send("k", [line(1), line(2)])
+    assert (answer.retry, len(answer.rejected), answer.retry_after) == (retry, rejected, wait)
+    assert answer.status == status
+
+
+def test_a_transport_error_is_not_a_decision():
+    def boom(req: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=req)
+
+    answer = CrmHttp(CrmSettings(url="http://crm"), 5, httpx.MockTransport(boom)).send("a-1", [ALERT])
+    assert answer.retry and answer.status == "ConnectError"

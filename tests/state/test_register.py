@@ -1,0 +1,110 @@
+"""The emission register against a real redis-server: replays settled by difference,
+history, compare-and-set against another writer, totals from before it existed."""
+
+from __future__ import annotations
+
+from devkit.stack import LocalStack
+from runtime.settings import Settings
+from schemas.outputs import RatedUsageLine
+from state.register import EmissionRegister
+from tests.support.flows import D
+
+
+def line(qty: int, amount: str, *, events: int, revision: int = 0, start: str = "2026-03-10T12:00:00.000Z") -> RatedUsageLine:
+    return RatedUsageLine(
+        line_id="engine-id",
+        tenant_id="acme",
+        erp_customer_id="ERP-1",
+        contract_id="C-1",
+        product_code="CALLS",
+        meter="calls",
+        quantity=D(qty),
+        amount=D(amount),
+        currency="USD",
+        window_start=start,
+        window_end=start,
+        period="2026-03",
+        pricing_version="basic:v1",
+        event_count=events,
+        first_event_time=start,
+        last_event_time=start,
+        revision=revision,
+    )
+
+
+def test_register_settles_a_divergent_replay_by_difference(stack: LocalStack, settings: Settings) -> None:
+    prefix = settings.stores
+    reg = EmissionRegister(prefix)
+    first = reg.settle([line(12, "0.20", events=12)], [(D(12), D("0.20"), 12)])
+    assert [(ln.quantity, ln.amount, ln.revision) for ln in first.lines] == [(12, D("0.20"), 0)]
+    # The process dies before the Kafka flush is confirmed: the next one sends the line again
+    # (same id) with whatever it emits for that key, and a replay that re-derives the same
+    # totals adds nothing.
+    again = EmissionRegister(prefix)
+    same = again.settle([line(12, "0.20", events=12)], [(D(12), D("0.20"), 12)])
+    assert [ln.line_id for ln in same.lines] == [first.lines[0].line_id] and same.resent == 1
+    again.confirm(same.confirm, now=True)
+    # A replay that saw the window close with 15 events instead: a correction of +3.
+    third = EmissionRegister(prefix)
+    diff = third.settle([line(15, "0.50", events=15)], [(D(15), D("0.50"), 15)])
+    assert diff.resent == 0
+    assert [(ln.quantity, ln.amount, ln.event_count, ln.revision) for ln in diff.lines] == [(3, D("0.30"), 3, 1)]
+    assert diff.lines[0].line_id != first.lines[0].line_id
+    assert third.totals([third.key(diff.lines[0])]) == {third.key(diff.lines[0]): (D(15), D("0.50"), 15)}
+    # A dry run computes the same way and writes nothing.
+    dry = third.settle([line(16, "0.60", events=16)], [(D(16), D("0.60"), 16)], dry_run=True)
+    assert [ln.quantity for ln in dry.lines] == [1] and dry.confirm == {}
+    assert third.totals([third.key(diff.lines[0])])[third.key(diff.lines[0])][0] == 15
+
+
+def test_register_history_skips_replayed_states_only_until_the_replay_diverges(stack: LocalStack, settings: Settings) -> None:
+    prefix = settings.stores
+    live = EmissionRegister(prefix)
+    # Before the crash: window 1 closed with events a, b; window 2 with c.
+    s1 = live.settle([line(2, "0", events=2)], [(D(2), D(0), 2)])
+    s2 = live.settle([line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)])
+    live.confirm(s1.confirm, now=True)
+    live.confirm(s2.confirm, now=True)
+    # A replay that repeats history emits nothing...
+    same = EmissionRegister(prefix)
+    assert same.settle([line(2, "0", events=2)], [(D(2), D(0), 2)]).lines == []
+    # ...but one whose window 1 closed early with a alone diverges: -1 now, and when b comes
+    # as a correction (back at the old state (2, 0, 2)) it must go out, not be taken for history.
+    replay = EmissionRegister(prefix)
+    out = [replay.settle([line(1, "0", events=1)], [(D(1), D(0), 1)])]
+    out.append(replay.settle([line(1, "0", events=1, revision=1)], [(D(2), D(0), 2)]))
+    out.append(replay.settle([line(1, "0", events=1, start="2026-03-10T12:01:00.000Z")], [(D(3), D(0), 3)]))
+    sent = [ln for o in out for ln in o.lines]
+    assert [ln.quantity for ln in sent] == [-2, 1, 1]
+    assert s1.lines[0].quantity + s2.lines[0].quantity + sum(ln.quantity for ln in sent) == 3
+    for o in out:
+        replay.confirm(o.confirm, now=True)
+    # A later process replaying the new lineage skips its states, and not the abandoned one's.
+    after = EmissionRegister(prefix)
+    assert after.settle([line(1, "0", events=1)], [(D(1), D(0), 1)]).lines == []
+
+
+def test_register_rereads_a_key_another_process_wrote(stack: LocalStack, settings: Settings) -> None:
+    """The live process caches its keys; a replay writing one meanwhile must not make the
+    live process bill the same usage again."""
+    prefix = settings.stores
+    live = EmissionRegister(prefix)
+    first = live.settle([line(2, "0.20", events=2)], [(D(2), D("0.20"), 2)])
+    live.confirm(first.confirm, now=True)
+    # A replay at the fixed price re-rates windows 1 and 2 (the live engine's window 2 is open).
+    replay = EmissionRegister(prefix)
+    fix = replay.settle([line(5, "0.60", events=5)], [(D(5), D("0.60"), 5)], correction=True)
+    replay.confirm(fix.confirm, now=True)
+    assert [(ln.quantity, ln.amount, ln.revision) for ln in fix.lines] == [(3, D("0.40"), 1)]
+    # The live engine (restarted with the fixed catalog) closes window 2: nothing is left to bill.
+    second = live.settle([line(3, "0.40", events=3, start="2026-03-10T12:01:00.000Z")], [(D(5), D("0.60"), 5)])
+    assert second.lines == []
+    third = live.settle([line(1, "0.12", events=1, start="2026-03-10T12:02:00.000Z")], [(D(6), D("0.72"), 6)])
+    assert [(ln.quantity, ln.amount) for ln in third.lines] == [(1, D("0.12"))]
+    assert sum(ln.amount for part in (first, fix, second, third) for ln in part.lines) == D("0.72")
+
+
+def test_register_takes_totals_from_before_it_existed_as_emitted(stack: LocalStack, settings: Settings) -> None:
+    reg = EmissionRegister(settings.stores)
+    out = reg.settle([line(2, "0.20", events=2, revision=0)], [(D(10), D("1.00"), 10)])
+    assert [(ln.quantity, ln.amount, ln.event_count, ln.revision) for ln in out.lines] == [(2, D("0.20"), 2, 0)]

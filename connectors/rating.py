@@ -34,7 +34,7 @@ from operators.sharding import Sharder
 from operators.stats import Stats
 from operators.validate import Validator
 from runtime.catalog_watch import CatalogWatch
-from runtime.settings import Settings
+from runtime.settings import EngineSettings, KafkaSettings, Topics
 from schemas.events import InputLimits
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
 from schemas.records import Accepted
@@ -66,8 +66,9 @@ ShardItem = tuple[list[Accepted], list[Record]]
 class Encoder:
     """Engine output -> Kafka records: keyed by tenant, dead letters cut to fit."""
 
-    def __init__(self, s: Settings, *, alerts: bool = True, dead_letters: bool = True) -> None:
-        self.topics, self.cap, self.max_key = s.topics, s.kafka.output_max_bytes(), s.limits.max_subject_length
+    def __init__(self, topics: Topics, output_max_bytes: int, max_key: int, *, alerts: bool = True, dead_letters: bool = True) -> None:
+        """`max_key`: a dead letter's tenant longer than this (an invalid subject) is no key."""
+        self.topics, self.cap, self.max_key = topics, output_max_bytes, max_key
         self.alerts, self.dead_letters = alerts, dead_letters
 
     def dead(self, dead: list[DeadLetter]) -> list[Record]:
@@ -153,10 +154,10 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
 
     @classmethod
     def builder(
-        cls, watch: CatalogWatch, s: Settings, stats: Stats, enc: Encoder, snapshots: bool, store: DedupStore | None
+        cls, watch: CatalogWatch, engine: EngineSettings, stats: Stats, enc: Encoder, snapshots: bool, store: DedupStore | None
     ) -> Callable[[bytes | None], ShardLogic]:
         """Bytewax's `build_logic`: one engine per shard, resumed from its snapshot."""
-        cfg = s.engine.config()
+        cfg = engine.config()
         engines: list[ShardEngine] = []
 
         def reloaded(idx: CatalogIndex) -> None:
@@ -249,9 +250,9 @@ class _RatingPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
 
 
 class RatingSink(DynamicSink[tuple[str, ShardOut]]):
-    def __init__(self, s: Settings, register: EmissionRegister | None, stats: Stats) -> None:
-        self.s, self.register, self.stats = s, register, stats
+    def __init__(self, kafka: KafkaSettings, topics: Topics, register: EmissionRegister | None, stats: Stats) -> None:
+        self.kafka, self.topics, self.register, self.stats = kafka, topics, register, stats
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatingPartition:
-        outbox = KafkaOutbox(self.s.kafka.config(), shrink={self.s.topics.dlq: shrink_encoded})
-        return _RatingPartition(outbox, self.s.topics.rated, self.register, self.stats)
+        outbox = KafkaOutbox(self.kafka.config(), shrink={self.topics.dlq: shrink_encoded})
+        return _RatingPartition(outbox, self.topics.rated, self.register, self.stats)

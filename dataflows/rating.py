@@ -59,7 +59,7 @@ def build_flow(
     register = replay.register if replay else EmissionRegister(s.stores, redis_up) if s.stores.emission_register else None
     store = DedupStore(s.stores, redis_up) if s.stores.dedup_store_days else None
     watch = CatalogWatch(s.process.catalog, catalog, s.process.catalog_reload_seconds, stats)
-    enc = Encoder(s, alerts=replay is None, dead_letters=replay is None)
+    enc = Encoder(s.topics, s.kafka.output_max_bytes(), s.limits.max_subject_length, alerts=replay is None, dead_letters=replay is None)
     intake = Intake(watch, s.limits, stats, enc, s.engine.shards, replay.accept if replay else None)
 
     flow = Dataflow("tallyflow-rating")
@@ -72,8 +72,8 @@ def build_flow(
         start_offsets=bounds.start_offsets if bounds else None,
     )
     keyed = op.flat_map("validate", op.input("events", flow, source), intake)
-    rated = op.stateful_batch("rate", keyed, ShardLogic.builder(watch, s, stats, enc, snapshots, store))
-    op.output("kafka", rated, RatingSink(s, register, stats))
+    rated = op.stateful_batch("rate", keyed, ShardLogic.builder(watch, s.engine, stats, enc, snapshots, store))
+    op.output("kafka", rated, RatingSink(s.kafka, s.topics, register, stats))
     return flow
 
 

@@ -101,7 +101,7 @@ class LocalPipeline:
         args: list[str] = []
         if self.recovery:  # one recovery store per dataflow, kept across restarts
             s = self.settings.replace(recovery_dir=str(self.logdir / f"recovery-{name}"))
-            args = bytewax_args(s, [])
+            args = bytewax_args(s.process, [])
         log = (self.logdir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "bytewax.run", FLOWS[name], *args], env=env, stdout=log, stderr=subprocess.STDOUT

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 import msgspec
-from confluent_kafka import KafkaError, TopicPartition
 
 from operators.catalog_index import CatalogIndex
 from operators.engine import ShardEngine
@@ -52,31 +50,10 @@ class Totals:
         self.currency[k] = ln.currency
 
 
-def _batches(s: Settings, timeout_s: float = 60) -> Iterator[tuple[int, list[tuple[bytes | None, int, int]]]]:
-    """The input topic, partition by partition in offset order, up to its end (partition EOF)."""
-    c = kafka.consumer(s.kafka.config(), **{"group.id": f"tallyflow-reconcile-{uuid.uuid4()}", "enable.partition.eof": True})
-    try:
-        parts = sorted(c.list_topics(s.topics.input, timeout=10).topics[s.topics.input].partitions)
-        for p in parts:
-            c.assign([TopicPartition(s.topics.input, p, 0)])
-            deadline = time.monotonic() + timeout_s
-            done = False
-            while not done:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{s.topics.input}[{p}]: no end of partition within {timeout_s}s")
-                chunk: list[tuple[bytes | None, int, int]] = []
-                for m in c.consume(s.kafka.batch_size, 0.5):
-                    err = m.error()
-                    if err is None:
-                        chunk.append((m.value(), m.offset() or 0, m.timestamp()[1]))
-                    elif err.code() == KafkaError._PARTITION_EOF:
-                        done = True
-                    else:
-                        raise RuntimeError(f"{s.topics.input}[{p}]: {err}")
-                if chunk:
-                    yield p, chunk
-    finally:
-        c.close()
+def _batches(s: Settings) -> Iterator[tuple[int, list[tuple[bytes | None, int, int]]]]:
+    """The input topic, partition by partition in offset order, up to its end."""
+    for p, msgs in kafka.partitions_to_end(s.kafka.config(), s.topics.input, batch=s.kafka.batch_size):
+        yield p, [(m.value(), m.offset() or 0, m.timestamp()[1]) for m in msgs]
 
 
 def recount(s: Settings) -> tuple[Totals, Stats]:

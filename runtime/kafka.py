@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +167,39 @@ def log_ends(config: Config, topic: str, *, timeout_s: float = 30.0) -> dict[int
         return ends
     finally:
         c.close()
+
+
+def partitions_to_end(config: Config, topic: str, *, batch: int = 10_000, timeout_s: float = 60.0) -> Iterator[tuple[int, list[Message]]]:
+    """Each partition of `topic` from the beginning to its end, one after the other, in
+    offset order and in chunks: what a recount that must see a partition in order reads."""
+    c = _eof_consumer(config)
+    try:
+        for p in sorted(c.list_topics(topic, timeout=10).topics[topic].partitions):
+            c.assign([TopicPartition(topic, p, 0)])
+            for chunk in _chunks(c, topic, p, batch, timeout_s):
+                yield p, chunk
+    finally:
+        c.close()
+
+
+def _chunks(c: Consumer, topic: str, part: int, batch: int, timeout_s: float) -> Iterator[list[Message]]:
+    """Chunks of one assigned partition until its EOF."""
+    deadline = time.monotonic() + timeout_s
+    done = False
+    while not done:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{topic}[{part}]: no end of partition within {timeout_s}s")
+        chunk: list[Message] = []
+        for m in c.consume(batch, 0.5):
+            err = m.error()
+            if err is None:
+                chunk.append(m)
+            elif err.code() == KafkaError._PARTITION_EOF:
+                done = True
+            else:
+                raise RuntimeError(f"{topic}[{part}]: {err}")
+        if chunk:
+            yield chunk
 
 
 def _eof_consumer(config: Config) -> Consumer:

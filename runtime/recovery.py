@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bytewax.recovery import init_db_dir
 
-from runtime.settings import Settings
+from runtime.settings import ProcessSettings
 
 
 def ensure_partitions(directory: str | Path, count: int) -> bool:
@@ -31,9 +31,9 @@ def ensure_partitions(directory: str | Path, count: int) -> bool:
         return True
 
 
-def bytewax_args(s: Settings, argv: list[str]) -> list[str]:
+def bytewax_args(p: ProcessSettings, argv: list[str]) -> list[str]:
     """The recovery options for bytewax.run that `argv` does not already give."""
-    if not s.process.recovery_dir or any(a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv):
+    if not p.recovery_dir or any(a in ("-r", "--recovery-directory") or a.startswith("--recovery-directory=") for a in argv):
         return []
-    ensure_partitions(s.process.recovery_dir, s.process.recovery_partitions)
-    return ["-r", s.process.recovery_dir, "-s", str(s.process.snapshot_interval_seconds), "-b", str(s.process.backup_interval_seconds)]
+    ensure_partitions(p.recovery_dir, p.recovery_partitions)
+    return ["-r", p.recovery_dir, "-s", str(p.snapshot_interval_seconds), "-b", str(p.backup_interval_seconds)]

@@ -66,7 +66,7 @@ def _run_flow(name: str, rest: list[str]) -> int:
     from runtime.recovery import bytewax_args
 
     replicas = prepare(os.environ, s.process.cluster_port)  # in a StatefulSet pod: the Bytewax address list
-    args = [*bytewax_args(s, rest), *rest]
+    args = [*bytewax_args(s.process, rest), *rest]
     cluster = f", a cluster of {replicas}" if replicas else ""
     print(f"tallyflow {name}: bytewax.run {FLOWS[name]} {' '.join(args)}{cluster}".rstrip(), file=sys.stderr, flush=True)
     os.execv(sys.executable, [sys.executable, "-m", "bytewax.run", FLOWS[name], *args])

@@ -10,13 +10,15 @@ correction (signed delta, revision > 0) until its billing period's grace has pas
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 
 from operators import thresholds
 from operators.aggregate import AGGREGATIONS
 from operators.catalog_index import CatalogIndex, PlanMeterIndex
 from operators.deadletters import dead_letter, internal_error
-from operators.dedup import GenerationalDedup
+from operators.dedup import Evicted, GenerationalDedup
 from operators.engine_state import Backstop, EngineConfig, MeterPeriod, Out, Slot, TenantState, WindowAcc
 from operators.periods import Period, PeriodCache, iso
 from operators.stats import Stats
@@ -33,8 +35,10 @@ class ShardEngine:
         self.backstop = backstop
         self.tenants: dict[str, TenantState] = {}
         self._periods = PeriodCache()
-        self._deadline: float | None = None
-        self._deadline_known = False
+        # Idle detection without scanning tenants: per batch, its wall time and the tenants
+        # it touched, oldest first; a tenant touched again later is skipped when its batch
+        # comes due (its last_wall moved on).
+        self._touched: deque[tuple[float, set[str]]] = deque()
 
     @property
     def cat(self) -> CatalogIndex:
@@ -57,24 +61,27 @@ class ShardEngine:
         eng = cls(catalog, cfg, stats, backstop)
         if state:
             eng.tenants = state
+            # Wall times of another process mean nothing here: idle counts from now.
+            now = time.time()
+            for t in state.values():
+                t.last_wall = now
+            eng._touched.append((now, {tid for tid, t in state.items() if t.open}))
         return eng
 
     # -- hot path ----------------------------------------------------------------------
     def _ask_backstop(self, batch: list[Accepted], backstop: Backstop) -> None:
         """Mark events memory cannot judge: a copy that memory no longer holds is at least a
-        horizon older than its tenant's watermark, and a tenant new to this process has no
-        memory at all."""
+        horizon older than its tenant's watermark, and a tenant new to this process (a
+        restart without recovery state) has no memory at all."""
         horizon, tenants = self.cfg.dedup_horizon_ms, self.tenants
         ask = []
         for ev in batch:
             t = tenants.get(ev.tenant_id)
-            if t is None or ev.ts_ms <= t.watermark - horizon:
+            if t is None or (ev.ts_ms <= t.watermark - horizon and ev.h not in t.dedup.cur and ev.h not in t.dedup.prev):
                 ask.append(ev)
         if ask:
             for i in backstop.duplicates(ask):
                 ask[i].seen = True
-            for ev in ask:
-                ev.asked = True
 
     def process(self, batch: list[Accepted], now: float, received_at: str) -> Out:
         """Apply a shard's sub-batch. A failure of ours on one event (a bug: every bound was
@@ -82,14 +89,14 @@ class ShardEngine:
         goes on after it; one try per batch, not per event."""
         out = Out()
         backstop = self.backstop
-        fresh: list[Accepted] | None = None
         if backstop is not None:
             self._ask_backstop(batch, backstop)
-            fresh = []
         due: dict[str, TenantState] = {}
+        touched: set[str] = set()
+        self._touched.append((now, touched))
         start = 0
         while start < len(batch):
-            failed = self._apply(batch, start, now, received_at, out, due, fresh)
+            failed = self._apply(batch, start, now, received_at, out, due, touched)
             if failed is None:
                 break
             i, exc = failed
@@ -102,8 +109,6 @@ class ShardEngine:
                 )
             )
             start = i + 1
-        if fresh and backstop is not None:
-            backstop.record(fresh)
         for t in due.values():
             self._guard_tenant(t, self._maintain, out)
         return out
@@ -123,7 +128,7 @@ class ShardEngine:
         received_at: str,
         out: Out,
         due: dict[str, TenantState],
-        fresh: list[Accepted] | None,
+        touched: set[str],
     ) -> tuple[int, Exception] | None:
         """The hot loop from `start`; returns the index and error of an event that failed."""
         cfg = self.cfg
@@ -157,14 +162,17 @@ class ShardEngine:
                     self._too_late(t, ev, period, received_at, out)
                     continue
                 d = t.dedup
-                key = ev.key
-                if key in d.cur or key in d.prev or ev.seen:
+                h = ev.h
+                if h in d.cur or h in d.prev or ev.seen:
                     duplicates += 1
                     continue
-                d.cur.add(key)
-                if fresh is not None and not ev.asked:
-                    fresh.append(ev)
-                t.last_wall = now
+                d.cur.add(h)
+                log = d.cur_log
+                log.append(h)
+                log.append(ev.m)
+                if t.last_wall != now:
+                    t.last_wall = now
+                    touched.add(tid)
                 if ts > t.watermark:
                     t.watermark = ts
                     if ts >= t.next_due:
@@ -222,7 +230,6 @@ class ShardEngine:
         if acc is None:
             acc = windows[wk] = WindowAcc(AGGREGATIONS[pmi.aggregation](), ws, we)
             if not late:
-                self._deadline_known = False
                 self.stats.open_windows += 1
                 t.next_due = min(t.next_due, we + self.cfg.allowed_lateness_ms)
         slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc)
@@ -230,7 +237,9 @@ class ShardEngine:
 
     def _maintain(self, t: TenantState, out: Out) -> None:
         """Work due when a tenant's watermark passes a window end or a period's grace."""
-        t.dedup.advance(t.watermark)
+        gone = t.dedup.advance(t.watermark)
+        if gone is not None and self.backstop is not None:
+            self.backstop.evicted([Evicted(t.tenant_id, *gone)])
         self.windows.close(t, t.watermark - self.cfg.allowed_lateness_ms, out)
         if t.pending:
             self.windows.corrections(t, out)
@@ -252,32 +261,41 @@ class ShardEngine:
 
     # -- windows --------------------------------------------------------------------------
     def flush_idle(self, now: float) -> Out:
-        """Close every open window of tenants quiet for `idle_timeout` (wall clock)."""
+        """Close every open window of tenants quiet for `idle_timeout` (wall clock). Only the
+        tenants of batches that old are looked at, never all of them."""
         out = Out()
-        self._deadline_known = False
-        for t in self.tenants.values():
-            if t.open and now - t.last_wall >= self.cfg.idle_timeout_s:
-                self._guard_tenant(t, self._close_all, out)
-                t.next_due = -(2**62)
+        idle = self.cfg.idle_timeout_s
+        touched = self._touched
+        while touched and touched[0][0] + idle <= now:
+            at, tids = touched.popleft()
+            for tid in tids:
+                t = self.tenants.get(tid)
+                if t is not None and t.open and t.last_wall <= at:
+                    self._guard_tenant(t, self._close_all, out)
+                    t.next_due = -(2**62)
         return out
 
     def _close_all(self, t: TenantState, out: Out) -> None:
         self.windows.close(t, max(w.end_ms for w in t.open.values()), out)
 
     def flush_all(self) -> Out:
-        """Close every open window (end of a bounded input)."""
+        """Close every open window and hand all of memory to the long-horizon store (the end
+        of a bounded input: nothing this process remembers may be lost with it)."""
         out = Out()
+        gone: list[Evicted] = []
         for t in self.tenants.values():
             if t.open:
                 self._guard_tenant(t, self._close_all, out)
+            drained = t.dedup.drain()
+            if drained is not None:
+                gone.append(Evicted(t.tenant_id, *drained))
+        if gone and self.backstop is not None:
+            self.backstop.evicted(gone)
         return out
 
     def next_idle_deadline(self) -> float | None:
-        """When the idle timer must next look. Asked after every activation, so the O(tenants)
-        scan is cached: only a newly opened window can make the answer earlier (and clears
-        the cache); anything else makes it later, and firing early is harmless."""
-        if not self._deadline_known:
-            walls = [t.last_wall for t in self.tenants.values() if t.open]
-            self._deadline = min(walls) + self.cfg.idle_timeout_s if walls else None
-            self._deadline_known = True
-        return self._deadline
+        """When the idle timer must next look: the oldest batch's time plus the timeout (it
+        may find nothing to close, which costs one look)."""
+        while self._touched and not self._touched[0][1]:
+            self._touched.popleft()
+        return self._touched[0][0] + self.cfg.idle_timeout_s if self._touched else None

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from operators.aggregate import Agg
-from operators.dedup import GenerationalDedup
+from operators.dedup import Evicted, GenerationalDedup
 from operators.periods import Period
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from schemas.records import Accepted
@@ -21,14 +21,17 @@ INF = Decimal("Infinity")
 
 
 class Backstop(Protocol):
-    """Long-horizon dedup behind the in-memory window (state.dedup_store.DedupStore)."""
+    """Long-horizon dedup behind the in-memory window (state.dedup_store.DedupStore): it is
+    handed every generation that leaves memory, and asked only about events memory cannot
+    judge."""
 
     def duplicates(self, events: Sequence[Accepted]) -> set[int]:
-        """Indices of events seen before; records the others."""
+        """Indices of events it holds from another position (the same position is the same
+        message read again, not a duplicate)."""
         ...
 
-    def record(self, events: Sequence[Accepted]) -> None:
-        """Remember accepted events (may be asynchronous)."""
+    def evicted(self, gone: list[Evicted]) -> None:
+        """Generations that left memory (may be written later, but answered for at once)."""
         ...
 
 

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+from xxhash import xxh3_64_intdigest
 
 from operators.catalog_index import CatalogIndex
 from operators.deadletters import clip, dead_letter, internal_error
@@ -37,8 +38,6 @@ class _Reject(Exception):
 
 # (meter slug, reads the quantity from the event or None for COUNT, is a quantity)
 Reader = tuple[str, Callable[[Any], Any] | None, bool]
-# One input message: value, offset, Kafka timestamp in ms (<= 0: unknown).
-Message = tuple[bytes | None, int, int]
 
 
 def _classify(e: msgspec.ValidationError) -> DeadLetterReason:
@@ -98,7 +97,7 @@ class Validator:
     # -- batches ------------------------------------------------------------------------
     def parse_batch(
         self,
-        values: Iterable[Message],
+        messages: Iterable[Any],
         topic: str,
         partition: int,
         received_at: str,
@@ -106,24 +105,32 @@ class Validator:
         dead: list[DeadLetter],
         now_ms: int,
     ) -> None:
-        """Judge (value, offset, timestamp) triples from one topic partition; append outcomes
-        in order. An event may be at most `max_future_seconds` ahead of its message's Kafka
-        timestamp, or of `now_ms` when that is earlier or unknown: a replay of the same
-        message is judged as the first reading was."""
+        """Judge the messages of one topic partition (objects with `value()`, `offset()` and
+        `timestamp()`, as confluent-kafka's); append outcomes in order. An event may be at
+        most `max_future_seconds` ahead of its message's Kafka timestamp, or of `now_ms` when
+        that is earlier or unknown: a replay of the same message is judged as the first
+        reading was.
+
+        The nesting bound is checked wherever Tallyflow parses structure it does not know
+        (arrays, messages the typed decoder refuses); inside an event the typed decoder
+        reads, what it does not read is skipped without being built, at any depth its own
+        recursion limit allows (deeper: `too_deep`)."""
         self._topic, self._partition, self._received = topic, partition, received_at
         self._accepted, self._dead = accepted, dead
         decode = self.decoder.single_or_batch.decode
         one = self._one
-        max_bytes, max_depth, skew = self.lim.max_message_bytes, self.lim.max_depth, self._skew_ms
+        max_bytes, skew = self.lim.max_message_bytes, self._skew_ms
         n0 = len(accepted)
-        it = iter(values)
+        it = iter(messages)
         value: bytes | None = None
-        offset = ts = 0
+        offset = 0
         while True:
             try:
-                for value, offset, ts in it:
+                for m in it:
+                    value, offset = m.value(), m.offset()
+                    ts = m.timestamp()[1]
                     self._max_ms = (ts if 0 < ts < now_ms else now_ms) + skew
-                    if value is None or len(value) > max_bytes or value.count(b"{") + value.count(b"[") > max_depth:
+                    if value is None or len(value) > max_bytes:
                         self._slow(value, offset)
                         continue
                     decoded = decode(value)
@@ -178,6 +185,8 @@ class Validator:
             if payload.lstrip()[:1] == b"[":
                 return self._elements(payload, offset)
             return self._reject("invalid_json", _not_json(e), payload, offset)
+        except RecursionError:
+            return self._reject("too_deep", "nested deeper than the decoder can follow", payload, offset)
         if isinstance(decoded, list):
             if not decoded:
                 return self._reject("schema", "an empty JSON array holds no events", payload, offset)
@@ -283,11 +292,14 @@ class Validator:
                 values.append((slug, v))
         except _Reject as r:
             return self._reject(r.reason, r.message, raw, offset, index, ev)
+        subject = ev.subject
+        pos = (offset * 1_000_003 + self._partition * 65_537 + (0xFFFF if index is None else index)) & 0xFFFFFFFF  # dedup.position
         self._accepted.append(
             Accepted(
-                ev.subject,
+                subject,
                 plan.pricing_version,
-                f"{ev.source}\x1f{ev.id}",
+                xxh3_64_intdigest(f"{subject}\x1f{ev.source}\x1f{ev.id}".encode()),  # dedup.event_hash
+                (pos << 32) | (ts_ms // 3_600_000),  # dedup.meta
                 ev.id,
                 ts_ms,
                 values,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 import msgspec
+from confluent_kafka import Message
 
 from operators.catalog_index import CatalogIndex
 from operators.engine import ShardEngine
@@ -50,10 +51,9 @@ class Totals:
         self.currency[k] = ln.currency
 
 
-def _batches(s: Settings) -> Iterator[tuple[int, list[tuple[bytes | None, int, int]]]]:
+def _batches(s: Settings) -> Iterator[tuple[int, list[Message]]]:
     """The input topic, partition by partition in offset order, up to its end."""
-    for p, msgs in kafka.partitions_to_end(s.kafka.config(), s.topics.input, batch=s.kafka.batch_size):
-        yield p, [(m.value(), m.offset() or 0, m.timestamp()[1]) for m in msgs]
+    yield from kafka.partitions_to_end(s.kafka.config(), s.topics.input, batch=s.kafka.batch_size)
 
 
 def recount(s: Settings) -> tuple[Totals, Stats]:

@@ -62,7 +62,15 @@ class _Recorder(EmissionRegister):
         super().__init__(store)
         self.last: dict[str, tuple[RatedUsageLine, Totals]] = {}
 
-    def settle(self, lines: list[RatedUsageLine], totals: list[Totals], *, dry_run: bool = False, correction: bool = False) -> Settled:
+    def settle(
+        self,
+        lines: list[RatedUsageLine],
+        totals: list[Totals],
+        *,
+        dry_run: bool = False,
+        correction: bool = False,
+        read: set[str] | None = None,
+    ) -> Settled:
         for ln, t in zip(lines, totals, strict=True):
             self.last[self.key(ln)] = (ln, t)
         return Settled()

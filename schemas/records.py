@@ -14,7 +14,8 @@ class Accepted(msgspec.Struct, gc=False):
 
     tenant_id: str
     pricing_version: str
-    key: str  # dedup key within the tenant: source + id
+    h: int  # dedup key: a stable 64-bit hash of (tenant, source, id)
+    m: int  # what the dedup log keeps beside it: the read position and the event-time hour
     event_id: str
     ts_ms: int
     values: list[tuple[str, Any]]  # (meter slug, quantity or unique value)
@@ -24,4 +25,3 @@ class Accepted(msgspec.Struct, gc=False):
     offset: int
     index: int | None
     seen: bool = False  # the long-horizon dedup store has this key from another position
-    asked: bool = False  # the store was asked (and so has recorded it)

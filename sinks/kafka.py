@@ -36,10 +36,15 @@ class KafkaOutbox:
         if err is not None:
             self._errors.append((err, msg))
 
-    def send(self, key: str, items: Sequence[Record]) -> Answer:
-        """Produce and flush: once this returns, the broker has every record."""
+    def produce(self, items: Sequence[Record]) -> None:
+        """Hand records to the producer, which sends them at once (`send` then waits)."""
         for topic, k, value in items:
             self._produce(topic, value, k)
+
+    def send(self, key: str, items: Sequence[Record]) -> Answer:
+        """Produce and flush: once this returns, the broker has every record (also those
+        handed over earlier with `produce`)."""
+        self.produce(items)
         # Flushing before returning is what makes the next recovery snapshot safe:
         # nothing is acknowledged upstream until the broker has it.
         self.producer.flush()

@@ -1,154 +1,161 @@
 """Long-horizon dedup in Redis: the backstop behind the in-memory window.
 
-Each accepted event is stored as a 16-byte hash of (tenant, dedup key) with the 14-byte
-*position* it was read from (partition, offset, index), in one Redis hash per day of
-recording and stripe, which expires a horizon (default 7 days) after its day ends. An id
-present with another position is a duplicate; with the same position it is this very
-message read again, by a crash replay or a backfill, which must count as it did the first
-time. That keeps Redis consistent with recovery snapshots without coordination.
+Only what leaves memory is stored, in bulk: when a tenant's oldest generation of ids is
+evicted (its watermark moved two horizons on), the generation's log — per id an 8-byte hash
+of (tenant, source, id) and a 4-byte fold of where it was read — goes to Redis as packed
+blobs, grouped by tenant stripe and event-time hour: one Redis hash per (stripe, hour), one
+field per write, kept for the store horizon (wall clock) after its last write, so a
+backfill of old event times is protected as well as live traffic. That is 12 bytes per id
+plus a field's overhead shared by all ids of one write; no per-event Redis work at all.
 
-The hot path stays in memory: an event needs asking only when memory cannot know it (its
-event time is a horizon behind its tenant's watermark, or its tenant is new to the
-process): one Lua call per batch that has such events (`duplicates`). Every other accepted
-event is recorded in the background (`record`) by a thread that packs whole batches into a
-few binary arguments, one Lua call per batch, behind a bounded queue: if Redis goes away the
-queue fills, the worker blocks, and input stops until Redis answers again. `drain` waits for
-the queue, so a recovery snapshot never holds an id Redis does not, and a check never
-misses an id still queued.
+An event is asked about only when memory cannot judge it: its event time is more than a
+horizon behind its tenant's watermark, or its tenant is new to this process. The answer
+comes from generations evicted but not yet written (held here), else from the (stripe,
+hour) blobs, fetched once and cached: this process is the only writer of its tenants'
+entries, so its cache stays true as it writes. An id found with *another* position is a
+duplicate; with the same position it is this very message read again (a crash replay, a
+backfill), which counts as it did the first time.
+
+Evicted generations are written when enough have gathered, and always before a recovery
+snapshot (`drain`): a snapshot never lacks an id that neither it nor Redis holds.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
-import math
-import queue
-import struct
-import threading
+import os
 import time
+import zlib
+from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from operators.dedup import HOUR_MS, Evicted, position
 from runtime.redis import Patience, client
 from runtime.settings import StoreSettings
 from schemas.records import Accepted
 
 log = logging.getLogger(__name__)
 DAY_S = 86_400
-STRIPES = 64
-QUEUE_BATCHES = 64
-_POS = struct.Struct(">HQI")  # partition, offset, index in an array (0xFFFFFFFF: a single event)
+STRIPES = 1024  # per tenant: its stripe, and 4 sub-stripes by the top bits of the id hash
+WRITE_AT_IDS = 200_000  # evicted ids gathered before a write (a snapshot writes sooner)
+CACHE_IDS = 2_000_000  # ids of fetched (stripe, hour) keys kept in this process
 
-# ARGV: ttl seconds, then (key, blob of entries) pairs.
-_RECORD = """
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  local key, blob = ARGV[i], ARGV[i + 1]
-  for j = 1, #blob, 30 do
-    redis.call('HSETNX', key, string.sub(blob, j, j + 15), string.sub(blob, j + 16, j + 29))
-  end
-  redis.call('EXPIRE', key, ttl)
-end
-return 0
-"""
-# KEYS: the day buckets of each entry's stripe, newest first, `n` per entry; ARGV: ttl, n, blob.
-_CHECK = """
-local ttl, n, blob = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local dups = {}
-for e = 0, #blob / 30 - 1 do
-  local id, pos = string.sub(blob, e * 30 + 1, e * 30 + 16), string.sub(blob, e * 30 + 17, e * 30 + 30)
-  local found = false
-  for b = 1, n do
-    local old = redis.call('HGET', KEYS[e * n + b], id)
-    if old then
-      found = true
-      if old ~= pos then dups[#dups + 1] = e end
-      break
-    end
-  end
-  if not found then
-    redis.call('HSET', KEYS[e * n + 1], id, pos)
-    redis.call('EXPIRE', KEYS[e * n + 1], ttl)
-  end
-end
-return dups
-"""
+
+def _stripe(tenant: str, h: int) -> int:
+    return (zlib.crc32(tenant.encode()) + (h >> 62)) % STRIPES
 
 
 class DedupStore:
     def __init__(self, store: StoreSettings, on_change: Callable[[bool], None] | None = None) -> None:
         self.r = client(store.redis_url)
-        horizon_seconds = self.horizon_s = store.dedup_store_days * DAY_S
-        self.days = math.ceil(horizon_seconds / DAY_S) + 1  # buckets that can hold a live id
-        self.ttl_s = int(horizon_seconds) + DAY_S  # a bucket outlives its last write by the horizon
-        self.prefix = store.key("dedup")
-        self._check = self.r.register_script(_CHECK)
-        self._record = self.r.register_script(_RECORD)
+        self.horizon_s = int(store.dedup_store_days * DAY_S)
+        self.prefix = store.key("dd")
         self.patience = Patience("long-horizon dedup", on_change=on_change)
-        self._queue: queue.Queue[Sequence[Accepted]] = queue.Queue(QUEUE_BATCHES)
-        self._writer: threading.Thread | None = None
-        self._failed: BaseException | None = None
+        self.pending: list[Evicted] = []  # evicted, not yet written
+        self.pending_ids = 0
+        self.cache: OrderedDict[str, dict[int, int]] = OrderedDict()  # key -> {hash: position}
+        self.cached_ids = 0
+        self.writer = f"{os.getpid():x}.{time.time_ns():x}"
+        self.writes = 0
+        self.written_ids = 0
 
-    @staticmethod
-    def entry(e: Accepted) -> bytes:
-        h = hashlib.blake2b(f"{e.tenant_id}\x1f{e.key}".encode(), digest_size=16).digest()
-        return h + _POS.pack(e.partition, e.offset, 0xFFFFFFFF if e.index is None else e.index)
+    def key(self, stripe: int, hour: int) -> str:
+        return f"{self.prefix}:{stripe}:{hour}"
 
-    def bucket(self, day: int, stripe: int) -> str:
-        return f"{self.prefix}:{day}:{stripe}"
-
-    def duplicates(self, events: Sequence[Accepted]) -> set[int]:
-        """Indices of events already seen at another position; records the rest. Waits,
-        without pulling input, while Redis is unreachable."""
-        if not events:
-            return set()
-        self.drain()
-        today = int(time.time()) // DAY_S
-        entries = [self.entry(e) for e in events]
-        keys = [self.bucket(today - d, en[0] % STRIPES) for en in entries for d in range(self.days)]
-        args: list[str | int | bytes] = [self.ttl_s, self.days, b"".join(entries)]
-        return set(self.patience(lambda: self._check(keys=keys, args=args)))
-
-    def record(self, events: Sequence[Accepted]) -> None:
-        """Remember accepted events in the background; blocks only when the queue is full."""
-        if self._failed is not None:
-            raise RuntimeError("the dedup store writer failed") from self._failed
-        if not events:
-            return
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write, name="dedup-store", daemon=True)
-            self._writer.start()
-        self._queue.put(events)
+    # -- what leaves memory -----------------------------------------------------------------
+    def evicted(self, gone: list[Evicted]) -> None:
+        self.pending += gone
+        self.pending_ids += sum(len(g.ids) for g in gone)
+        if self.pending_ids >= WRITE_AT_IDS:
+            self.drain()
 
     def drain(self) -> None:
-        """Until everything recorded so far is in Redis."""
-        if self._writer is not None:
-            self._queue.join()
-        if self._failed is not None:
-            raise RuntimeError("the dedup store writer failed") from self._failed
+        """Write every evicted generation held here (before a snapshot, at end of input)."""
+        if not self.pending:
+            return
+        groups = self._group(self.pending)
+        field = f"{self.writer}.{self.writes}"
+        self.writes += 1
 
-    def _write(self) -> None:
-        while True:
-            batches = [self._queue.get()]
-            while len(batches) < QUEUE_BATCHES:  # whatever else is waiting goes in the same call
-                try:
-                    batches.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                stripes: dict[int, list[bytes]] = {}
-                for events in batches:
-                    for e in events:
-                        en = self.entry(e)
-                        stripes.setdefault(en[0] % STRIPES, []).append(en)
-                today = int(time.time()) // DAY_S
-                args: list[str | int | bytes] = [self.ttl_s]
-                for stripe, ens in stripes.items():
-                    args += [self.bucket(today, stripe), b"".join(ens)]
-                self.patience(functools.partial(self._record, keys=[], args=args))
-            except Exception as e:  # surfaced on the worker at its next call, not lost here
-                log.exception("dedup store writer")
-                self._failed = e
-            finally:
-                for _ in batches:
-                    self._queue.task_done()
+        def write() -> None:
+            p = self.r.pipeline(transaction=False)
+            for key, (hs, ps) in groups.items():
+                p.hset(key, field, hs.tobytes() + ps.tobytes())
+                p.expire(key, self.horizon_s)
+            p.execute()
+
+        self.patience(write)
+        for key, (hs, ps) in groups.items():
+            cached = self.cache.get(key)
+            if cached is not None:
+                cached.update(zip(hs, ps, strict=True))
+                self.cached_ids += len(hs)
+        self.written_ids += self.pending_ids
+        self.pending, self.pending_ids = [], 0
+
+    def _group(self, gone: list[Evicted]) -> dict[str, tuple[array, array]]:  # type: ignore[type-arg]
+        """Logs -> per (stripe, hour) key: the hashes and the positions, as packed arrays."""
+        groups: dict[str, tuple[array, array]] = {}  # type: ignore[type-arg]
+        for g in gone:
+            tcrc = zlib.crc32(g.tenant.encode())
+            it = iter(g.log)
+            for h, m in zip(it, it, strict=True):
+                hour = m & 0xFFFFFFFF
+                k = self.key((tcrc + (h >> 62)) % STRIPES, hour)
+                grp = groups.get(k)
+                if grp is None:
+                    grp = groups[k] = (array("Q"), array("I"))
+                grp[0].append(h)
+                grp[1].append(m >> 32)
+        return groups
+
+    # -- asking ----------------------------------------------------------------------------
+    def duplicates(self, events: Sequence[Accepted]) -> set[int]:
+        """Indices of `events` held from another position; waits, without pulling input,
+        while Redis is unreachable."""
+        if not events:
+            return set()
+        keys = {self.key(_stripe(e.tenant_id, e.h), e.ts_ms // HOUR_MS) for e in events}
+        self._fetch([k for k in keys if k not in self.cache])
+        dups: set[int] = set()
+        for i, e in enumerate(events):
+            held = self._unwritten(e.tenant_id, e.h)
+            if held is None:
+                entries = self.cache.get(self.key(_stripe(e.tenant_id, e.h), e.ts_ms // HOUR_MS))
+                held = entries.get(e.h) if entries is not None else None
+            if held is not None and held != position(e.partition, e.offset, e.index):
+                dups.add(i)
+        return dups
+
+    def _unwritten(self, tenant: str, h: int) -> int | None:
+        """The position of `h` in a generation evicted but not written yet, if it is in one."""
+        for g in self.pending:
+            if g.tenant == tenant and h in g.ids:
+                it = iter(g.log)
+                return int(next(m >> 32 for x, m in zip(it, it, strict=True) if x == h))
+        return None
+
+    def _fetch(self, keys: list[str]) -> None:
+        if not keys:
+            return
+
+        def read() -> list[list[bytes]]:
+            p = self.r.pipeline(transaction=False)
+            for k in keys:
+                p.hvals(k)
+            return p.execute()  # type: ignore[no-any-return]
+
+        for k, blobs in zip(keys, self.patience(read), strict=True):
+            entries: dict[int, int] = {}
+            for blob in blobs:
+                n = len(blob) // 12
+                hs, ps = array("Q"), array("I")
+                hs.frombytes(blob[: 8 * n])
+                ps.frombytes(blob[8 * n :])
+                entries.update(zip(hs, ps, strict=True))
+            self.cache[k] = entries
+            self.cached_ids += len(entries)
+        while self.cached_ids > CACHE_IDS and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self.cached_ids -= len(old)

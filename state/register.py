@@ -14,7 +14,7 @@ The same mechanism turns a backfill (`tallyflow replay`) into corrections.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -27,19 +27,37 @@ from runtime.settings import StoreSettings
 from schemas.outputs import ENCODER, RatedUsageLine
 
 _LINE = msgspec.json.Decoder(RatedUsageLine)
-HISTORY = 256
-# ARGV: register keys. Per key: {seq, qty, amount, events}, pending line bodies, history.
+# Emitted states remembered per key, so a crash replay that passes through them stays
+# silent; a replay through more of them than this emits corrections instead (money stays
+# exact, only the lines are noisier). 32 covers half an hour of 1-minute windows replayed
+# within one snapshot interval.
+HISTORY = 32
+CACHE_KEYS = 400_000  # register keys whose state this process keeps (older ones are re-read)
+# One Redis hash per register key: `seq`, `qty`, `amount`, `events`, `hist` (the last
+# HISTORY emitted states, newline-separated) and `p:<line_id>` for each pending line.
+# ARGV: register keys. Per key: {seq, qty, amount, events}, pending line bodies, history
+# (an earlier layout's `<key>:pending` hash and `<key>:hist` list are read too).
 _READ = """
 local out = {}
 for i = 1, #ARGV do
   local k = ARGV[i]
-  out[i] = {redis.call('HMGET', k, 'seq', 'qty', 'amount', 'events'), redis.call('HVALS', k .. ':pending'),
-            redis.call('LRANGE', k .. ':hist', 0, -1)}
+  local f = redis.call('HGETALL', k)
+  local now, pend, hist = {false, false, false, false}, {}, {}
+  local names = {seq = 1, qty = 2, amount = 3, events = 4}
+  for j = 1, #f, 2 do
+    local name, v = f[j], f[j + 1]
+    if names[name] then now[names[name]] = v
+    elseif name == 'hist' then for tok in string.gmatch(v, '[^\\n]+') do hist[#hist + 1] = tok end
+    elseif string.sub(name, 1, 2) == 'p:' then pend[#pend + 1] = v end
+  end
+  for _, v in ipairs(redis.call('HVALS', k .. ':pending')) do pend[#pend + 1] = v end
+  for _, v in ipairs(redis.call('LRANGE', k .. ':hist', 0, -1)) do hist[#hist + 1] = v end
+  out[i] = {now, pend, hist}
 end
 return out
 """
-# ARGV: ttl, history length, #confirmed keys, {key, #ids, ids...}..., #keys,
-#       {key, expected seq, seq, qty, amount, events, reset, #pending, {id, body}..., #hist, tokens...}...
+# ARGV: ttl, history bytes, #confirmed keys, {key, #ids, p:ids...}..., #keys,
+#       {key, expected seq, seq, qty, amount, events, reset, new history, #pending, {p:id, body}...}...
 # A key whose stored seq is not the expected one was written by another process meanwhile:
 # it is left alone and returned, for the caller to read again.
 _WRITE = """
@@ -47,37 +65,25 @@ local ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 local i = 3
 for _ = 1, tonumber(ARGV[i]) do
   local k, n = ARGV[i + 1], tonumber(ARGV[i + 2])
-  for j = 1, n do redis.call('HDEL', k .. ':pending', ARGV[i + 2 + j]) end
+  redis.call('HDEL', k, unpack(ARGV, i + 3, i + 2 + n))
   i = i + 2 + n
 end
 i = i + 1
 local conflicts = {}
 for _ = 1, tonumber(ARGV[i]) do
   local k = ARGV[i + 1]
-  local ok = tonumber(redis.call('HGET', k, 'seq') or '0') == tonumber(ARGV[i + 2])
-  if ok then
-    redis.call('HSET', k, 'seq', ARGV[i + 3], 'qty', ARGV[i + 4], 'amount', ARGV[i + 5], 'events', ARGV[i + 6])
-    if ARGV[i + 7] == '1' then redis.call('DEL', k .. ':hist') end
+  local n = tonumber(ARGV[i + 9])
+  if tonumber(redis.call('HGET', k, 'seq') or '0') == tonumber(ARGV[i + 2]) then
+    local hist = ARGV[i + 8]
+    if ARGV[i + 7] ~= '1' then hist = (redis.call('HGET', k, 'hist') or '') .. hist end
+    if #hist > keep then hist = string.sub(hist, string.find(hist, '\\n', #hist - keep, true) + 1) end
+    redis.call('HSET', k, 'seq', ARGV[i + 3], 'qty', ARGV[i + 4], 'amount', ARGV[i + 5], 'events', ARGV[i + 6], 'hist', hist,
+               unpack(ARGV, i + 10, i + 9 + 2 * n))
+    redis.call('EXPIRE', k, ttl)
   else
     conflicts[#conflicts + 1] = k
   end
-  local n = tonumber(ARGV[i + 8])
-  i = i + 8
-  for j = 1, n do
-    if ok then redis.call('HSET', k .. ':pending', ARGV[i + 2 * j - 1], ARGV[i + 2 * j]) end
-  end
-  i = i + 2 * n + 1
-  local h = tonumber(ARGV[i])
-  for j = 1, h do
-    if ok then redis.call('RPUSH', k .. ':hist', ARGV[i + j]) end
-  end
-  i = i + h
-  if ok then
-    redis.call('LTRIM', k .. ':hist', -keep, -1)
-    redis.call('EXPIRE', k, ttl)
-    redis.call('EXPIRE', k .. ':pending', ttl)
-    redis.call('EXPIRE', k .. ':hist', ttl)
-  end
+  i = i + 9 + 2 * n
 end
 return conflicts
 """
@@ -88,6 +94,10 @@ class Settled:
     lines: list[RatedUsageLine] = field(default_factory=list)  # to produce, in order
     resent: int = 0  # of them: pending lines of an earlier process, produced again
     confirm: dict[str, list[str]] = field(default_factory=dict)  # register key -> pending line ids
+    bodies: dict[str, bytes] = field(default_factory=dict)  # line id -> its JSON, encoded once for Redis and Kafka
+
+    def encoded(self, ln: RatedUsageLine) -> bytes:
+        return self.bodies.get(ln.line_id) or ENCODER.encode(ln)
 
 
 class EmissionRegister:
@@ -96,8 +106,9 @@ class EmissionRegister:
         self.ttl = int(store.register_ttl_days * 86_400)
         self.prefix = store.key("emitted")
         self.patience = Patience("emission register", on_change=on_change)
-        # Keys this process has read (their pending lines were produced again), with the
-        # recent emitted totals; this process is their only writer from then on.
+        # Keys this process has written or read, with the recent emitted totals: this process
+        # is their only writer from then on (a write is a compare-and-set: another writer,
+        # e.g. `tallyflow replay`, makes it read the key again).
         self._hist: dict[str, set[bytes]] = {}
         self._state: dict[str, Entry] = {}
         self._confirmed: dict[str, list[str]] = {}  # flushed, to be un-pended with the next write
@@ -107,18 +118,27 @@ class EmissionRegister:
     def key(self, ln: RatedUsageLine) -> str:
         return f"{self.prefix}:{ln.tenant_id}:{ln.meter}:{ln.period}:{ln.pricing_version}"
 
-    def settle(self, lines: list[RatedUsageLine], totals: list[Totals], *, dry_run: bool = False, correction: bool = False) -> Settled:
+    def settle(
+        self,
+        lines: list[RatedUsageLine],
+        totals: list[Totals],
+        *,
+        dry_run: bool = False,
+        correction: bool = False,
+        read: set[str] | None = None,
+    ) -> Settled:
         """Re-express the engine's lines against the register and record them as pending.
-        One round trip per call for keys this process has written before (it remembers
-        their state; the write is a compare-and-set on the sequence number, so a key that
-        another process wrote meanwhile, e.g. `tallyflow replay`, is read again and settled
-        anew), two with new keys. `correction`: every line is a correction of what was
-        emitted (a backfill), and history is not consulted."""
+        One round trip per call: a key this process does not know is taken as never emitted
+        and written with a compare-and-set against that; a key Redis does know after all
+        (a restart, a rescale, `tallyflow replay`) comes back as a conflict and is read and
+        settled anew (`read`: keys to read first). So a live pipeline pays per line, never
+        a read per tenant. `correction`: every line is a correction of what was emitted (a
+        backfill), and history is not consulted; it and dry runs read every key first."""
         out = Settled()
         if not lines:
             return out
         keys = list(dict.fromkeys(self.key(ln) for ln in lines))
-        state, hist, fresh = self._load(keys, dry_run, out)
+        state, hist, fresh = self._load(keys, dry_run, out, keys if dry_run or correction else read or set())
         expected = {k: state[k].seq for k in keys}
         # A key the register has never seen, while the engine already has closed totals for
         # it, was emitted before the register existed (an upgrade): take that as emitted.
@@ -127,7 +147,7 @@ class EmissionRegister:
         out.lines += settled.lines
         pending: dict[str, dict[str, bytes]] = {}
         for new in settled.lines:
-            pending.setdefault(self.key(new), {})[new.line_id] = ENCODER.encode(new)
+            pending.setdefault(self.key(new), {})[new.line_id] = out.bodies[new.line_id] = ENCODER.encode(new)
         if dry_run:
             return out
         conflicts = self._write(state, pending, expected, settled.emitted, settled.reset)
@@ -139,28 +159,36 @@ class EmissionRegister:
             h = hist[k]
             self._hist[k] = h if len(h) <= 2 * HISTORY else set(settled.emitted.get(k, []))
             self._state[k] = state[k]
+        if len(self._state) > CACHE_KEYS:  # forget the oldest half: they are re-read if they come back
+            for k in list(self._state)[: len(self._state) // 2]:
+                del self._state[k], self._hist[k]
         out.confirm = {k: list(v) for k, v in pending.items() if k not in conflicts}
         for ln in out.lines[: out.resent]:
             out.confirm.setdefault(self.key(ln), []).append(ln.line_id)
         return self._again(out, lines, totals, conflicts, correction) if conflicts else out
 
-    def _load(self, keys: list[str], dry_run: bool, out: Settled) -> tuple[dict[str, Entry], dict[str, set[bytes]], list[str]]:
-        """State and history of `keys`: from this process's cache, or read (with the pending
-        lines an earlier process left, which go out again first)."""
-        fresh = [k for k in keys if k not in self._state]
-        res: list[Any] = self.patience(lambda: self._read(args=fresh)) if fresh else []
+    def _load(
+        self, keys: list[str], dry_run: bool, out: Settled, read: Collection[str]
+    ) -> tuple[dict[str, Entry], dict[str, set[bytes]], list[str]]:
+        """State and history of `keys`: from this process's cache, read (with the pending
+        lines an earlier process left, which go out again first), or taken as never
+        emitted (the write's compare-and-set finds out otherwise)."""
+        fresh = [k for k in keys if k not in self._state or k in read]
+        asked = [k for k in fresh if k in read]
+        res: list[Any] = self.patience(lambda: self._read(args=asked)) if asked else []
         state: dict[str, Entry] = {}
         hist: dict[str, set[bytes]] = {}
         for k in keys:
-            if k in self._state:
+            if k in self._state and k not in read:
                 e, h = self._state[k], self._hist[k]
                 state[k], hist[k] = (e.copy(), set(h)) if dry_run else (e, h)  # a dry run leaves the cache as it was
-        for i, k in enumerate(fresh):
-            now, pend, past = res[i]
-            state[k] = _entry(now)  # type: ignore[arg-type]
-            hist[k] = set(past)  # type: ignore[call-overload]
+        for k in fresh:
+            state[k], hist[k] = Entry(), set()
+        for k, (now, pend, past) in zip(asked, res, strict=True):
+            state[k] = _entry(now)
+            hist[k] = set(past)
             if not dry_run:
-                out.lines += sorted((_LINE.decode(v) for v in pend), key=lambda ln: ln.line_id)  # type: ignore[attr-defined]
+                out.lines += sorted((_LINE.decode(v) for v in pend), key=lambda ln: ln.line_id)
         out.resent = len(out.lines)
         return state, hist, fresh
 
@@ -177,15 +205,15 @@ class EmissionRegister:
         Returns the keys another process wrote since they were read."""
         touched = {k: state[k] for k in pending}
         confirmed, self._confirmed = self._confirmed, {}
-        args: list[str | int | bytes] = [self.ttl, HISTORY, len(confirmed)]
+        args: list[str | int | bytes] = [self.ttl, HISTORY * 64, len(confirmed)]
         for k, ids in confirmed.items():
-            args += [k, len(ids), *ids]
+            args += [k, len(ids), *(f"p:{i}" for i in ids)]
         args.append(len(touched))
         for k, e in touched.items():
-            args += [k, expected[k], e.seq, str(e.qty), str(e.amount), e.events, int(k in reset), len(pending[k])]
+            hist = b"".join(b"\n" + t for t in emitted[k])
+            args += [k, expected[k], e.seq, str(e.qty), str(e.amount), e.events, int(k in reset), hist, len(pending[k])]
             for line_id, body in pending[k].items():
-                args += [line_id, body]
-            args += [len(emitted[k]), *emitted[k]]
+                args += [f"p:{line_id}", body]
         if not (touched or confirmed):
             return set()
         return {c.decode() if isinstance(c, bytes) else c for c in self.patience(lambda: self._write_script(args=args))}
@@ -193,10 +221,11 @@ class EmissionRegister:
     def _again(self, out: Settled, lines: list[RatedUsageLine], totals: list[Totals], conflicts: set[str], correction: bool) -> Settled:
         """Settle the lines of conflicting keys anew, against what the other process wrote."""
         again = [(ln, t) for ln, t in zip(lines, totals, strict=True) if self.key(ln) in conflicts]
-        sub = self.settle([ln for ln, _ in again], [t for _, t in again], correction=correction)
+        sub = self.settle([ln for ln, _ in again], [t for _, t in again], correction=correction, read=conflicts)
         kept = [ln for ln in out.lines[out.resent :] if self.key(ln) not in conflicts]
         merged = Settled(out.lines[: out.resent] + sub.lines[: sub.resent] + kept + sub.lines[sub.resent :], out.resent + sub.resent)
         merged.confirm = out.confirm
+        merged.bodies = {**out.bodies, **sub.bodies}
         for k, ids in sub.confirm.items():
             merged.confirm.setdefault(k, []).extend(ids)
         return merged
@@ -214,7 +243,7 @@ class EmissionRegister:
         def delete() -> None:
             p = self.r.pipeline(transaction=False)
             for k, ids in merged.items():
-                p.hdel(k + ":pending", *ids)
+                p.hdel(k, *(f"p:{i}" for i in ids))
             p.execute()
 
         self.patience(delete)

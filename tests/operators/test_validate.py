@@ -12,7 +12,7 @@ from operators.deadletters import dead_letter, encode_fitted
 from operators.validate import Validator
 from schemas.events import InputLimits
 from schemas.outputs import DeadLetter
-from tests.support.events import Harness, ev
+from tests.support.events import Harness, Msg, ev
 
 
 def reasons(h: Harness) -> list[str]:
@@ -160,7 +160,7 @@ def test_the_future_is_measured_from_the_message_timestamp_when_earlier_than_the
     t = datetime(2026, 11, 1, 12, tzinfo=UTC)
     produced_ms = int(datetime(2026, 11, 1, 11, 50, tzinfo=UTC).timestamp() * 1000)
     acc = []
-    h.validator.parse_batch([(ev(at=t), 0, produced_ms)], "usage.events", 0, "now", acc, h.dead, h.now_ms)
+    h.validator.parse_batch([Msg(ev(at=t), 0, produced_ms)], "usage.events", 0, "now", acc, h.dead, h.now_ms)
     assert reasons(h) == ["future_time"] and not acc
 
 

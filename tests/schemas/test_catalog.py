@@ -84,3 +84,17 @@ def test_a_live_reload_keeps_versions_and_refuses_what_would_break_state():
     gone["tenants"] = gone["tenants"][1:]
     with pytest.raises(CatalogError, match="effective_until"):
         successor(old, parse_catalog(gone))
+
+
+def test_a_json_catalog_loads_directly_and_names_a_bad_field(tmp_path):
+    import orjson
+    import yaml
+
+    good = yaml.safe_load((ROOT / "examples" / "catalog.yaml").read_text())
+    path = tmp_path / "c.json"
+    path.write_bytes(orjson.dumps(good, default=str))
+    assert len(load_catalog(path).tenants) == len(good["tenants"])
+    good["tenants"][3]["plan"] = 7
+    path.write_bytes(orjson.dumps(good, default=str))
+    with pytest.raises(CatalogError, match=r"tenants\[3\]\.plan"):
+        load_catalog(path)

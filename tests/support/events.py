@@ -123,6 +123,22 @@ def ev(
     return orjson.dumps(body)
 
 
+class Msg:
+    """What the validator reads of a Kafka message: value, offset, timestamp (0: unknown)."""
+
+    def __init__(self, value: bytes | None, offset: int, ts_ms: int = 0) -> None:
+        self._v, self._o, self._t = value, offset, ts_ms
+
+    def value(self) -> bytes | None:
+        return self._v
+
+    def offset(self) -> int:
+        return self._o
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self._t)
+
+
 class Harness:
     """Validator + one engine, driven like the dataflow drives them."""
 
@@ -140,7 +156,7 @@ class Harness:
 
     def accept(self, *values: bytes) -> list[Accepted]:
         acc: list[Accepted] = []
-        batch = [(v, self.offset + i, 0) for i, v in enumerate(values)]
+        batch = [Msg(v, self.offset + i) for i, v in enumerate(values)]
         self.validator.parse_batch(batch, "usage.events", 0, "now", acc, self.dead, self.now_ms)
         self.offset += len(values)
         return acc

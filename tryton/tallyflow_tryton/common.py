@@ -1,0 +1,149 @@
+"""Helpers shared by the usage and the alert ingest (plain functions, no Tryton models)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from sql import Column
+from trytond import backend
+from trytond.exceptions import UserError
+from trytond.i18n import gettext
+from trytond.model import fields
+from trytond.model.exceptions import SQLConstraintError
+from trytond.pool import Pool
+from trytond.tools import grouped_slice
+from trytond.transaction import Transaction, without_check_access
+
+CREATED = "created"
+EXISTING = "existing"
+PERIOD_RE = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+
+class Rejected(Exception):
+    """A line of a batch cannot be stored; the message is returned as the line's outcome."""
+
+
+def rejected(reason: str) -> str:
+    return f"rejected: {reason}"
+
+
+def company_id() -> int:
+    company = Transaction().context.get("company")
+    if not company:
+        raise UserError(gettext("tallyflow.msg_no_company"))
+    return int(company)
+
+
+def check_batch(batch: Any) -> list[dict[str, Any]]:
+    if not isinstance(batch, list) or not all(isinstance(x, dict) for x in batch):
+        raise UserError(gettext("tallyflow.msg_bad_batch"))
+    return batch
+
+
+def check_period(period: Any) -> str:
+    if not isinstance(period, str) or not PERIOD_RE.match(period):
+        raise UserError(gettext("tallyflow.msg_bad_period", period=period))
+    return period
+
+
+def text(item: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    value = item.get(key)
+    if value is None or value == "":
+        if required:
+            raise Rejected(f"missing {key}")
+        return None
+    if not isinstance(value, str):
+        raise Rejected(f"{key} must be a string")
+    return value
+
+
+def decimal(item: dict[str, Any], key: str) -> Decimal:
+    """Exact decimal from a string, an int or a JSON-RPC Decimal; floats are refused."""
+    value = item.get(key)
+    if value is None or value == "":
+        raise Rejected(f"missing {key}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
+        raise Rejected(f"{key} must be a decimal string, got {value!r}")
+    try:
+        result = Decimal(value)
+    except InvalidOperation:
+        raise Rejected(f"{key} is not a decimal: {value!r}") from None
+    if not result.is_finite():
+        raise Rejected(f"{key} is not finite: {value!r}")
+    return result
+
+
+def integer(item: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    value = item.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Rejected(f"{key} must be an integer, got {value!r}")
+    return value
+
+
+def timestamp(item: dict[str, Any], key: str, *, required: bool = True) -> dt.datetime | None:
+    """ISO 8601 to the naive UTC datetime Tryton stores."""
+    value = text(item, key, required=required)
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise Rejected(f"{key} is not an ISO 8601 timestamp: {value!r}") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+    return parsed
+
+
+def existing_keys(model: Any, column: str, keys: Sequence[str]) -> set[str]:
+    """The subset of keys already stored in model.column, read with plain SQL (fast)."""
+    table = model.__table__()
+    col = Column(table, column)
+    cursor = Transaction().connection.cursor()
+    found: set[str] = set()
+    for chunk in grouped_slice(keys, 500):
+        cursor.execute(*table.select(col, where=fields.SQL_OPERATORS["in"](col, list(chunk))))
+        found.update(key for (key,) in cursor)
+    return found
+
+
+def find_parties(codes: Iterable[str]) -> dict[str, Any]:
+    """Parties by code, falling back to a party identifier with that code (so one party can
+    be found by its ERP customer id and by its CRM account id)."""
+    pool = Pool()
+    Party = pool.get("party.party")
+    Identifier = pool.get("party.identifier")
+    wanted = sorted(set(codes))
+    found: dict[str, Any] = {}
+    for chunk in grouped_slice(wanted, 500):
+        for party in Party.search([("code", "in", list(chunk))]):
+            found[party.code] = party
+    missing = [c for c in wanted if c not in found]
+    for chunk in grouped_slice(missing, 500):
+        matches: dict[str, set[Any]] = {}
+        for identifier in Identifier.search([("code", "in", list(chunk)), ("party.active", "=", True)]):
+            matches.setdefault(identifier.code, set()).add(identifier.party)
+        found.update({code: next(iter(parties)) for code, parties in matches.items() if len(parties) == 1})
+    return found
+
+
+def create_unique(model: Any, vlist: list[dict[str, Any]]) -> list[Any]:
+    """Create records with the caller's create access but without the field read-only checks.
+
+    If a concurrent transaction committed the same key after our existence check, the unique
+    constraint fires (PostgreSQL: the INSERT waits for the other transaction, then fails).
+    Raising DatabaseOperationalError makes the RPC dispatcher roll back and retry the whole
+    call (up to [database] retry times), and the retry reports those keys as existing."""
+    if not vlist:
+        return []
+    Pool().get("ir.model.access").check(model.__name__, "create")
+    try:
+        with without_check_access():  # our own values may fill fields that are read-only for users
+            return list(model.create(vlist))
+    except SQLConstraintError as exc:
+        raise backend.DatabaseOperationalError(f"tallyflow: concurrent insert into {model.__name__}, retry") from exc

@@ -10,10 +10,14 @@ STAMP := $(VENV)/.installed
 deps: $(STAMP)
 	@command -v redis-server >/dev/null && command -v promtool >/dev/null || bash scripts/install-system-deps.sh
 
-$(STAMP): pyproject.toml
+# The Tallyflow Tryton module (./tryton) is installed non-editable, as Tryton loads modules
+# through their entry points; a change to it reinstalls it.
+$(STAMP): pyproject.toml tryton/pyproject.toml $(wildcard tryton/tallyflow_tryton/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,tryton]'
+	$(BIN)/pip install --quiet --force-reinstall --no-deps ./tryton
+	rm -rf tryton/build tryton/*.egg-info
 	touch $(STAMP)
 
 demo: deps

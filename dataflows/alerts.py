@@ -22,10 +22,9 @@ from runtime import kafka, process
 from runtime.metrics import DELIVERY_LATENCY
 from runtime.settings import Settings, load_settings
 from schemas.outputs import ThresholdAlert
+from sinks import destinations
 from sinks.base import Destination
 from sinks.courier import Courier, Parking, ledger_problem
-from sinks.crm import CrmHttp
-from sinks.success import SuccessWebhook
 from state.ledger import Ledger
 
 # A delivery consumer keeps little ahead of its sink: while a destination is down the
@@ -41,11 +40,10 @@ def _describe(key: str, alerts: Sequence[ThresholdAlert]) -> dict[str, Any]:
 
 def couriers(s: Settings) -> list[Courier[ThresholdAlert]]:
     parking = Parking(kafka.producer(s.kafka.config()), s.topics.exceptions)
-    timeout = s.delivery.sink_timeout_seconds
     out: list[Courier[ThresholdAlert]] = []
     dests: list[tuple[Destination[ThresholdAlert], float]] = [
-        (CrmHttp(s.crm, timeout), s.crm.rate_per_second),
-        (SuccessWebhook(s.success, timeout), s.success.rate_per_second),
+        (destinations.crm(s), s.crm.rate_per_second),
+        (destinations.success(s), s.success.rate_per_second),
     ]
     for dest, rate in dests:
         name = dest.name

@@ -20,8 +20,8 @@ from dataflows.alerts import DELIVERY_PREFETCH
 from runtime import kafka, process
 from runtime.settings import Settings, load_settings
 from schemas.outputs import RatedUsageLine
+from sinks import destinations
 from sinks.courier import Courier, Parking, ledger_problem
-from sinks.erp import ErpHttp
 from state.ledger import Ledger
 
 _LINE = msgspec.json.Decoder(RatedUsageLine)
@@ -33,7 +33,7 @@ def _describe(key: str, lines: Sequence[RatedUsageLine]) -> dict[str, Any]:
 
 def courier(s: Settings) -> Courier[RatedUsageLine]:
     return Courier(
-        ErpHttp(s.erp, s.delivery.sink_timeout_seconds),
+        destinations.erp(s),
         RatedUsageLine,
         lambda ln: ln.line_id,
         rate_per_second=s.erp.rate_per_second,

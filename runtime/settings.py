@@ -1,7 +1,7 @@
 """Settings: defaults < config file (TALLYFLOW_CONFIG, YAML) < TALLYFLOW_* environment.
 
 Settings are grouped in sections (`kafka`, `topics`, `engine`, `limits`, `stores`,
-`delivery`, `crm`, `success`, `erp`, `process`, `sandbox`) and each component receives
+`delivery`, `crm`, `success`, `erp`, `tryton`, `process`, `sandbox`) and each component receives
 its own section, not the whole object. They are still read from the same flat names:
 `TALLYFLOW_WINDOW_SECONDS` is `engine.window_seconds`, `TALLYFLOW_ERP_URL` is `erp.url`,
 `TALLYFLOW_INPUT_TOPIC` is `topics.input`; the config file uses the same flat names in
@@ -111,7 +111,11 @@ class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     breaker_reset_seconds: Pos = 5.0
 
 
+DestinationKind = Literal["http", "tryton"]
+
+
 class CrmSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    kind: DestinationKind = "http"  # http: signals to crm_url; tryton: leads in Tryton (the tryton_* settings)
     url: str = "http://127.0.0.1:8787"
     token: str = ""
     rate_per_second: Pos = 100.0
@@ -124,11 +128,22 @@ class SuccessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class ErpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    kind: DestinationKind = "http"  # http: batches to erp_url; tryton: usage records in Tryton (the tryton_* settings)
     url: str = "http://127.0.0.1:8787"
     token: str = ""
     rate_per_second: Pos = 5.0
     batch_max_lines: PosInt = 500
     batch_max_latency_seconds: Pos = 2.0
+
+
+class TrytonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tryton's JSON-RPC, used when erp_kind or crm_kind is `tryton`."""
+
+    url: str = "http://127.0.0.1:8000"
+    database: str = "tallyflow"
+    user: str = "admin"
+    password: str = ""
+    timeout_seconds: Pos = 60.0  # one call per micro-batch; a timed-out call is re-sent and found "existing"
 
 
 class ProcessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -161,6 +176,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     crm: CrmSettings = CrmSettings()
     success: SuccessSettings = SuccessSettings()
     erp: ErpSettings = ErpSettings()
+    tryton: TrytonSettings = TrytonSettings()
     process: ProcessSettings = ProcessSettings()
     sandbox: SandboxSettings = SandboxSettings()
 
@@ -196,6 +212,7 @@ _NAMING = {
     "crm": "crm_{}",
     "success": "success_{}",
     "erp": "erp_{}",
+    "tryton": "tryton_{}",
     "process": "{}",
     "sandbox": "sandbox_{}",
 }
@@ -207,9 +224,9 @@ for _sec in msgspec.structs.fields(Settings):
         FLAT[_flat] = (_sec.name, _field.name)
 # Secrets come from the environment or a mounted file (TALLYFLOW_<NAME>_FILE), never from
 # the catalog, and are masked wherever settings are printed; URLs may carry credentials.
-SECRETS = ("crm_token", "erp_token", "success_hmac_key", "sandbox_admin_token")
+SECRETS = ("crm_token", "erp_token", "success_hmac_key", "sandbox_admin_token", "tryton_password")
 DATAFLOW_SECRETS = ("crm_token", "erp_token", "success_hmac_key")  # what the dataflows authenticate with
-URLS = ("redis_url", "crm_url", "success_url", "erp_url")
+URLS = ("redis_url", "crm_url", "success_url", "erp_url", "tryton_url")
 FILE_FIELDS = (*SECRETS, "redis_url")
 
 

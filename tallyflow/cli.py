@@ -8,22 +8,24 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from dataflows import FLOWS
 from runtime import kafka
-from runtime.settings import ConfigError, load_settings
+from runtime.settings import ConfigError, load_settings, to_env
 from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
 
 OVERVIEW = """\
 run the pipeline:      rate, deliver alerts, deliver erp
-operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq
+operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq, exceptions, invoice
 develop and try it:    stack, sandbox, generate, demo, bench
 
 Settings come from TALLYFLOW_* variables (and an optional YAML file named by
@@ -136,12 +138,22 @@ def _wait_for_stop() -> None:
 def _stack(a: argparse.Namespace) -> int:
     from devkit.stack import LocalStack
 
-    with LocalStack(redis=not a.no_redis) as st:
-        t = load_settings(brokers=st.brokers).topics
+    with LocalStack(redis=not a.no_redis) as st, contextlib.ExitStack() as more:
+        s = load_settings(brokers=st.brokers)
+        t = s.topics
         st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1})
         print(f"export TALLYFLOW_BROKERS={st.brokers}")
         if not a.no_redis:
             print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
+        if a.tryton:
+            from devkit.tryton import TrytonServer, template
+
+            print("# setting up Tryton (company, chart, products and parties of the catalog; ~30 s the first time)", flush=True)
+            tryton = more.enter_context(TrytonServer(template(s.process.catalog), Path(st.workdir) / "tryton"))
+            for k, v in to_env(tryton.settings(s)).items():
+                if k.startswith("TALLYFLOW_TRYTON_"):
+                    print(f"export {k}={v}")
+            print("export TALLYFLOW_ERP_KIND=tryton TALLYFLOW_CRM_KIND=tryton")
         print(f"# local stack running; topics created ({t.input} with {a.partitions} partitions); Ctrl-C stops it", flush=True)
         _wait_for_stop()
     return 0
@@ -207,7 +219,7 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def parser() -> argparse.ArgumentParser:
     from devkit import bench, demo
-    from ops import dlq, reconcile, replay
+    from ops import dlq, exceptions, invoice, reconcile, replay
 
     ap = argparse.ArgumentParser(
         prog="tallyflow",
@@ -246,12 +258,15 @@ def parser() -> argparse.ArgumentParser:
         (reconcile, "reconcile", "source = rated = ERP-acknowledged totals per tenant, meter and period"),
         (replay, "replay", "re-rate billing periods from the input topic; differences go out as corrections"),
         (dlq, "dlq", "dead letters by reason and tenant; --redrive sends fixed ones back to the input topic"),
+        (exceptions, "exceptions", "what destinations rejected for good; --redrive sends it again once fixed"),
+        (invoice, "invoice", "invoice a period in Tryton; rated = in Tryton = invoiced per customer"),
     ):
         mod.add_arguments(cmd(name, what, _with_brokers(mod.run), mod.__doc__))
 
     st = cmd("stack", "run a local broker and redis-server until Ctrl-C; prints the variables to export", _stack)
     st.add_argument("--partitions", type=int, default=4, help="partitions of the input topic it creates")
     st.add_argument("--no-redis", action="store_true", help="the broker only")
+    st.add_argument("--tryton", action="store_true", help="also Tryton (SQLite) as the ERP and CRM, set up from the catalog")
     sb = cmd("sandbox", "local CRM, success-tool and ERP endpoints with fault injection, until Ctrl-C", _sandbox)
     sb.add_argument("--port", type=int, default=8787, help="port to listen on")
     sb.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")

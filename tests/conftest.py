@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from devkit.stack import LocalStack
+from devkit.tryton import TrytonServer
 from runtime.settings import Settings, load_settings
 from tests.support.events import CATALOG
 from tests.support.flows import OwnRedis, write_catalog
 
-_NEEDS_STACK = {"stack", "settings", "own_redis"}
+_NEEDS_STACK = {"stack", "settings", "own_redis", "tryton"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -67,3 +68,23 @@ def own_redis() -> Iterator[OwnRedis]:
     yield r
     if r.p is not None and r.p.poll() is None:
         r.stop()
+
+
+@pytest.fixture(scope="session")
+def tryton_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Tryton database set up for the test catalog (parties ERP-1..3 with aliases CRM-1..3,
+    products CALLS, TOK, STO, MAU, SEAT), made once (~30 s) and kept between runs."""
+    from devkit.tryton import template
+
+    path = tmp_path_factory.mktemp("catalog") / "catalog.yaml"
+    write_catalog(path, CATALOG)
+    return template(path)
+
+
+@pytest.fixture
+def tryton(tryton_template: Path, tmp_path: Path) -> Iterator[TrytonServer]:
+    """A real `trytond` on loopback serving a fresh copy of the template."""
+    from devkit.tryton import TrytonServer
+
+    with TrytonServer(tryton_template, tmp_path / "tryton") as server:
+        yield server

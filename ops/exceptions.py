@@ -1,0 +1,100 @@
+"""`tallyflow exceptions`: what destinations rejected for good, and sending it again once the
+cause is fixed (the customer or product created in the ERP, the CRM account mapped).
+
+Each record of the exceptions topic holds the destination, the items as they were sent and
+the reason per id. A re-drive makes the rejected ids deliverable again in the delivery ledger
+and produces the items back to the topic their delivery dataflow reads (rated lines to
+`usage.rated`, alerts to `usage.alerts`), keyed by tenant. Ids a destination has accepted
+since are left alone, so running `--redrive` twice is harmless; and an ERP or CRM that
+enforces unique ids (Tryton with the Tallyflow module) would answer "existing" anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from typing import Any
+
+import msgspec
+
+from runtime import kafka
+from runtime.kafka import read_topic
+from runtime.settings import Settings, load_settings
+from schemas.outputs import RatedUsageLine, ThresholdAlert
+from state.ledger import Ledger
+
+
+class Parked(msgspec.Struct, kw_only=True):
+    """One parked request (written by `sinks.courier.Parking`)."""
+
+    destination: str
+    key: str
+    ids: list[str]
+    reasons: dict[str, str]
+    items: list[msgspec.Raw]
+    status: int | str | None = None
+    response: str = ""
+    at: str = ""
+
+
+def load(s: Settings, destinations: list[str]) -> list[Parked]:
+    out = [msgspec.json.decode(v, type=Parked) for v in read_topic(s.kafka.config(), s.topics.exceptions)]
+    return [e for e in out if not destinations or e.destination in destinations]
+
+
+def _item_id(dest: str, raw: msgspec.Raw) -> tuple[str, str, str]:
+    """(id, tenant, topic) of a parked item."""
+    if dest == "erp":
+        ln = msgspec.json.decode(raw, type=RatedUsageLine)
+        return ln.line_id, ln.tenant_id, "rated"
+    a = msgspec.json.decode(raw, type=ThresholdAlert)
+    return a.alert_id, a.tenant_id, "alerts"
+
+
+def summary(parked: list[Parked]) -> dict[str, Any]:
+    reasons: Counter[str] = Counter()
+    for e in parked:
+        for why in e.reasons.values():
+            reasons[f"{e.destination}: {why[:160]}"] += 1
+    return {"records": len(parked), "items": sum(len(e.ids) for e in parked), "by_reason": dict(reasons.most_common(20))}
+
+
+def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
+    """Re-send what is still rejected; returns counts per destination."""
+    ledger = Ledger(s.stores)
+    producer = kafka.producer(s.kafka.config())
+    topics = {"rated": s.topics.rated, "alerts": s.topics.alerts}
+    sent: Counter[str] = Counter()
+    seen: set[tuple[str, str]] = set()
+    for e in parked:
+        items = [(raw, *_item_id(e.destination, raw)) for raw in e.items]
+        items = [it for it in items if (e.destination, it[1]) not in seen]
+        ids = [it[1] for it in items]
+        still = {i for i, st in zip(ids, ledger.status(e.destination, ids), strict=True) if st == "rejected"}
+        todo = [it for it in items if it[1] in still]
+        ledger.forget(e.destination, [it[1] for it in todo])
+        for raw, iid, tenant, topic in todo:
+            producer.produce(topics[topic], bytes(raw), tenant.encode())
+            producer.poll(0)
+            seen.add((e.destination, iid))
+        sent[e.destination] += len(todo)
+    left = producer.flush(30)
+    if left:
+        raise RuntimeError(f"{left} re-driven item(s) not confirmed by the broker; run the re-drive again")
+    return dict(sent)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--destination", action="append", default=[], help="only this destination: erp, crm, success (repeatable)")
+    ap.add_argument("--redrive", action="store_true", help="send the still-rejected items again (after fixing their cause)")
+
+
+def run(a: argparse.Namespace) -> int:
+    s = load_settings()
+    parked = load(s, a.destination)
+    out = summary(parked)
+    if a.redrive:
+        out["redriven"] = redrive(s, parked)
+    print(json.dumps(out, indent=2))
+    return 0

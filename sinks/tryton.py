@@ -1,0 +1,172 @@
+"""Tryton as the ERP and the CRM, over its JSON-RPC, with the Tallyflow Tryton module (./tryton).
+
+Tryton has no idempotency keys and a duplicate `create` is a second row, so effectively-once
+is enforced inside Tryton: the module's `tallyflow.usage` records carry the line id under a
+UNIQUE constraint and `ingest` answers each line `created`, `existing` or `rejected: why` in
+one transaction. A batch re-sent after a crash between Tryton's commit and our ledger write
+comes back `existing`, never a second record. Alerts become leads (`sale.opportunity`) unique
+by alert id the same way. Amounts go as the exact decimal strings Tallyflow rated; Tryton
+stores them and never re-prices.
+
+Wire format (POST {tryton_url}/{database}/rpc/):
+    {"id": n, "method": "model.tallyflow.usage.ingest", "params": [[line, ...], context]}
+    200 {"id": n, "result": {...}}  |  200 {"id": n, "error": [kind, args]}
+The context (the user's company, from `res.user.get_preferences`) is the last parameter of
+every call: without it some of Tryton's code silently does nothing. A session from
+`common.db.login` goes in `Authorization: Session base64(login:uid:session)`; a 401 (expired
+session) is answered before the method runs, so logging in again and re-sending is safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import msgspec
+
+from runtime.settings import TrytonSettings
+from schemas.outputs import RatedUsageLine, ThresholdAlert
+from sinks.base import Answer
+
+
+class TrytonError(Exception):
+    """Tryton did not do what was asked; `status` is the HTTP status or the error kind."""
+
+    def __init__(self, message: str, *, status: int | str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_DT_FIELDS = ("year", "month", "day", "hour", "minute", "second", "microsecond")
+
+
+def _default(obj: object) -> Any:
+    if isinstance(obj, Decimal):
+        return {"__class__": "Decimal", "decimal": str(obj)}
+    if isinstance(obj, dt.datetime):
+        return {"__class__": "datetime", **{k: getattr(obj, k) for k in _DT_FIELDS}}
+    if isinstance(obj, dt.date):
+        return {"__class__": "date", "year": obj.year, "month": obj.month, "day": obj.day}
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+def _object_hook(obj: dict[str, Any]) -> Any:
+    kind = obj.get("__class__")
+    if kind == "Decimal":
+        return Decimal(obj["decimal"])
+    if kind == "date":
+        return dt.date(obj["year"], obj["month"], obj["day"])
+    if kind == "datetime":
+        return dt.datetime(obj["year"], obj["month"], obj["day"], obj["hour"], obj["minute"], obj["second"], obj["microsecond"])
+    return obj
+
+
+class TrytonClient:
+    """A JSON-RPC session with the user's context; logs in lazily and again after a 401."""
+
+    def __init__(self, cfg: TrytonSettings, *, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
+        self.cfg = cfg
+        self.path = f"/{cfg.database}/rpc/"
+        self.http = httpx.Client(base_url=cfg.url, timeout=timeout_s or cfg.timeout_seconds, transport=transport)
+        self.context: dict[str, Any] | None = None
+        self._n = 0
+
+    def call(self, method: str, *args: Any) -> Any:
+        if self.context is None:
+            self.login()
+        try:
+            return self._post(method, [*args, self.context])
+        except TrytonError as e:
+            if e.status != 401:
+                raise
+            self.login()
+            return self._post(method, [*args, self.context])
+
+    def login(self) -> None:
+        self.http.headers.pop("Authorization", None)
+        uid, session, _bus = self._post("common.db.login", [self.cfg.user, {"password": self.cfg.password}, "en"])
+        token = base64.b64encode(f"{self.cfg.user}:{uid}:{session}".encode()).decode()
+        self.http.headers["Authorization"] = f"Session {token}"
+        self.context = self._post("model.res.user.get_preferences", [True, {}])
+
+    def _post(self, method: str, params: list[Any]) -> Any:
+        self._n += 1
+        body = json.dumps({"id": self._n, "method": method, "params": params}, default=_default)
+        try:
+            r = self.http.post(self.path, content=body, headers={"Content-Type": "application/json"})
+        except httpx.TransportError as e:  # down or timed out: nothing decided (a late commit is found "existing")
+            raise TrytonError(f"{method}: {type(e).__name__}: {e}", status=type(e).__name__) from e
+        if r.status_code != 200:
+            # 401 session, 429 too many logins, 503 lock or database busy: all transient; 403/404
+            # (module or database missing) need a person, but holding the backlog loses nothing.
+            raise TrytonError(f"{method}: HTTP {r.status_code}: {r.text[:500]}", status=r.status_code)
+        doc = json.loads(r.content, object_hook=_object_hook)
+        if doc.get("error") is None:
+            return doc.get("result")
+        kind, args = doc["error"][0], doc["error"][1]
+        if isinstance(args, list):  # a Tryton exception: [kind, [message, description, ...]]
+            text = " ".join(str(a) for a in (args[1:3] if kind == "UserWarning" else args[:2]) if a)
+            raise TrytonError(f"{method}: {kind}: {text}", status=str(kind))
+        raise TrytonError(f"{method}: server error: {kind}", status="server_error")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _answer(ids: Sequence[str], outcomes: dict[str, str]) -> Answer:
+    """Per item: created/existing = accepted; `rejected: why` = for good; missing = a bug there."""
+    missing = [i for i in ids if i not in outcomes]
+    if missing:
+        return Answer.later("incomplete", f"Tryton answered no outcome for {missing[:5]}")
+    rejected = {k: o.removeprefix("rejected: ") for k, i in enumerate(ids) if (o := outcomes[i]).startswith("rejected")}
+    created = sum(1 for o in outcomes.values() if o == "created")
+    return Answer(rejected=rejected, status="ok", detail=f"{created} created, {len(ids) - created - len(rejected)} existing")
+
+
+class _TrytonDestination:
+    def __init__(self, cfg: TrytonSettings, timeout_s: float | None, transport: httpx.BaseTransport | None) -> None:
+        self.client = TrytonClient(cfg, timeout_s=timeout_s, transport=transport)
+
+    def _ingest(self, method: str, ids: list[str], items: Sequence[Any]) -> Answer:
+        try:
+            outcomes = self.client.call(method, msgspec.to_builtins(items))
+        except TrytonError as e:
+            # Tryton down or busy, or the whole call refused (no company, module missing): no item
+            # was decided; the backlog waits in Kafka until it works, which loses nothing.
+            return Answer.later(e.status, str(e))
+        if not isinstance(outcomes, dict):
+            return Answer.later("unexpected", f"{method} answered {str(outcomes)[:200]}")
+        return _answer(ids, outcomes)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class TrytonErp(_TrytonDestination):
+    """Rated lines (corrections too: their signed deltas) become `tallyflow.usage` records
+    for the party whose code is the line's `erp_customer_id`, one call per micro-batch."""
+
+    name = "erp"
+
+    def __init__(self, cfg: TrytonSettings, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(cfg, timeout_s, transport)
+
+    def send(self, key: str, items: Sequence[RatedUsageLine]) -> Answer:
+        return self._ingest("model.tallyflow.usage.ingest", [ln.line_id for ln in items], items)
+
+
+class TrytonCrm(_TrytonDestination):
+    """A threshold alert becomes a lead for the party of its `crm_account_id`, once per alert id."""
+
+    name = "crm"
+
+    def __init__(self, cfg: TrytonSettings, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(cfg, timeout_s, transport)
+
+    def send(self, key: str, items: Sequence[ThresholdAlert]) -> Answer:
+        return self._ingest("model.sale.opportunity.tallyflow_ingest", [a.alert_id for a in items], items)

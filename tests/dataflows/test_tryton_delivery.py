@@ -1,0 +1,144 @@
+"""The ERP-delivery dataflow into a real Tryton: the backlog waits out an outage, a crash
+between Tryton's commit and the ledger write leaves no duplicate, unknown customers are
+parked and re-driven, and the period's invoices equal what Tallyflow rated, to the cent."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from dataflows import FLOWS
+from devkit.pipeline import wait_until
+from devkit.stack import LocalStack
+from devkit.tryton import TrytonServer
+from ops import exceptions, invoice
+from ops.reconcile import recount
+from runtime.kafka import read_topic
+from runtime.settings import Settings
+from sinks.tryton import TrytonClient
+from state.ledger import Ledger
+from tests.dataflows.test_delivery import FlowProcess, produce
+from tests.sinks.test_tryton import line
+from tests.support.events import ev
+from tests.support.flows import MIN, produce_events, run_bounded
+
+D = Decimal
+
+
+@pytest.fixture
+def tsettings(small: Settings, stack: LocalStack, tryton: TrytonServer) -> Settings:
+    s = tryton.settings(small).replace(
+        erp_kind="tryton",
+        exceptions_topic=f"exceptions-{uuid.uuid4().hex[:8]}",
+        retry_base_seconds=0.05,
+        retry_cap_seconds=0.5,
+        breaker_threshold=3,
+        breaker_reset_seconds=0.5,
+        erp_batch_max_latency_seconds=0.3,
+        erp_batch_max_lines=100,
+        erp_rate_per_second=50.0,
+    )
+    stack.create_topics({s.topics.exceptions: 1})
+    return s
+
+
+@pytest.fixture
+def erp_flow(tmp_path: Path) -> Iterator[Callable[[Settings], FlowProcess]]:
+    started: list[FlowProcess] = []
+
+    def start(s: Settings) -> FlowProcess:
+        started.append(FlowProcess(FLOWS["erp"], s, tmp_path / "erp.log"))
+        return started[-1]
+
+    yield start
+    for fp in started:
+        fp.stop()
+
+
+def in_tryton(client: TrytonClient) -> dict[str, Decimal]:
+    rows = client.call("model.tallyflow.usage.search_read", [], 0, None, None, ["external_id", "amount"])
+    ids = [r["external_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a line id is in Tryton twice"
+    return {r["external_id"]: r["amount"] for r in rows}
+
+
+def test_tryton_down_the_backlog_waits_and_drains_once(tsettings: Settings, tryton: TrytonServer, erp_flow: Any, tmp_path: Path) -> None:
+    backlog = [line(f"{i % 97}.{i % 100:02d}", customer=f"ERP-{1 + i % 3}") for i in range(300)]
+    tryton.stop()
+    erp_flow(tsettings)
+    produce(tsettings, tsettings.topics.rated, backlog)
+    log = tmp_path / "erp.log"
+    wait_until(lambda: log.exists() and log.read_text().count("ConnectError") >= 3, 30, "the delivery to be retrying against the outage")
+    tryton.start()
+    client = tryton.client()
+    wait_until(lambda: len(in_tryton(client)) == 300, 60, "the backlog to drain into Tryton")
+    assert in_tryton(client) == {ln.line_id: ln.amount for ln in backlog}
+    assert Ledger(tsettings.stores).unacked("erp", [ln.line_id for ln in backlog]) == []
+
+
+def test_a_crash_between_trytons_commit_and_the_ledger_write_leaves_no_duplicate(
+    tsettings: Settings, tryton: TrytonServer, erp_flow: Any
+) -> None:
+    batch = [line("1.25", revision=r % 2) for r in range(120)]
+    produce(tsettings, tsettings.topics.rated, batch)
+    first = erp_flow(tsettings)
+    client = tryton.client()
+    wait_until(lambda: len(in_tryton(client)) == 120, 60, "the lines in Tryton")
+    first.kill9()
+    # The state such a crash leaves: Tryton committed, the ledger never heard of the lines.
+    ids = [ln.line_id for ln in batch]
+    Ledger(tsettings.stores).forget("erp", ids)
+    more = [line("2.50") for _ in range(10)]
+    produce(tsettings, tsettings.topics.rated, more)
+    erp_flow(tsettings)  # re-reads the topic from its start and sends every line again
+    wait_until(lambda: Ledger(tsettings.stores).unacked("erp", ids + [m.line_id for m in more]) == [], 60, "every line acknowledged")
+    got = in_tryton(client)
+    assert len(got) == 130 and sum(got.values(), D(0)) == D("1.25") * 120 + D("2.50") * 10
+
+
+def test_an_unknown_customer_is_parked_and_redriven_once_created(tsettings: Settings, tryton: TrytonServer, erp_flow: Any) -> None:
+    known = [line("3.00") for _ in range(20)]
+    strangers = [line("7.00", customer="ERP-NEW") for _ in range(5)]
+    produce(tsettings, tsettings.topics.rated, known + strangers)
+    erp_flow(tsettings)
+    parked = wait_until(lambda: read_topic(tsettings.kafka.brokers, tsettings.topics.exceptions), 60, "the exception record")
+    rec = orjson.loads(parked[0])
+    assert rec["destination"] == "erp" and set(rec["ids"]) == {ln.line_id for ln in strangers}
+    assert all("unknown customer ERP-NEW" in why for why in rec["reasons"].values())
+    client = tryton.client()
+    assert set(in_tryton(client)) == {ln.line_id for ln in known}
+
+    client.call("model.party.party.create", [{"name": "A new customer", "code": "ERP-NEW"}])  # the master data fixed
+    sent = exceptions.redrive(tsettings, exceptions.load(tsettings, ["erp"]))
+    assert sent == {"erp": 5}
+    wait_until(lambda: len(in_tryton(client)) == 25, 60, "the re-driven lines in Tryton")
+    assert exceptions.redrive(tsettings, exceptions.load(tsettings, ["erp"])) == {"erp": 0}  # nothing rejected any more
+
+
+def test_invoices_of_the_period_equal_the_rated_totals_to_the_cent(tsettings: Settings, tryton: TrytonServer, erp_flow: Any) -> None:
+    values = [ev(t, "api.request", at=i * MIN / 7) for i in range(150) for t in ("acme", "bolt")]
+    values += [ev("acme", "llm.tokens", at=i * MIN, data={"tokens": 333 + i}) for i in range(30)]
+    run_bounded(tsettings, produce_events(tsettings, values))
+    lines = {orjson.loads(v)["line_id"]: orjson.loads(v) for v in read_topic(tsettings.kafka.brokers, tsettings.topics.rated)}
+    erp_flow(tsettings)
+    client = tryton.client()
+    wait_until(lambda: len(in_tryton(client)) == len(lines), 60, "every rated line in Tryton")
+
+    out = invoice.close_period(tsettings, "2026-03")
+    assert out["differences"] == [] and out["duplicate_line_ids"] == 0 and out["invoices_created"] == 2
+    # ... and against reconcile's own recount of the input (source totals), per customer.
+    source, _ = recount(tsettings)
+    customers = {"acme": "ERP-1", "bolt": "ERP-2"}
+    by_customer: dict[str, Decimal] = {}
+    for (tenant, _meter, _period), amount in source.amount.items():
+        by_customer[customers[tenant]] = by_customer.get(customers[tenant], D(0)) + amount
+    invoices = client.call("model.account.invoice.search_read", [], 0, None, None, ["untaxed_amount", "party.code"])
+    assert {i["party."]["code"]: i["untaxed_amount"] for i in invoices} == by_customer
+    assert out["by_currency"]["USD"]["invoiced"] == str(sum(by_customer.values(), D(0)))
+    assert invoice.close_period(tsettings, "2026-03")["invoices_created"] == 0  # nothing left to invoice

@@ -63,10 +63,18 @@ def _money(rows: Any) -> dict[str, Decimal]:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--events", type=int, default=500_000, help="events to generate")
-    ap.add_argument("--tenants", type=int, default=1000, help="tenants of the example catalog that send them")
-    ap.add_argument("--rate", type=float, default=12_500, help="events/s produced (40 s for 500k)")
-    ap.add_argument("--outage", type=float, default=20, help="seconds the ERP is down, starting halfway")
+    ap.add_argument(
+        "--erp",
+        choices=["sandbox", "tryton"],
+        default="sandbox",
+        help="sandbox: Tallyflow's own ERP/CRM endpoints; tryton: a real Tryton as ERP and CRM (README: Tryton)",
+    )
+    ap.add_argument("--events", type=int, default=None, help="events to generate (default: 500,000; 60,000 with Tryton)")
+    ap.add_argument(
+        "--tenants", type=int, default=None, help="tenants of the example catalog that send them (default: 1,000; 50 with Tryton)"
+    )
+    ap.add_argument("--rate", type=float, default=None, help="events/s produced (default: 12,500; 3,000 with Tryton)")
+    ap.add_argument("--outage", type=float, default=None, help="seconds the ERP is down, starting halfway (default: 20; 10 with Tryton)")
     ap.add_argument("--seed", type=int, default=7, help="seed of the traffic generator (same seed, same traffic)")
     ap.add_argument(
         "--no-wait",
@@ -226,7 +234,20 @@ def _keep_page_up(lp: LocalPipeline, args: argparse.Namespace) -> None:
     sys.stdin.readline()
 
 
+VARIANTS = {
+    "sandbox": {"events": 500_000, "tenants": 1000, "rate": 12_500.0, "outage": 20.0},
+    "tryton": {"events": 60_000, "tenants": 50, "rate": 3_000.0, "outage": 10.0},  # Tryton on SQLite: ~2k lines/s
+}
+
+
 def run(args: argparse.Namespace) -> int:
+    for k, v in VARIANTS[args.erp].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.erp == "tryton":
+        from devkit.demo_tryton import run as run_tryton
+
+        return run_tryton(args)
     print("tallyflow demo: starting broker, redis-server, sandbox and the three dataflows ...", flush=True)
     with LocalPipeline(DEMO_ENV) as lp:
         s = lp.settings

@@ -37,10 +37,12 @@ def _bin(name: str) -> str:
 
 
 def template(catalog: str | Path, cache: Path = CACHE) -> Path:
-    """The set-up database for this catalog, made now if no earlier run made it."""
+    """The set-up database for this catalog, made now if no earlier run made it (keyed by the
+    catalog, the Tryton module and the set-up script, so a change to any makes a new one)."""
     h = hashlib.sha256(Path(catalog).read_bytes())
-    for f in sorted(MODULE_DIR.glob("tallyflow_tryton/*")):
-        h.update(f.read_bytes())
+    for f in [*sorted(MODULE_DIR.glob("tallyflow_tryton/*")), Path(__file__).with_name("tryton_setup.py")]:
+        if f.is_file():
+            h.update(f.read_bytes())
     path = cache / f"template_{h.hexdigest()[:12]}.sqlite"
     if path.exists():
         return path

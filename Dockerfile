@@ -23,7 +23,7 @@ WORKDIR /src
 # sources replace the stand-ins below. Runtime dependencies only: no `dev` or `local`
 # extras (the local Tansu broker is not part of the image).
 COPY pyproject.toml README.md ./
-ARG PACKAGES="schemas operators runtime state sinks connectors dataflows ops devkit tallyflow"
+ARG PACKAGES="schemas operators runtime state sinks connectors dataflows serving ops devkit tallyflow"
 RUN for pkg in $PACKAGES; do mkdir -p "$pkg" && touch "$pkg/__init__.py"; done \
     && pip install --no-cache-dir . \
     && pip uninstall --yes tallyflow \
@@ -37,6 +37,7 @@ COPY state/ state/
 COPY sinks/ sinks/
 COPY connectors/ connectors/
 COPY dataflows/ dataflows/
+COPY serving/ serving/
 COPY ops/ ops/
 COPY devkit/ devkit/
 COPY tallyflow/ tallyflow/

@@ -1,7 +1,7 @@
 """Settings: defaults < config file (TALLYFLOW_CONFIG, YAML) < TALLYFLOW_* environment.
 
 Settings are grouped in sections (`kafka`, `topics`, `engine`, `limits`, `stores`,
-`delivery`, `crm`, `success`, `erp`, `tryton`, `process`, `sandbox`) and each component receives
+`delivery`, `crm`, `success`, `erp`, `tryton`, `api`, `process`, `sandbox`) and each component receives
 its own section, not the whole object. They are still read from the same flat names:
 `TALLYFLOW_WINDOW_SECONDS` is `engine.window_seconds`, `TALLYFLOW_ERP_URL` is `erp.url`,
 `TALLYFLOW_INPUT_TOPIC` is `topics.input`; the config file uses the same flat names in
@@ -146,6 +146,17 @@ class TrytonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     timeout_seconds: Pos = 60.0  # one call per micro-batch; a timed-out call is re-sent and found "existing"
 
 
+class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`tallyflow api`: HTTP ingest (and, later, usage queries)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    tokens_file: str = ""  # YAML: {clients: [{name, token, scopes: [ingest, read], rate_per_second}]}; empty: every request 401
+    max_body_bytes: PosInt = 4 * 1024 * 1024  # one request; each event is also bounded by max_message_bytes
+    events_per_second: Pos = 50_000.0  # per client token, unless its entry says otherwise
+    produce_timeout_seconds: Pos = 5.0  # the broker must acknowledge (acks=all) within this, else 503
+
+
 class ProcessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How a dataflow process runs: its catalog, endpoints, logs, cluster and recovery."""
 
@@ -177,6 +188,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     success: SuccessSettings = SuccessSettings()
     erp: ErpSettings = ErpSettings()
     tryton: TrytonSettings = TrytonSettings()
+    api: ApiSettings = ApiSettings()
     process: ProcessSettings = ProcessSettings()
     sandbox: SandboxSettings = SandboxSettings()
 
@@ -213,6 +225,7 @@ _NAMING = {
     "success": "success_{}",
     "erp": "erp_{}",
     "tryton": "tryton_{}",
+    "api": "api_{}",
     "process": "{}",
     "sandbox": "sandbox_{}",
 }

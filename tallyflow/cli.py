@@ -24,7 +24,7 @@ from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
 
 OVERVIEW = """\
-run the pipeline:      rate, deliver alerts, deliver erp
+run the pipeline:      rate, deliver alerts, deliver erp, api
 operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq, exceptions, invoice
 develop and try it:    stack, sandbox, generate, demo, bench
 
@@ -125,6 +125,17 @@ def _with_brokers(run: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 
 # -- the local development kit --------------------------------------------------------------
+
+
+def _api(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import build_app
+
+    s = load_settings()
+    # No access log: it would hold nothing useful that /metrics lacks, and tokens stay out of logs.
+    uvicorn.run(build_app(s), host=a.host or s.api.host, port=a.port or s.api.port, access_log=False, log_level="info")
+    return 0
 
 
 def _wait_for_stop() -> None:
@@ -243,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
         argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("what", choices=["alerts", "erp"], help="alerts: to the CRM and the success tool; erp: rated usage to the ERP")
+    api = cmd("api", "the HTTP API: POST /v1/events (CloudEvents), /openapi.json, /metrics, /healthz, /readyz", _api)
+    api.add_argument("--host", default=None, help="address to listen on (default: TALLYFLOW_API_HOST)")
+    api.add_argument("--port", type=int, default=None, help="port (default: TALLYFLOW_API_PORT)")
 
     t = cmd("topics", "create the input and output topics on TALLYFLOW_BROKERS and say what they have", _topics)
     t.add_argument("--partitions", type=int, default=12, help="partitions of the input topic (the most useful rating workers)")

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"state"},
     {"sinks"},
     {"connectors"},
-    {"dataflows"},
+    {"dataflows", "serving"},
     {"ops"},
     {"devkit"},
     {"tallyflow"},

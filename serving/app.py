@@ -1,0 +1,152 @@
+"""The API process: Starlette on uvicorn, stateless (the broker is the only thing it writes).
+
+Why Starlette + uvicorn: a small, well-kept ASGI toolkit with no opinions about bodies (we
+decode with msgspec, as the dataflows do) and a production server that runs it in one
+process per core; blocking work (the validator, waiting for the broker's acknowledgement)
+runs in the thread pool, so the event loop keeps answering probes.
+
+    POST /v1/events     application/cloudevents+json (one) or application/cloudevents-batch+json
+                        (an array); scope `ingest`. 202 every event on the topic; 400 some
+                        refused (per position, why) and the rest on the topic; 401 no or unknown
+                        token; 403 scope; 413 body too large; 415 content type; 429 over the
+                        client's events/s (Retry-After); 503 the broker did not acknowledge.
+    GET /healthz, /readyz, /metrics, /openapi.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from runtime.settings import Settings
+from serving.auth import Client, Tokens
+from serving.ingest import BrokerDown, Ingest
+from serving.openapi import document
+
+EVENTS = Counter("tallyflow_api_events", "Events posted to the API, by outcome.", ["outcome"])
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+
+
+class _Bucket:
+    """Events per second per client: a request takes as many tokens as it has events."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.tokens, self.stamp = rate, rate, time.monotonic()
+
+    def take(self, n: int) -> float:
+        """0 if allowed (and taken); else the seconds until it would be."""
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if n <= self.tokens:
+            self.tokens -= n
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode({"error": message}), status, media_type="application/json", headers=headers)
+
+
+def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
+    tokens = Tokens.load(s.api.tokens_file)
+    buckets: dict[str, _Bucket] = {}
+    state: dict[str, Ingest] = {}
+
+    def the_ingest() -> Ingest:
+        if "ingest" not in state:
+            state["ingest"] = ingest or Ingest(s)
+        return state["ingest"]
+
+    def authorize(request: Request, scope: str) -> Client | Response:
+        client = tokens.client(request.headers.get("authorization"))
+        if client is None:
+            return Response(
+                b'{"error":"a bearer token is required"}', 401, media_type="application/json", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if scope not in client.scopes:
+            return _error(403, f"this token lacks the {scope} scope")
+        return client
+
+    async def post_events(request: Request) -> Response:
+        client = authorize(request, "ingest")
+        if isinstance(client, Response):
+            return client
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in (SINGLE, BATCH, "application/json"):
+            return _error(415, f"send {SINGLE} (one event) or {BATCH} (an array)")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > s.api.max_body_bytes:
+            return _error(413, f"the body is over {s.api.max_body_bytes} bytes; send smaller batches")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > s.api.max_body_bytes:
+                return _error(413, f"the body is over {s.api.max_body_bytes} bytes; send smaller batches")
+        batch = ctype == BATCH or (ctype == "application/json" and body.lstrip()[:1] == b"[")
+        ing = the_ingest()
+        judged = await run_in_threadpool(ing.judge, body, batch)
+        n = len(judged.accepted) + len(judged.refused)
+        bucket = buckets.setdefault(client.name, _Bucket(client.rate_per_second or s.api.events_per_second))
+        wait = bucket.take(n)
+        if wait:
+            EVENTS.labels("throttled").inc(n)
+            return Response(
+                msgspec.json.encode({"error": f"over {bucket.rate:g} events/s for this client; retry after the given seconds"}),
+                429,
+                media_type="application/json",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        try:
+            await run_in_threadpool(ing.produce, judged.accepted)
+        except BrokerDown as e:
+            EVENTS.labels("unavailable").inc(n)
+            return _error(
+                503, f"the broker did not acknowledge the events ({e}); nothing is promised, send them again", headers={"Retry-After": "5"}
+            )
+        EVENTS.labels("accepted").inc(len(judged.accepted))
+        EVENTS.labels("refused").inc(len(judged.refused))
+        accepted = sorted(a.offset for a in judged.accepted)
+        refused = [{"index": i, "reason": r, "message": m} for i, (r, m) in sorted(judged.refused.items())]
+        body_out = {"accepted": len(accepted), "accepted_indexes": accepted, "refused": refused}
+        return Response(msgspec.json.encode(body_out), 400 if refused else 202, media_type="application/json")
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        if "ingest" in state:  # what the broker has not acknowledged yet, before exiting
+            await run_in_threadpool(state["ingest"].close)
+
+    async def openapi(_: Request) -> Response:
+        return Response(msgspec.json.encode(document()), media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/v1/events", post_events, methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/openapi.json", openapi),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,73 @@
+"""Bearer tokens per client, with scopes, from a mounted file; never logged.
+
+    clients:
+      - {name: billing-svc, token: "s3cret", scopes: [ingest, read], rate_per_second: 20000}
+
+Tokens are kept only as SHA-256 digests, so a lookup compares digests (no timing leak on
+the token itself) and a memory dump holds no usable token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+from runtime.settings import ConfigError
+
+Scope = Literal["ingest", "read"]
+
+
+class ClientEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    token: str
+    scopes: list[Scope]
+    rate_per_second: float | None = None
+
+
+class TokenFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    clients: list[ClientEntry] = []
+
+
+class Client(msgspec.Struct, frozen=True):
+    name: str
+    scopes: frozenset[str]
+    rate_per_second: float | None
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Tokens:
+    def __init__(self, clients: dict[str, Client]) -> None:
+        self.by_digest = clients
+
+    @classmethod
+    def load(cls, path: str) -> Tokens:
+        if not path:
+            return cls({})
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+            parsed = msgspec.convert(raw, TokenFile)
+        except (OSError, yaml.YAMLError, msgspec.ValidationError) as e:
+            raise ConfigError(
+                f"TALLYFLOW_API_TOKENS_FILE={path}: {e}; expected `clients: [{{name, token, scopes: [ingest, read]}}]`"
+            ) from None
+        out: dict[str, Client] = {}
+        for c in parsed.clients:
+            if len(c.token) < 16:
+                raise ConfigError(
+                    f"TALLYFLOW_API_TOKENS_FILE={path}: the token of {c.name} is shorter than 16 characters; use a long random one"
+                )
+            out[digest(c.token)] = Client(c.name, frozenset(c.scopes), c.rate_per_second)
+        return cls(out)
+
+    def client(self, authorization: str | None) -> Client | None:
+        """The client a `Bearer <token>` header names, or None."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        return self.by_digest.get(digest(authorization[7:].strip()))

@@ -25,6 +25,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Message
 
+from operators.aggregate import Agg
 from operators.catalog_index import CatalogIndex
 from operators.deadletters import encode_fitted, shrink_encoded
 from operators.dedup import event_hash
@@ -151,13 +152,50 @@ class _Unpickler(pickle.Unpickler):
 
 def _migrate(state: dict[str, TenantState]) -> dict[str, TenantState]:
     """Snapshots from before dedup keys were hashes: their string keys become hashes (their
-    positions are unknown: they are taken as new when evicted)."""
+    positions are unknown: they are taken as new when evicted). Snapshots from before live
+    totals were kept per pricing version: see `_live_per_version`."""
     for t in state.values():
         d = t.dedup
         if not hasattr(d, "cur_log"):
             d.cur, d.prev = ({event_hash(t.tenant_id, *str(k).split("\x1f", 1)) for k in ids} for ids in (d.cur, d.prev))
             d.cur_log, d.prev_log = (array("Q", [x for h in ids for x in (h, 0)]) for ids in (d.cur, d.prev))
+        _live_per_version(t)
     return state
+
+
+def _live_per_version(t: TenantState) -> None:
+    """Snapshots from before thresholds were measured per pricing version hold one live
+    aggregate per meter period, all versions together. Each version's live aggregate is
+    rebuilt exactly from what the snapshot keeps per version: its closed total merged with
+    its open and pending windows (every accepted event is in exactly one of them). A period
+    with none of those (never written so) keeps the old total under the version its levels
+    were last computed for. The hot slots predate the change (no `live`): they are a cache,
+    dropped."""
+    old: dict[tuple[str, int], Any] = {k: mp.live for k, mp in t.periods.items() if not isinstance(mp.live, dict)}
+    if not old:
+        return
+    rebuilt: dict[tuple[str, int], dict[str, Agg]] = {k: {} for k in old}
+
+    def merge(k: tuple[str, int], pv: str, agg: Agg) -> None:
+        live = rebuilt[k]
+        into = live.get(pv)
+        if into is None:
+            into = live[pv] = type(old[k])()  # the same aggregation, empty
+        into.merge(agg)
+
+    for k in old:
+        for pv, agg in t.periods[k].closed.items():
+            merge(k, pv, agg)
+    for windows in (t.open, t.pending):
+        for (slug, idx, pv, _), acc in windows.items():
+            if (slug, idx) in rebuilt:
+                merge((slug, idx), pv, acc.agg)
+    for k, live in rebuilt.items():
+        mp = t.periods[k]
+        if not live and mp.levels_of:
+            live[mp.levels_of] = old[k]
+        mp.live = live
+    t.hot.clear()
 
 
 class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):

@@ -188,15 +188,18 @@ class ShardEngine:
                         slot = self._slot(t, plan.meters[slug], period, pv, ws)
                         if slot.late:
                             due[tid] = t  # its correction goes out with this batch
-                    mp = slot.mp
+                    # Thresholds measure the usage under the event's pricing version (the
+                    # slot's), as rating does: next_limit is that version's (levels_of).
+                    lagg = slot.live
                     acc = slot.acc
                     if slot.summed:
-                        live = mp.live.v = mp.live.v + v  # type: ignore[attr-defined]
+                        live = lagg.v = lagg.v + v  # type: ignore[attr-defined]
                         acc.agg.v += v  # type: ignore[attr-defined]
                     else:
-                        mp.live.add(v, ts)
-                        live = mp.live.value()
+                        lagg.add(v, ts)
+                        live = lagg.value()
                         acc.agg.add(v, ts)
+                    mp = slot.mp
                     if live >= mp.next_limit:
                         thresholds.fire(self.cat, self.stats, t, mp, plan.meters[slug], pv, ev, out)
                     acc.count += 1
@@ -217,9 +220,14 @@ class ShardEngine:
         mk = (pmi.slug, period.idx)
         mp = t.periods.get(mk)
         if mp is None:
-            mp = t.periods[mk] = MeterPeriod(period, AGGREGATIONS[pmi.aggregation]())
+            mp = t.periods[mk] = MeterPeriod(period)
             t.next_due = min(t.next_due, period.end_ms + self.cfg.grace_ms)
+        live = mp.live.get(pv)
+        if live is None:
+            live = mp.live[pv] = AGGREGATIONS[pmi.aggregation]()
         if mp.levels_of != pv:
+            # Events of another version (late ones dated before a plan change) switch the
+            # period to that version's levels; fired levels are kept per version.
             mp.levels_of = pv
             mp.next_limit = thresholds.next_limit(mp, pmi, pv)
         we = min(ws - ws % self.cfg.window_ms + self.cfg.window_ms, period.end_ms)
@@ -232,7 +240,7 @@ class ShardEngine:
             if not late:
                 self.stats.open_windows += 1
                 t.next_due = min(t.next_due, we + self.cfg.allowed_lateness_ms)
-        slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc)
+        slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc, live)
         return slot
 
     def _maintain(self, t: TenantState, out: Out) -> None:

@@ -70,17 +70,24 @@ class WindowAcc:
 
 @dataclass(slots=True)
 class MeterPeriod:
-    """Period-to-date state of one tenant meter: live total for thresholds, closed totals per
-    pricing version for rating."""
+    """Period-to-date state of one tenant meter, per pricing version: live totals (every
+    accepted event, open and closed windows alike) for thresholds, closed totals for rating.
+    Per version because each version's `included` and levels apply to the usage under it
+    alone (SPEC §2.2): thresholds must measure what rating bills."""
 
     period: Period
-    live: Agg
+    live: dict[str, Agg] = field(default_factory=dict)  # per pricing version
     closed: dict[str, Agg] = field(default_factory=dict)
     closed_events: dict[str, int] = field(default_factory=dict)  # per pricing version
     fired: set[tuple[str, str]] = field(default_factory=set)  # (pricing version, level)
     next_limit: Decimal = INF
     levels_of: str = ""  # pricing version that next_limit was computed for
     correction_seq: int = 0
+
+    def usage(self, pv: str) -> int | Decimal:
+        """Period-to-date usage under pricing version `pv` (what its levels are measured on)."""
+        agg = self.live.get(pv)
+        return 0 if agg is None else agg.value()
 
 
 @dataclass(slots=True)
@@ -93,6 +100,7 @@ class Slot:
     summed: bool  # SUM or COUNT: updated inline on the hot path
     mp: MeterPeriod
     acc: WindowAcc
+    live: Agg  # mp.live[pv], held here so the hot path needs no lookup for it
 
 
 # window key: (meter slug, period idx, pricing version, window start)

@@ -24,10 +24,12 @@ def next_limit(mp: MeterPeriod, pmi: PlanMeterIndex, pv: str) -> Decimal:
 
 
 def fire(cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: PlanMeterIndex, pv: str, ev: Accepted, out: Out) -> None:
-    """Fire every level the live total has reached, lowest first, once per period.
-    Levels come from the plan in force at the event: after an upgrade the new plan's
-    levels are new thresholds and fire when the period's usage reaches them."""
-    usage = mp.live.value()
+    """Fire every level that the usage under `pv` has reached, lowest first, once per period
+    and version. Levels come from the plan in force at the event and are measured on the
+    usage that version rates against its `included` (SPEC §2.2): after an upgrade the new
+    plan's levels fire when the usage since the change reaches them, and late events dated
+    before it count toward the old version's levels."""
+    usage = mp.usage(pv)
     for lv in pmi.levels:
         if lv.limit > usage:
             break

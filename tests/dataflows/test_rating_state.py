@@ -89,9 +89,9 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
         wait_until(lambda: scrape(port).get("tallyflow_catalog_reloads_total{outcome=ok}") == 1, 30, "the catalog reload")
 
         after = UPGRADE_AT + timedelta(hours=1)
-        produce_events(s, [ev(at=after + i * MIN, id=f"q{i}") for i in range(70)] + [ev("newco", at=after, id="n1")])
+        produce_events(s, [ev(at=after + i * MIN, id=f"q{i}") for i in range(80)] + [ev("newco", at=after, id="n1")])
         wait_until(
-            lambda: scrape(port).get("tallyflow_open_windows") == 0 and len(rated_lines(s)) > 0 and rated_count(s) == 82, 60, "all rated"
+            lambda: scrape(port).get("tallyflow_open_windows") == 0 and len(rated_lines(s)) > 0 and rated_count(s) == 92, 60, "all rated"
         )
     finally:
         proc.kill()
@@ -101,10 +101,11 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
     for ln in lines:
         q, a = by_version.get((ln.tenant_id, ln.pricing_version), (D(0), D(0)))
         by_version[(ln.tenant_id, ln.pricing_version)] = (q + ln.quantity, a + ln.amount)
-    # From the effective instant acme is rated under plus (100 included, 0.05): 70 calls are free.
-    assert by_version == {("acme", "basic:v1"): (11, D("0.10")), ("acme", "plus:v2"): (70, 0), ("newco", "basic:v1"): (1, 0)}
+    # From the effective instant acme is rated under plus (100 included, 0.05): 80 calls are free.
+    assert by_version == {("acme", "basic:v1"): (11, D("0.10")), ("acme", "plus:v2"): (80, 0), ("newco", "basic:v1"): (1, 0)}
     alerts = [msgspec.json.decode(v, type=ThresholdAlert) for v in read_topic(s.kafka.brokers, s.topics.alerts)]
     acme = [(a.plan_id, a.level) for a in alerts if a.tenant_id == "acme"]
-    assert acme == [("basic", "80%"), ("basic", "100%"), ("plus", "80%")]  # plus's own thresholds, from the upgrade on
+    # plus's own thresholds, on the usage under plus: its 80 % (80 of 100) at the 80th call after the upgrade.
+    assert acme == [("basic", "80%"), ("basic", "100%"), ("plus", "80%")]
     dead = [msgspec.json.decode(v, type=DeadLetter) for v in read_topic(s.kafka.brokers, s.topics.dlq)]
     assert [(d.reason, d.event_id) for d in dead] == [("unknown_tenant", "n0")]  # before onboarding only

@@ -144,14 +144,17 @@ def test_plan_upgrade_mid_period_changes_price_and_thresholds_from_its_effective
     # Under plus the 120 % level of basic (12 calls) no longer exists: crossing 12 fires nothing.
     out = h.feed(*[ev("bolt", at=after + i * S) for i in range(5)])
     assert out.alerts == []
-    # Plus's own levels are new thresholds: 80 % of its 100 included fires at 80 calls.
-    out = h.feed(*[ev("bolt", at=after + timedelta(seconds=10 + i)) for i in range(64)])
+    # Plus's own levels are new thresholds on the usage under plus (the 11 basic calls do not
+    # count): 80 % of its 100 included fires at the 80th call since the upgrade.
+    out = h.feed(*[ev("bolt", at=after + timedelta(seconds=10 + i)) for i in range(74)])
+    assert out.alerts == []
+    out = h.feed(ev("bolt", at=after + timedelta(seconds=90)))
     assert [(a.level, a.usage, a.plan_id) for a in out.alerts] == [("80%", 80, "plus")]
     h.flush()
     by_version: dict[str, Decimal] = {}
     for ln in h.lines:
         by_version[ln.pricing_version] = by_version.get(ln.pricing_version, 0) + ln.quantity
-    assert by_version == {"basic:v1": 11, "plus:v2": 69}
+    assert by_version == {"basic:v1": 11, "plus:v2": 80}
     # Each pricing version rates the usage that happened under it, with its own included quantity.
     assert sum(ln.amount for ln in h.lines) == (11 - 10) * Decimal("0.10")
 

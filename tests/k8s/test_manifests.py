@@ -3,9 +3,11 @@
 Every overlay in k8s/overlays is rendered with `kubectl kustomize`; built-in kinds are
 validated against the Kubernetes JSON schemas in strict mode (unknown fields fail), the
 CRD kinds (KEDA, Prometheus Operator) are checked for the structure we rely on, and the
-invariants a Bytewax cluster on StatefulSets needs are asserted on the rendered objects.
+invariants a Bytewax cluster on StatefulSets needs are asserted on the rendered objects,
+as are those of the stateless HTTP API (`tallyflow api`, a Deployment behind a Service).
 """
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 from runtime.settings import DATAFLOW_SECRETS, FILE_FIELDS, FLAT, KAFKA_PREFIX, PREFIX, load_settings
 from schemas.catalog import load_catalog
+from serving.auth import Tokens
 from tests.support.k8s import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +36,10 @@ RECOVERY_MOUNT = "/var/lib/tallyflow/recovery"
 CATALOG_MOUNT = "/etc/tallyflow/catalog"
 SECRETS_MOUNT = "/etc/tallyflow/secrets"
 CLUSTER_PORT, METRICS_PORT = 2101, 9100
+API = "tallyflow-api"
+API_PORT = 8080
+API_TOKENS_KEY = "api_tokens.yaml"  # the key of the credentials Secret the API mounts
+API_CLIENT_LABEL = "tallyflow.dev/api-client"
 # librdkafka sasl.mechanism -> the KEDA kafka trigger's `sasl`
 KEDA_SASL = {
     "PLAIN": "plaintext",
@@ -103,6 +110,23 @@ def dataflows(docs):
 def main_container(sts):
     (c,) = [c for c in pod_spec(sts)["containers"] if c["name"] == "tallyflow"]
     return c
+
+
+def api(docs):
+    """The API Deployment: `tallyflow api` in our image."""
+    deployment = named(docs, "Deployment", API)
+    assert main_container(deployment)["args"] == ["api"] and ours(main_container(deployment))
+    return deployment
+
+
+def long_running(docs):
+    """The workloads that run the app as a long-lived process: the dataflows and the API."""
+    return [*dataflows(docs), api(docs)]
+
+
+def our_workloads(docs):
+    """Every workload with a container of our image (also the dev sandbox and topics Job)."""
+    return [w for w in workloads(docs) if any(ours(c) for c in all_containers(pod_spec(w)))]
 
 
 def selects(selector, labels):
@@ -375,8 +399,8 @@ def test_catalog_is_a_live_directory_mount(docs):
     assert len(json.dumps(catalog)) < 256 * 1024
     # The settings keep their hash suffix: a change renames the ConfigMap and rolls the pods.
     assert re.fullmatch(r"tallyflow-settings-[a-z0-9]{10}", settings_name(docs))
-    for sts in dataflows(docs):
-        spec = pod_spec(sts)
+    for w in long_running(docs):
+        spec = pod_spec(w)
         for c in all_containers(spec):
             m = mounts(c)[CATALOG_MOUNT]
             assert "subPath" not in m, "subPath mounts never see ConfigMap updates"
@@ -407,13 +431,18 @@ def test_settings_are_names_the_app_reads_and_load(docs):
     """load_settings ignores unknown TALLYFLOW_* names, so a typo would pass silently."""
     known = {PREFIX + f.upper() for f in FLAT if f != "kafka"}
     known |= {f"{PREFIX}{f.upper()}_FILE" for f in FILE_FIELDS}
+    for w in our_workloads(docs):
+        for c in all_containers(pod_spec(w)):
+            if not ours(c):
+                continue
+            names = set(effective_env(c, docs)) | set(env_map(c))
+            unknown = sorted(n for n in names if n.startswith(PREFIX) and n not in known and not n.startswith(KAFKA_PREFIX))
+            assert not unknown, f"{w['metadata']['name']}/{c['name']}: settings the app does not read: {unknown}"
+            app_settings(c, docs)  # raises ConfigError naming a bad value
     for sts in dataflows(docs):
         c = main_container(sts)
         env = effective_env(c, docs)
-        names = set(env) | set(env_map(c))
-        unknown = sorted(n for n in names if n.startswith(PREFIX) and n not in known and not n.startswith(KAFKA_PREFIX))
-        assert not unknown, f"{sts['metadata']['name']}: settings the app does not read: {unknown}"
-        s = app_settings(c, docs)  # raises ConfigError naming a bad value
+        s = app_settings(c, docs)
         assert (s.process.metrics_port, s.process.cluster_port) == (METRICS_PORT, CLUSTER_PORT)
         assert s.process.recovery_dir == env["TALLYFLOW_RECOVERY_DIR"] and s.process.log_format == "json"
 
@@ -423,6 +452,11 @@ def test_settings_are_names_the_app_reads_and_load(docs):
 
 def test_pdbs_allow_one_disruption_of_each_dataflow(docs):
     pdbs = of_kind(docs, "PodDisruptionBudget")
+    for pdb in pdbs:
+        covered = [w["metadata"]["name"] for w in workloads(docs) if selects(pdb["spec"]["selector"], pod_labels(w))]
+        assert len(covered) == 1, f"{pdb['metadata']['name']} covers {covered}"
+        # Not-ready pods may still be evicted: an outage elsewhere must not block node drains.
+        assert pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow", pdb["metadata"]["name"]
     for sts in dataflows(docs):
         mine = [p for p in pdbs if selects(p["spec"]["selector"], pod_labels(sts))]
         assert len(mine) == 1, sts["metadata"]["name"]
@@ -474,6 +508,17 @@ def test_network_policies_select_pods_and_allow_what_the_dataflows_need(docs):
     pods = [pod_labels(w) for w in workloads(docs)]
     for np in of_kind(docs, "NetworkPolicy"):
         assert any(selects(np["spec"]["podSelector"], p) for p in pods), f"{np['metadata']['name']} selects no pod"
+    # Every pod of the render (dataflows, API, Jobs, the dev stack) is isolated both ways.
+    for w in workloads(docs):
+        types = {
+            t
+            for np in of_kind(docs, "NetworkPolicy")
+            if selects(np["spec"]["podSelector"], pod_labels(w))
+            for t in np["spec"].get("policyTypes", [])
+        }
+        assert {"Ingress", "Egress"} <= types, (
+            f"{w['kind']}/{w['metadata']['name']}: not isolated for {sorted({'Ingress', 'Egress'} - types)}"
+        )
     flows = dataflows(docs)
     for sts in flows:
         labels, name = pod_labels(sts), sts["metadata"]["name"]
@@ -542,6 +587,155 @@ def test_pods_may_read_their_statefulset_and_nothing_else(docs):
             if "apps" in rule["apiGroups"] and "statefulsets" in rule["resources"] and "get" in rule["verbs"]:
                 granted |= set(rule.get("resourceNames") or DATAFLOWS)
     assert set(DATAFLOWS) <= granted
+    # The API never calls the Kubernetes API: no token in its pods, and no grant to its account.
+    spec = pod_spec(api(docs))
+    assert spec.get("automountServiceAccountToken") is False
+    assert spec.get("serviceAccountName") not in (None, "default", "tallyflow"), "an account of its own"
+    assert not any(
+        s["kind"] == "ServiceAccount" and s["name"] == spec["serviceAccountName"]
+        for b in of_kind(docs, "RoleBinding")
+        for s in b["subjects"]
+    )
+
+
+# --- the HTTP API ------------------------------------------------------------------------------
+
+
+def container_port(workload, port):
+    """The container port number a Service's or probe's `port` / `targetPort` names."""
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for c in pod_spec(workload)["containers"] for p in c.get("ports", []) if p.get("name") == port]
+    return number
+
+
+def test_api_deployment_service_hpa_and_pdb_agree(docs):
+    deployment = api(docs)
+    name, spec, labels = deployment["metadata"]["name"], deployment["spec"], pod_labels(deployment)
+    assert selects(spec["selector"], labels)
+    assert len(pod_spec(deployment)["containers"]) == 1
+    c = main_container(deployment)
+    assert {(p["name"], p["containerPort"]) for p in c["ports"]} == {("http", API_PORT)}
+    # Where it listens: all interfaces, from the Deployment's own env (the dataflows do not listen).
+    assert env_map(c)["TALLYFLOW_API_HOST"]["value"] == "0.0.0.0"
+    assert not {"TALLYFLOW_API_HOST", "TALLYFLOW_API_PORT"} & set(settings_of(docs)), "API settings belong on the Deployment"
+    s = app_settings(c, docs)
+    assert (s.api.host, s.api.port) == ("0.0.0.0", API_PORT)
+    # Stateless: nothing persistent, and no pod of another workload behind its selector.
+    assert not any("persistentVolumeClaim" in v for v in pod_spec(deployment).get("volumes", []))
+    others = [w for w in workloads(docs) if w is not deployment]
+    assert not any(selects(spec["selector"], pod_labels(o)) for o in others)
+
+    svc = named(docs, "Service", API)
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP" and svc["spec"].get("clusterIP") != "None"
+    assert selects({"matchLabels": svc["spec"]["selector"]}, labels)
+    assert not any(selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(o)) for o in others)
+    (port,) = svc["spec"]["ports"]
+    assert (port["name"], port["port"], port.get("protocol", "TCP")) == ("http", 80, "TCP")
+    assert container_port(deployment, port.get("targetPort", port["port"])) == API_PORT
+
+    (hpa,) = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["metadata"]["name"] == name
+    ref = hpa["spec"]["scaleTargetRef"]
+    assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment")
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    assert "cpu" in c["resources"]["requests"], "CPU utilization is relative to the request"
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
+    # The HPA owns the count: a replicas field would reset a scaled-out API on every apply.
+    assert "replicas" not in spec or hpa["spec"]["minReplicas"] <= spec["replicas"] <= hpa["spec"]["maxReplicas"]
+
+    (pdb,) = [p for p in of_kind(docs, "PodDisruptionBudget") if selects(p["spec"]["selector"], labels)]
+    assert pdb["metadata"]["name"] == name and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    budget = pdb["spec"]
+    assert budget.get("maxUnavailable") == 1 or (budget.get("minAvailable") == 1 and "maxUnavailable" not in budget)
+
+    # Replicas land on different nodes when they can, without ever staying pending for it.
+    spread = pod_spec(deployment)["topologySpreadConstraints"]
+    assert any(t["topologyKey"] == "kubernetes.io/hostname" and selects(t["labelSelector"], labels) for t in spread)
+    assert all(t["whenUnsatisfiable"] == "ScheduleAnyway" for t in spread)
+
+
+def test_api_probes_hit_health_endpoints_on_the_container_port(docs):
+    deployment = api(docs)
+    c = main_container(deployment)
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and container_port(deployment, get["port"]) == API_PORT, probe
+        assert get.get("scheme", "HTTP") == "HTTP"
+    assert patience(c["startupProbe"]) >= 60
+    assert patience(c["livenessProbe"]) >= 60, "a busy replica is not a hung one"
+    assert c["livenessProbe"].get("timeoutSeconds", 1) >= 3
+
+
+def test_api_tokens_file_is_mounted_from_the_credentials_secret(overlay, docs, tmp_path):
+    deployment = api(docs)
+    spec, c = pod_spec(deployment), main_container(deployment)
+    env = env_map(c)
+    path = env["TALLYFLOW_API_TOKENS_FILE"]["value"]
+    assert not {"TALLYFLOW_API_TOKENS", "TALLYFLOW_API_TOKENS_FILE"} & set(settings_of(docs))
+    # The path is a file of a read-only Secret volume mount: <mountPath>/<item path or key>.
+    (mount,) = [m for p, m in mounts(c).items() if path.startswith(p.rstrip("/") + "/")]
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    secret = volumes(spec)[mount["name"]]["secret"]
+    assert secret["secretName"].startswith("tallyflow-credentials") and secret["defaultMode"] == 0o440
+    items = {i["path"]: i["key"] for i in secret.get("items", [])}
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    key = items[relative] if items else relative
+    assert key == API_TOKENS_KEY
+    # Only the API's key: the dataflows' sink credentials stay out of the API's pods.
+    assert set(items.values()) == {API_TOKENS_KEY}
+    if overlay not in OUT_OF_BAND_SECRETS:
+        data = named(docs, "Secret", secret["secretName"]).get("data", {})
+        assert key in data, "the Secret lacks the API's tokens file"
+        # The file loads as the API loads it, with at least one client that may ingest.
+        f = tmp_path / API_TOKENS_KEY
+        f.write_bytes(base64.b64decode(data[key]))
+        tokens = Tokens.load(str(f))
+        assert any("ingest" in client.scopes for client in tokens.by_digest.values())
+
+
+def test_api_network_policy_admits_clients_and_reaches_kafka_and_redis(docs):
+    deployment = api(docs)
+    labels = pod_labels(deployment)
+    own = named(docs, "NetworkPolicy", API)
+    assert selects(own["spec"]["podSelector"], labels) and set(own["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    # Ingress: labelled client pods of the namespace and Prometheus; no stray pod, no other port.
+    client, stranger = {API_CLIENT_LABEL: "true", "app": "billing"}, {"app": "stranger"}
+    assert ingress_allowed(docs, labels, API_PORT, client)
+    assert not ingress_allowed(docs, labels, API_PORT, stranger), "any pod of the namespace may call the API"
+    for other in workloads(docs):
+        if other is not deployment and API_CLIENT_LABEL not in pod_labels(other):
+            assert not ingress_allowed(docs, labels, API_PORT, pod_labels(other)), f"{other['metadata']['name']} may call the API"
+    assert all(port_allowed(r, API_PORT) and r.get("ports") for r in own["spec"]["ingress"]), "only the API port"
+    monitoring = [
+        r
+        for r in own["spec"]["ingress"]
+        if any(p.get("namespaceSelector", {}).get("matchLabels") == {"kubernetes.io/metadata.name": "monitoring"} for p in r["from"])
+    ]
+    assert monitoring, "Prometheus cannot scrape the API"
+    # Egress, by the API's own policy: DNS, and Kafka and Redis as the settings name them.
+    own_only = [own]
+
+    def own_egress(port, protocol="TCP"):
+        return egress_allowed(own_only, labels, port, protocol=protocol)
+
+    assert own_egress(53, "UDP") and own_egress(53)
+    settings = effective_env(main_container(deployment), docs)
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    brokers = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in settings["TALLYFLOW_BROKERS"].split(",")]
+    redis = urlsplit(settings["TALLYFLOW_REDIS_URL"])
+    for host, port in [*brokers, (redis.hostname, redis.port or 6379)]:
+        assert own_egress(port), f"the API's policy does not allow {host}:{port}"
+        svc = services.get(host)
+        if svc is not None:  # an in-namespace Service (dev): its pods must let the API in
+            (target,) = [w for w in workloads(docs) if selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+            (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+            target_port = container_port(target, sp.get("targetPort", port))
+            assert egress_allowed(docs, labels, target_port, pod_labels(target)), f"the API cannot reach {host}:{port}"
+            assert ingress_allowed(docs, pod_labels(target), target_port, labels), f"{host} does not accept the API"
 
 
 # --- CRDs: KEDA and the Prometheus Operator --------------------------------------------------
@@ -594,6 +788,10 @@ def test_prometheus_operator_scrapes_every_dataflow(docs):
         ann = sts["spec"]["template"]["metadata"].get("annotations", {})
         scrape = {k: ann.get(f"prometheus.io/{k}") for k in ("scrape", "port", "path")}
         assert scrape == {"scrape": "true", "port": str(METRICS_PORT), "path": "/metrics"}
+    # The API serves /metrics on its only port.
+    ann = api(docs)["spec"]["template"]["metadata"].get("annotations", {})
+    scrape = {k: ann.get(f"prometheus.io/{k}") for k in ("scrape", "port", "path")}
+    assert scrape == {"scrape": "true", "port": str(API_PORT), "path": "/metrics"}
 
 
 # --- the overlays ------------------------------------------------------------------------------
@@ -692,7 +890,7 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_tallyflow():
     assert users, "the runtime stage must set USER"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) > 0 and (not gid or gid.isdigit()), f"USER {users[-1]}: numeric and not root (runAsNonRoot checks it)"
-    pods = {pod_spec(s)["securityContext"]["runAsUser"] for o in OVERLAYS for s in dataflows(render(o))}
+    pods = {pod_spec(w)["securityContext"]["runAsUser"] for o in OVERLAYS for w in our_workloads(render(o))}
     assert pods == {int(uid)}, "the pods run as the image's user"
     (entrypoint,) = [json.loads(a) for op, a in final if op == "ENTRYPOINT"]
     assert entrypoint == ["tallyflow"]
@@ -706,3 +904,12 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_tallyflow():
 def test_dockerignore_keeps_the_context_small():
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".git", "tests"} <= ignored
+
+
+def test_prod_gives_every_workload_that_talks_to_kafka_its_password():
+    docs = render("prod")
+    workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    assert {d["metadata"]["name"] for d in workloads} >= {"tallyflow-api", "tallyflow-rating"}
+    for d in workloads:
+        env = {e["name"] for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+        assert "TALLYFLOW_KAFKA_SASL_PASSWORD" in env, f"{d['metadata']['name']} cannot log in to Kafka in prod"

@@ -2,7 +2,7 @@
 accept, enforce idempotency keys and signatures, and inject faults on demand.
 
     POST /crm/accounts/{account}/signals     one alert, Idempotency-Key required
-    POST /success/webhook                    one alert, X-Tallyflow-Signature: sha256=<hmac>
+    POST /success/webhook                    one alert, signed per Standard Webhooks (webhook-id/-timestamp/-signature)
     POST /erp/usage-batches                  {"batch_id", "lines": [...]}, Idempotency-Key required
     GET  /api/state                          counts, duplicates, totals per tenant, faults
     GET  /api/items/{crm|success|erp}        everything accepted, with receipt times
@@ -15,7 +15,6 @@ accept, enforce idempotency keys and signatures, and inject faults on demand.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import html
 import json
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from sinks.success import secret_bytes, sign
 
 TARGETS = ("crm", "success", "erp")
 
@@ -46,6 +47,21 @@ class Endpoint:
     requests: list[tuple[float, int]] = field(default_factory=list)  # (time, status)
     replays: int = 0
     inflight: int = 0  # requests being handled right now
+
+
+WEBHOOK_TOLERANCE_S = 300  # Standard Webhooks: refuse timestamps further off (replays)
+
+
+def _check_webhook(key: bytes, msg_id: str | None, timestamp: str | None, signatures: str | None, body: bytes) -> str:
+    """Verify as a Standard Webhooks receiver does; returns why it is refused, or ""."""
+    if not (msg_id and timestamp and signatures):
+        return "webhook-id, webhook-timestamp and webhook-signature are required"
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
+        return "timestamp outside tolerance"
+    want = sign(secret_bytes(key.decode()) if key.startswith(b"whsec_") else key, msg_id, int(timestamp), body)
+    if not any(hmac.compare_digest(want, s) for s in signatures.split()):
+        return "bad signature"
+    return ""
 
 
 class SandboxState:
@@ -208,11 +224,16 @@ class _Handler(BaseHTTPRequestHandler):
         if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
             return 401, b'{"error": "bad token"}', {}
         if target == "success":
-            sig = self.headers.get("X-Tallyflow-Signature", "")
-            want = "sha256=" + hmac.new(st.hmac_key, body, hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(sig, want):
-                return 401, b'{"error": "bad signature"}', {}
-        key = self.headers.get("Idempotency-Key")
+            refused = _check_webhook(
+                st.hmac_key,
+                self.headers.get("webhook-id"),
+                self.headers.get("webhook-timestamp"),
+                self.headers.get("webhook-signature"),
+                body,
+            )
+            if refused:
+                return 401, json.dumps({"error": refused}).encode(), {}
+        key = self.headers.get("Idempotency-Key") or (self.headers.get("webhook-id") if target == "success" else None)
         if target != "success" and not key:
             return 400, b'{"error": "Idempotency-Key header required"}', {}
         try:

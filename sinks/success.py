@@ -1,13 +1,23 @@
-"""The customer-success tool's webhook: one signed POST per threshold alert.
+"""The customer-success tool's webhook: one POST per threshold alert, signed per Standard
+Webhooks (https://www.standardwebhooks.com/), so a receiver can prove it came from us and
+refuse a captured request replayed later.
 
-POST {success_url}/success/webhook    X-Tallyflow-Signature: sha256=<HMAC of the body>
+    POST {success_url}/success/webhook
+    webhook-id: <alert id>             the same on every retry: receivers dedupe on it
+    webhook-timestamp: <unix seconds>  of this attempt: receivers refuse one too far off
+    webhook-signature: v1,<base64 HMAC-SHA256(secret, "<id>.<timestamp>.<body>")>
+
+The secret is TALLYFLOW_SUCCESS_HMAC_KEY: `whsec_<base64>` as the spec writes secrets, or
+any other string taken as raw bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -16,23 +26,45 @@ from schemas.outputs import ENCODER, ThresholdAlert
 from sinks.base import Answer
 from sinks.http import HttpClient
 
+PREFIX = "whsec_"
 
-def sign(key: bytes, body: bytes) -> str:
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+def secret_bytes(setting: str) -> bytes:
+    if setting.startswith(PREFIX):
+        return base64.b64decode(setting[len(PREFIX) :] + "==")
+    return setting.encode()
+
+
+def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(secret, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
 
 
 class SuccessWebhook:
     name = "success"
 
-    def __init__(self, cfg: SuccessSettings, timeout_s: float, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SuccessSettings,
+        timeout_s: float,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.http = HttpClient(cfg.url, timeout_s, transport=transport)
-        self.key = cfg.hmac_key.encode()
+        self.secret = secret_bytes(cfg.hmac_key)
+        self.clock = clock
 
     def send(self, key: str, items: Sequence[ThresholdAlert]) -> Answer:
         (a,) = items
         body = ENCODER.encode(a)
-        # Webhook receivers dedupe on the event id.
-        return self.http.post("/success/webhook", body, {"X-Tallyflow-Signature": sign(self.key, body), "Idempotency-Key": key}, 1)
+        ts = int(self.clock())
+        headers = {
+            "webhook-id": key,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign(self.secret, key, ts, body),
+            "Idempotency-Key": key,
+        }
+        return self.http.post("/success/webhook", body, headers, 1)
 
     def close(self) -> None:
         self.http.close()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import base64
+import time
 
 import httpx
 import orjson
 
 from devkit.sandbox import Sandbox
+from runtime.settings import SuccessSettings
+from schemas.outputs import ThresholdAlert
+from sinks.success import SuccessWebhook, sign
 
 LINE = {"batch_id": "b", "lines": [{"line_id": "l1", "tenant_id": "t", "currency": "USD", "amount": "1.00"}]}
 ALERT = {"alert_id": "a1"}
@@ -24,9 +27,10 @@ def test_each_endpoint_checks_its_own_credential_and_faults_need_the_admin_token
         assert c.post("/crm/accounts/X/signals", json=ALERT, headers={**crm, "Authorization": "Bearer erp"}).status_code == 401
         assert c.post("/crm/accounts/X/signals", json=ALERT, headers={**crm, "Authorization": "Bearer crm"}).status_code == 200
         body = orjson.dumps(ALERT)
-        good = "sha256=" + hmac.new(b"k", body, hashlib.sha256).hexdigest()
-        assert c.post("/success/webhook", content=body, headers={"X-Tallyflow-Signature": "sha256=00"}).status_code == 401
-        assert c.post("/success/webhook", content=body, headers={"X-Tallyflow-Signature": good}).status_code == 200
+        ts = int(time.time())
+        good = {"webhook-id": "a1", "webhook-timestamp": str(ts), "webhook-signature": sign(b"k", "a1", ts, body)}
+        assert c.post("/success/webhook", content=body, headers={**good, "webhook-signature": "v1,AAAA"}).status_code == 401
+        assert c.post("/success/webhook", content=body, headers=good).status_code == 200
 
         fault = {"target": "erp", "mode": "down"}
         assert c.post("/api/faults", json=fault).status_code == 401
@@ -45,3 +49,29 @@ def test_the_page_shows_tables_not_raw_json():
         page = c.get("/").text
         assert "<table>" in page and "<td>l1</td>" in page and "<td>ERP-1</td>" in page
         assert "{" not in page.split("<body>", 1)[1]  # no JSON dumped into the page
+
+
+def _alert() -> ThresholdAlert:
+    from tests.dataflows.test_delivery import alerts
+
+    return alerts(1)[0]
+
+
+def test_the_sandbox_takes_a_signed_webhook_and_refuses_a_replay_or_a_missing_header():
+    secret = "whsec_" + base64.b64encode(b"sandbox secret").decode()
+    with Sandbox(hmac_key=secret.encode()) as sb:
+        a = _alert()
+        now = SuccessWebhook(SuccessSettings(url=sb.url, hmac_key=secret), 5)
+        assert now.send(a.alert_id, [a]).status == 200
+        assert now.send(a.alert_id, [a]).status == 200  # the same webhook-id again: answered, counted once
+        ep = sb.state.endpoints["success"]
+        assert list(ep.accepted) == [a.alert_id] and ep.replays == 1 and ep.duplicates == []
+
+        late = _alert()
+        captured = SuccessWebhook(SuccessSettings(url=sb.url, hmac_key=secret), 5, clock=lambda: time.time() - 301)
+        answer = captured.send(late.alert_id, [late])
+        assert answer.status == 401 and "timestamp outside tolerance" in answer.detail
+        c = httpx.Client(base_url=sb.url)
+        r = c.post("/success/webhook", content=orjson.dumps({"alert_id": "x"}), headers={"webhook-id": "x"})
+        assert r.status_code == 401 and "required" in r.json()["error"]
+        assert late.alert_id not in ep.accepted

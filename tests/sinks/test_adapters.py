@@ -3,13 +3,15 @@ response becomes an Answer. No server and no Redis: the courier is tested elsewh
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import base64
+import time
 from decimal import Decimal
 
 import httpx
 import orjson
 import pytest
+import standardwebhooks
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from runtime.settings import CrmSettings, ErpSettings, SuccessSettings
 from schemas.outputs import RatedUsageLine, ThresholdAlert
@@ -77,12 +79,30 @@ def test_crm_posts_one_alert_to_its_account_with_the_alert_id_as_idempotency_key
     assert orjson.loads(req.content)["correlation_id"] == "e-9"
 
 
-def test_the_success_webhook_is_signed_over_its_exact_body():
+SECRET = "whsec_" + base64.b64encode(b"a secret of the success tool").decode()
+
+
+def test_the_success_webhook_verifies_with_an_independent_standard_webhooks_implementation():
     seen: list[httpx.Request] = []
-    SuccessWebhook(SuccessSettings(url="http://cs", hmac_key="k"), 5, transport(202, seen)).send("a-1", [ALERT])
+    SuccessWebhook(SuccessSettings(url="http://cs", hmac_key=SECRET), 5, transport(202, seen)).send("a-1", [ALERT])
     (req,) = seen
-    want = "sha256=" + hmac.new(b"k", req.content, hashlib.sha256).hexdigest()
-    assert req.headers["X-Tallyflow-Signature"] == want and "Authorization" not in req.headers
+    headers = {k: req.headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+    assert headers["webhook-id"] == "a-1" and "Authorization" not in req.headers
+    assert standardwebhooks.Webhook(SECRET).verify(req.content, headers)["alert_id"] == ALERT.alert_id
+    with pytest.raises(WebhookVerificationError):  # a body changed on the way
+        standardwebhooks.Webhook(SECRET).verify(req.content.replace(b"e-9", b"e-8"), headers)
+    with pytest.raises(WebhookVerificationError):  # another secret
+        standardwebhooks.Webhook("whsec_" + base64.b64encode(b"another").decode()).verify(req.content, headers)
+
+
+def test_a_captured_webhook_replayed_later_is_refused_by_the_receiver():
+    seen: list[httpx.Request] = []
+    old = SuccessWebhook(SuccessSettings(url="http://cs", hmac_key=SECRET), 5, transport(202, seen), clock=lambda: time.time() - 301)
+    old.send("a-1", [ALERT])
+    (req,) = seen
+    headers = {k: req.headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        standardwebhooks.Webhook(SECRET).verify(req.content, headers)
 
 
 def test_the_erp_gets_one_batch_under_its_key_with_exact_amounts():

@@ -57,24 +57,28 @@ def sandbox() -> Iterator[Sandbox]:
         yield sb
 
 
-@pytest.fixture
-def dsettings(settings: Settings, stack: LocalStack, sandbox: Sandbox) -> Settings:
-    s = settings.replace(
-        redis_url=stack.redis_url,
-        crm_url=sandbox.url,
-        success_url=sandbox.url,
-        erp_url=sandbox.url,
-        success_hmac_key=HMAC_KEY,
-        exceptions_topic=f"exceptions-{uuid.uuid4().hex[:8]}",
-        retry_base_seconds=0.05,
-        retry_cap_seconds=0.5,
-        breaker_threshold=3,
-        breaker_reset_seconds=0.5,
-        erp_batch_max_latency_seconds=0.3,
-        erp_rate_per_second=50.0,
-    )
+# Delivery policies a test can wait out: quick retries, a quick breaker, small ERP batches soon.
+QUICK_DELIVERY = {
+    "retry_base_seconds": 0.05,
+    "retry_cap_seconds": 0.5,
+    "breaker_threshold": 3,
+    "breaker_reset_seconds": 0.5,
+    "erp_batch_max_latency_seconds": 0.3,
+    "erp_rate_per_second": 50.0,
+}
+
+
+def with_exceptions_topic(s: Settings, stack: LocalStack, **flat: object) -> Settings:
+    """`s` with quick delivery policies and an exceptions topic of the test's own."""
+    s = s.replace(exceptions_topic=f"exceptions-{uuid.uuid4().hex[:8]}", **{**QUICK_DELIVERY, **flat})
     stack.create_topics({s.topics.exceptions: 1})
     return s
+
+
+@pytest.fixture
+def dsettings(settings: Settings, stack: LocalStack, sandbox: Sandbox) -> Settings:
+    urls = {"crm_url": sandbox.url, "success_url": sandbox.url, "erp_url": sandbox.url}
+    return with_exceptions_topic(settings, stack, redis_url=stack.redis_url, success_hmac_key=HMAC_KEY, **urls)
 
 
 @pytest.fixture

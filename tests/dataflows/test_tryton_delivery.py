@@ -4,7 +4,6 @@ parked and re-driven, and the period's invoices equal what Tallyflow rated, to t
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +22,7 @@ from runtime.kafka import read_topic
 from runtime.settings import Settings
 from sinks.tryton import TrytonClient
 from state.ledger import Ledger
-from tests.dataflows.test_delivery import FlowProcess, produce
+from tests.dataflows.test_delivery import FlowProcess, produce, with_exceptions_topic
 from tests.sinks.test_tryton import line
 from tests.support.events import ev
 from tests.support.flows import MIN, produce_events, run_bounded
@@ -33,19 +32,7 @@ D = Decimal
 
 @pytest.fixture
 def tsettings(small: Settings, stack: LocalStack, tryton: TrytonServer) -> Settings:
-    s = tryton.settings(small).replace(
-        erp_kind="tryton",
-        exceptions_topic=f"exceptions-{uuid.uuid4().hex[:8]}",
-        retry_base_seconds=0.05,
-        retry_cap_seconds=0.5,
-        breaker_threshold=3,
-        breaker_reset_seconds=0.5,
-        erp_batch_max_latency_seconds=0.3,
-        erp_batch_max_lines=100,
-        erp_rate_per_second=50.0,
-    )
-    stack.create_topics({s.topics.exceptions: 1})
-    return s
+    return with_exceptions_topic(tryton.settings(small), stack, erp_kind="tryton", erp_batch_max_lines=100)
 
 
 @pytest.fixture

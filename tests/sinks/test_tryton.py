@@ -14,6 +14,7 @@ from devkit.tryton import TrytonServer
 from runtime.settings import Settings
 from schemas.outputs import RatedUsageLine, ThresholdAlert
 from sinks.tryton import TrytonClient, TrytonCrm, TrytonErp
+from tests.dataflows.test_delivery import alerts
 
 D = Decimal
 
@@ -103,21 +104,17 @@ def test_tryton_down_is_try_again_later_and_nothing_is_decided(tryton: TrytonSer
 
 
 def alert(i: int, account: str = "CRM-1") -> ThresholdAlert:
-    return ThresholdAlert(
+    (a,) = alerts(1)
+    return msgspec.structs.replace(
+        a,
         alert_id=f"alert-{i}-{uuid.uuid4().hex[:6]}",
         tenant_id="acme",
         crm_account_id=account,
         meter="calls",
         period="2026-03",
-        level="100%",
         limit=D(10),
         usage=D(11),
-        crossed_at="2026-03-10T12:00:30.000Z",
         correlation_id=f"event-{i}",
-        plan_id="basic",
-        plan_version=1,
-        detected_at="2026-03-10T12:00:30.100Z",
-        destinations=["crm", "success"],
     )
 
 

@@ -15,6 +15,8 @@ accept, enforce idempotency keys and signatures, and inject faults on demand.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import html
 import json
@@ -26,7 +28,7 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sinks.success import secret_bytes, sign
+from sinks.success import secret_bytes
 
 TARGETS = ("crm", "success", "erp")
 
@@ -53,13 +55,19 @@ WEBHOOK_TOLERANCE_S = 300  # Standard Webhooks: refuse timestamps further off (r
 
 
 def _check_webhook(key: bytes, msg_id: str | None, timestamp: str | None, signatures: str | None, body: bytes) -> str:
-    """Verify as a Standard Webhooks receiver does; returns why it is refused, or ""."""
+    """Verify as a Standard Webhooks receiver does, apart from the sender's code so a
+    signing mistake shows here; returns why it is refused, or "".
+
+    The key may be raw bytes or a `whsec_<base64>` secret as configured."""
     if not (msg_id and timestamp and signatures):
-        return "webhook-id, webhook-timestamp and webhook-signature are required"
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
+        given = {"webhook-id": msg_id, "webhook-timestamp": timestamp, "webhook-signature": signatures}
+        return "missing " + ", ".join(h for h, v in given.items() if not v)
+    if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > WEBHOOK_TOLERANCE_S:
         return "timestamp outside tolerance"
-    want = sign(secret_bytes(key.decode()) if key.startswith(b"whsec_") else key, msg_id, int(timestamp), body)
-    if not any(hmac.compare_digest(want, s) for s in signatures.split()):
+    secret = secret_bytes(key.decode()) if key.startswith(b"whsec_") else key
+    mac = hmac.new(secret, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    want = b"v1," + base64.b64encode(mac)
+    if not any(hmac.compare_digest(want, s.encode("latin-1")) for s in signatures.split(" ")):
         return "bad signature"
     return ""
 
@@ -233,7 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             if refused:
                 return 401, json.dumps({"error": refused}).encode(), {}
-        key = self.headers.get("Idempotency-Key") or (self.headers.get("webhook-id") if target == "success" else None)
+        # The success tool dedupes on webhook-id, as Standard Webhooks receivers do.
+        key = self.headers.get("webhook-id") if target == "success" else self.headers.get("Idempotency-Key")
         if target != "success" and not key:
             return 400, b'{"error": "Idempotency-Key header required"}', {}
         try:

@@ -39,7 +39,9 @@ BATCH = "application/cloudevents-batch+json"
 
 
 class _Bucket:
-    """Events per second per client: a request takes as many tokens as it has events."""
+    """Events per second per client, with a one-second burst. A request takes as many tokens
+    as it has events and may leave the bucket in debt (so a batch larger than a second's
+    worth is admitted once the bucket is full, and the next waits until the debt is paid)."""
 
     def __init__(self, rate: float) -> None:
         self.rate, self.tokens, self.stamp = rate, rate, time.monotonic()
@@ -49,10 +51,11 @@ class _Bucket:
         now = time.monotonic()
         self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if n <= self.tokens:
+        need = min(n, self.rate)
+        if self.tokens >= need:
             self.tokens -= n
             return 0.0
-        return (n - self.tokens) / self.rate
+        return (need - self.tokens) / self.rate
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

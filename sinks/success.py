@@ -30,13 +30,16 @@ PREFIX = "whsec_"
 
 
 def secret_bytes(setting: str) -> bytes:
+    """The HMAC key: a spec-form `whsec_<base64>` secret decoded, any other string as is."""
     if setting.startswith(PREFIX):
         return base64.b64decode(setting[len(PREFIX) :] + "==")
     return setting.encode()
 
 
-def sign(secret: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+def sign(secret_key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC>` over id, timestamp and body: binding the timestamp is what lets a
+    receiver refuse a captured request replayed later, and the id one delivered twice."""
+    mac = hmac.new(secret_key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
 
 

@@ -11,7 +11,7 @@ import orjson
 from devkit.sandbox import Sandbox
 from runtime.settings import SuccessSettings
 from schemas.outputs import ThresholdAlert
-from sinks.success import SuccessWebhook, sign
+from sinks.success import SuccessWebhook, secret_bytes, sign
 
 LINE = {"batch_id": "b", "lines": [{"line_id": "l1", "tenant_id": "t", "currency": "USD", "amount": "1.00"}]}
 ALERT = {"alert_id": "a1"}
@@ -72,6 +72,11 @@ def test_the_sandbox_takes_a_signed_webhook_and_refuses_a_replay_or_a_missing_he
         answer = captured.send(late.alert_id, [late])
         assert answer.status == 401 and "timestamp outside tolerance" in answer.detail
         c = httpx.Client(base_url=sb.url)
-        r = c.post("/success/webhook", content=orjson.dumps({"alert_id": "x"}), headers={"webhook-id": "x"})
-        assert r.status_code == 401 and "required" in r.json()["error"]
-        assert late.alert_id not in ep.accepted
+        body = orjson.dumps({"alert_id": "x"})
+        old_ts = int(time.time()) - 301
+        old = {"webhook-id": "x", "webhook-timestamp": str(old_ts), "webhook-signature": sign(secret_bytes(secret), "x", old_ts, body)}
+        r = c.post("/success/webhook", content=body, headers={**old, "webhook-timestamp": str(int(time.time()))})
+        assert r.status_code == 401 and r.json()["error"] == "bad signature"  # the timestamp is signed: no refreshing it
+        r = c.post("/success/webhook", content=body, headers={"webhook-id": "x"})
+        assert r.status_code == 401 and r.json()["error"] == "missing webhook-timestamp, webhook-signature"
+        assert late.alert_id not in ep.accepted and "x" not in ep.accepted

@@ -129,6 +129,10 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
+        """Not ready while the broker does not answer: a load balancer sends posts elsewhere."""
+        problem = await run_in_threadpool(the_ingest().broker_problem)
+        if problem:
+            return JSONResponse({"status": "not ready", "problems": [problem]}, 503)
         return JSONResponse({"status": "ready"})
 
     async def metrics(_: Request) -> Response:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from operators.catalog_index import CatalogIndex
 from operators.periods import iso
@@ -63,6 +63,8 @@ class Ingest:
         self.s = s
         self.validator = Validator(CatalogIndex.build(load_catalog(s.process.catalog)), Stats(), s.limits)
         self.lock = threading.Lock()  # the validator keeps per-call state
+        self._checked_at: float = -1e9
+        self._problem: str | None = None
         self.producer = kafka.producer(
             s.kafka.config(
                 **{
@@ -106,6 +108,18 @@ class Ingest:
         left = self.producer.flush(self.s.api.produce_timeout_seconds + 1)
         if left or errors:
             raise BrokerDown(str(errors[0]) if errors else f"{left} event(s) not acknowledged in time")
+
+    def broker_problem(self) -> str | None:
+        """Why the broker cannot take events now (for /readyz), asked at most every 5 s."""
+        now = time.monotonic()
+        if now - self._checked_at > 5.0:
+            try:
+                self.producer.list_topics(self.s.topics.input, timeout=2.0)
+                self._problem = None
+            except KafkaException as e:
+                self._problem = f"the Kafka brokers at {self.s.kafka.brokers} do not answer ({e})"
+            self._checked_at = now
+        return self._problem
 
     def close(self) -> None:
         self.producer.flush(5)

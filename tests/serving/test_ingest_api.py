@@ -112,6 +112,9 @@ def test_broker_unreachable_is_503_and_nothing_is_promised(api: Callable[..., ht
     c = api(brokers=f"127.0.0.1:{free_port()}", api_produce_timeout_seconds=1.0)
     r = c.post("/v1/events", content=ev("acme"), headers=bearer(INGEST))
     assert r.status_code == 503 and "send them again" in r.json()["error"]
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and "do not answer" in ready.json()["problems"][0]
+    assert c.get("/healthz").status_code == 200  # alive: restarting it would not bring the broker back
 
 
 def test_the_openapi_document_is_valid_openapi_3_1(api: Callable[..., httpx.Client]) -> None:

@@ -22,6 +22,7 @@ from operators.periods import iso
 from operators.stats import Stats
 from operators.validate import Validator
 from runtime import kafka
+from runtime.catalog_watch import CatalogWatch
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter
@@ -61,7 +62,14 @@ class BrokerDown(Exception):
 class Ingest:
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.validator = Validator(CatalogIndex.build(load_catalog(s.process.catalog)), Stats(), s.limits)
+        self.stats = Stats()
+        # The same live reloads as the rating dataflow: a tenant onboarded in the catalog is
+        # accepted here as soon as rating accepts it, without a restart.
+        self.watch = CatalogWatch(
+            s.process.catalog, CatalogIndex.build(load_catalog(s.process.catalog)), s.process.catalog_reload_seconds, self.stats
+        )
+        self.validator = Validator(self.watch.index, self.stats, s.limits)
+        self.watch.listeners.append(lambda idx: setattr(self, "validator", Validator(idx, self.stats, s.limits)))
         self.lock = threading.Lock()  # the validator keeps per-call state
         self._checked_at: float = -1e9
         self._problem: str | None = None
@@ -89,6 +97,7 @@ class Ingest:
         dead: list[DeadLetter] = []
         now = int(time.time() * 1000)
         with self.lock:
+            self.watch.poll()
             self.validator.parse_batch([_Msg(p, i) for i, p in enumerate(parts)], "http", 0, iso(now), out.accepted, dead, now)
         for d in dead:
             out.refused[d.offset] = (d.reason, d.message)

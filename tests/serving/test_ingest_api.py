@@ -20,6 +20,7 @@ from runtime.kafka import read_topic
 from runtime.settings import Settings
 from serving.app import BATCH, SINGLE, build_app
 from tests.support.events import ev
+from tests.support.flows import write_catalog
 
 INGEST, READER, SLOW = "ingest-token-0123456789", "read-token-0123456789", "slow-token-0123456789"
 
@@ -121,3 +122,13 @@ def test_the_openapi_document_is_valid_openapi_3_1(api: Callable[..., httpx.Clie
     doc = orjson.loads(api().get("/openapi.json").content)
     validate(doc)
     assert doc["openapi"] == "3.1.0" and "/v1/events" in doc["paths"]
+
+
+def test_a_tenant_onboarded_in_the_catalog_is_accepted_without_a_restart(api: Callable[..., httpx.Client], small: Settings) -> None:
+    c = api(catalog_reload_seconds=0.2)
+    newco = ev("newco", id="n1")
+    assert c.post("/v1/events", content=newco, headers=bearer(INGEST)).json()["refused"][0]["reason"] == "unknown_tenant"
+    cat = yaml.safe_load(Path(small.process.catalog).read_text())
+    cat["tenants"].append({**cat["tenants"][0], "tenant_id": "newco", "crm_account_id": "CRM-9", "erp_customer_id": "ERP-9"})
+    write_catalog(Path(small.process.catalog), cat)
+    wait_until(lambda: c.post("/v1/events", content=newco, headers=bearer(INGEST)).status_code == 202, 30, "newco accepted")

@@ -27,6 +27,7 @@ from ops.reconcile import rated_and_acknowledged
 from runtime.kafka import read_topic
 from runtime.settings import Settings, to_env
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
+from tests.support.lines import rated_line
 
 HMAC_KEY = "test-hmac-key"
 
@@ -108,24 +109,17 @@ def produce(s: Settings, topic: str, records: list[Any]) -> dict[str, float]:
 
 def lines(n: int, rng: random.Random) -> list[RatedUsageLine]:
     return [
-        RatedUsageLine(
-            line_id=str(uuid.uuid4()),
+        rated_line(
             tenant_id=f"t-{rng.randint(1, 9):04d}",
             erp_customer_id="ERP",
             contract_id="C",
             product_code="SKU",
             meter="tokens",
-            quantity=Decimal(rng.randint(1, 999)),
+            quantity=rng.randint(1, 999),
             amount=Decimal(rng.randint(0, 99_999)) / 100,
-            currency="USD",
-            window_start="2026-11-01T00:00:00.000Z",
-            window_end="2026-11-01T00:01:00.000Z",
-            period="2026-11",
             pricing_version="starter:v1",
             event_count=3,
-            first_event_time="2026-11-01T00:00:01.000Z",
-            last_event_time="2026-11-01T00:00:59.000Z",
-            revision=0,
+            at="2026-11-01T00:00:00.000Z",
         )
         for _ in range(n)
     ]

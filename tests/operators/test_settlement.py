@@ -6,32 +6,14 @@ from decimal import Decimal
 
 from operators.settlement import Entry, settle, token
 from schemas.outputs import RatedUsageLine
+from tests.support.lines import rated_line
 
 D = Decimal
 KEY = "acme:calls:2026-03:basic:v1"
 
 
 def line(qty: int, amount: str, events: int, revision: int = 0) -> RatedUsageLine:
-    t = "2026-03-10T12:00:00.000Z"
-    return RatedUsageLine(
-        line_id="engine-id",
-        tenant_id="acme",
-        erp_customer_id="ERP-1",
-        contract_id="C-1",
-        product_code="CALLS",
-        meter="calls",
-        quantity=D(qty),
-        amount=D(amount),
-        currency="USD",
-        window_start=t,
-        window_end=t,
-        period="2026-03",
-        pricing_version="basic:v1",
-        event_count=events,
-        first_event_time=t,
-        last_event_time=t,
-        revision=revision,
-    )
+    return rated_line(line_id="engine-id", quantity=qty, amount=amount, event_count=events, revision=revision)
 
 
 def run(state: dict[str, Entry], hist: dict[str, set[bytes]], *pairs, seed=(), correction=False):

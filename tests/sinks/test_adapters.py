@@ -18,6 +18,7 @@ from schemas.outputs import RatedUsageLine, ThresholdAlert
 from sinks.crm import CrmHttp
 from sinks.erp import ErpHttp
 from sinks.success import SuccessWebhook
+from tests.support.lines import rated_line
 
 ALERT = ThresholdAlert(
     alert_id="a-1",
@@ -38,25 +39,14 @@ ALERT = ThresholdAlert(
 
 
 def line(i: int) -> RatedUsageLine:
-    t = "2026-11-02T10:00:00.000Z"
-    return RatedUsageLine(
+    return rated_line(
         line_id=f"l-{i}",
-        tenant_id="acme",
-        erp_customer_id="ERP-1",
-        contract_id="C-1",
         product_code="SKU",
-        meter="calls",
-        quantity=Decimal(i),
+        quantity=i,
         amount=Decimal("0.10") * i,
-        currency="USD",
-        window_start=t,
-        window_end=t,
-        period="2026-11",
         pricing_version="starter:v1",
         event_count=i,
-        first_event_time=t,
-        last_event_time=t,
-        revision=0,
+        at="2026-11-02T10:00:00.000Z",
     )
 
 

@@ -15,34 +15,15 @@ from runtime.settings import Settings
 from schemas.outputs import RatedUsageLine, ThresholdAlert
 from sinks.tryton import TrytonClient, TrytonCrm, TrytonErp
 from tests.dataflows.test_delivery import alerts
+from tests.support.lines import rated_line
 
 D = Decimal
 
 
-def line(
-    amount: str, *, customer: str = "ERP-1", product: str = "CALLS", currency: str = "USD", revision: int = 0, **kw: Any
-) -> RatedUsageLine:
-    fields: dict[str, Any] = {
-        "line_id": str(uuid.uuid4()),
-        "tenant_id": "acme",
-        "erp_customer_id": customer,
-        "contract_id": "C-1",
-        "product_code": product,
-        "meter": "calls",
-        "quantity": D(3),
-        "amount": D(amount),
-        "currency": currency,
-        "window_start": "2026-03-10T12:00:00.000Z",
-        "window_end": "2026-03-10T12:01:00.000Z",
-        "period": "2026-03",
-        "pricing_version": "basic:v1",
-        "event_count": 3,
-        "first_event_time": "2026-03-10T12:00:01.000Z",
-        "last_event_time": "2026-03-10T12:00:59.000Z",
-        "revision": revision,
-    }
-    fields.update(kw)
-    return RatedUsageLine(**fields)
+def line(amount: str, *, customer: str = "ERP-1", product: str = "CALLS", currency: str = "USD", revision: int = 0) -> RatedUsageLine:
+    return rated_line(
+        erp_customer_id=customer, product_code=product, currency=currency, revision=revision, quantity=3, amount=amount, event_count=3
+    )
 
 
 def records(client: TrytonClient) -> dict[str, dict[str, Any]]:

@@ -8,28 +8,11 @@ from runtime.settings import Settings
 from schemas.outputs import RatedUsageLine
 from state.register import EmissionRegister
 from tests.support.flows import D
+from tests.support.lines import rated_line
 
 
 def line(qty: int, amount: str, *, events: int, revision: int = 0, start: str = "2026-03-10T12:00:00.000Z") -> RatedUsageLine:
-    return RatedUsageLine(
-        line_id="engine-id",
-        tenant_id="acme",
-        erp_customer_id="ERP-1",
-        contract_id="C-1",
-        product_code="CALLS",
-        meter="calls",
-        quantity=D(qty),
-        amount=D(amount),
-        currency="USD",
-        window_start=start,
-        window_end=start,
-        period="2026-03",
-        pricing_version="basic:v1",
-        event_count=events,
-        first_event_time=start,
-        last_event_time=start,
-        revision=revision,
-    )
+    return rated_line(line_id="engine-id", quantity=qty, amount=amount, event_count=events, revision=revision, at=start)
 
 
 def test_register_settles_a_divergent_replay_by_difference(stack: LocalStack, settings: Settings) -> None:

@@ -51,14 +51,8 @@ def summary(dead: list[DeadLetter]) -> dict[str, object]:
 
 def redrive(s: Settings, dead: list[DeadLetter]) -> int:
     """Produce the events back to the input topic, keyed by tenant as producers key them."""
-    p = kafka.producer(s.kafka.config())
-    for d in dead:
-        p.produce(s.topics.input, d.payload, d.tenant_id.encode() if d.tenant_id else None)
-        p.poll(0)
-    left = p.flush(30)
-    if left:
-        raise RuntimeError(f"{left} re-driven event(s) not confirmed by the broker; run the re-drive again")
-    return len(dead)
+    records = ((s.topics.input, d.payload, d.tenant_id.encode() if d.tenant_id else None) for d in dead)
+    return kafka.produce_confirmed(s.kafka.config(), records, "re-driven event(s)")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ Each record of the exceptions topic holds the destination, the items as they wer
 the reason per id. A re-drive makes the rejected ids deliverable again in the delivery ledger
 and produces the items back to the topic their delivery dataflow reads (rated lines to
 `usage.rated`, alerts to `usage.alerts`), keyed by tenant. Ids a destination has accepted
-since are left alone, so running `--redrive` twice is harmless; and an ERP or CRM that
+(or is sending) since are left alone, so running `--redrive` twice is harmless; and an ERP or CRM that
 enforces unique ids (Tryton with the Tallyflow module) would answer "existing" anyway.
 """
 
@@ -63,25 +63,22 @@ def summary(parked: list[Parked]) -> dict[str, Any]:
 def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
     """Re-send what is still rejected; returns counts per destination."""
     ledger = Ledger(s.stores)
-    producer = kafka.producer(s.kafka.config())
     topics = {"rated": s.topics.rated, "alerts": s.topics.alerts}
     sent: Counter[str] = Counter()
+    records: list[tuple[str, bytes, bytes | None]] = []
     seen: set[tuple[str, str]] = set()
     for e in parked:
         items = [(raw, *_item_id(e.destination, raw)) for raw in e.items]
         items = [it for it in items if (e.destination, it[1]) not in seen]
         ids = [it[1] for it in items]
-        still = {i for i, st in zip(ids, ledger.status(e.destination, ids), strict=True) if st == "rejected"}
+        # Rejected, or forgotten by a re-drive whose produce failed: not accepted since.
+        still = {i for i, st in zip(ids, ledger.status(e.destination, ids), strict=True) if st in ("rejected", None)}
         todo = [it for it in items if it[1] in still]
         ledger.forget(e.destination, [it[1] for it in todo])
-        for raw, iid, tenant, topic in todo:
-            producer.produce(topics[topic], bytes(raw), tenant.encode())
-            producer.poll(0)
-            seen.add((e.destination, iid))
+        records += [(topics[topic], bytes(raw), tenant.encode()) for raw, _, tenant, topic in todo]
+        seen.update((e.destination, it[1]) for it in todo)
         sent[e.destination] += len(todo)
-    left = producer.flush(30)
-    if left:
-        raise RuntimeError(f"{left} re-driven item(s) not confirmed by the broker; run the re-drive again")
+    kafka.produce_confirmed(s.kafka.config(), records, "re-driven item(s)")
     return dict(sent)
 
 

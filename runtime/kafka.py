@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,3 +224,18 @@ def read_to_eof(c: Consumer, topic: str, parts: list[int], timeout_s: float, on_
                 done.add(part)
             else:
                 raise RuntimeError(f"{topic}: {err}")
+
+
+def produce_confirmed(config: Config, records: Iterable[tuple[str, bytes, bytes | None]], what: str) -> int:
+    """Produce (topic, value, key) records and wait until the broker confirmed every one
+    (a re-drive tells the person only what really went back)."""
+    p = producer(config)
+    n = 0
+    for topic, value, key in records:
+        p.produce(topic, value, key)
+        p.poll(0)
+        n += 1
+    left = p.flush(30)
+    if left:
+        raise RuntimeError(f"{left} {what} not confirmed by the broker; run the re-drive again")
+    return n

@@ -129,7 +129,7 @@ def _answer(ids: Sequence[str], outcomes: dict[str, str]) -> Answer:
 
 
 class _TrytonDestination:
-    def __init__(self, cfg: TrytonSettings, timeout_s: float | None, transport: httpx.BaseTransport | None) -> None:
+    def __init__(self, cfg: TrytonSettings, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
         self.client = TrytonClient(cfg, timeout_s=timeout_s, transport=transport)
 
     def _ingest(self, method: str, ids: list[str], items: Sequence[Any]) -> Answer:
@@ -153,9 +153,6 @@ class TrytonErp(_TrytonDestination):
 
     name = "erp"
 
-    def __init__(self, cfg: TrytonSettings, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(cfg, timeout_s, transport)
-
     def send(self, key: str, items: Sequence[RatedUsageLine]) -> Answer:
         return self._ingest("model.tallyflow.usage.ingest", [ln.line_id for ln in items], items)
 
@@ -164,9 +161,6 @@ class TrytonCrm(_TrytonDestination):
     """A threshold alert becomes a lead for the party of its `crm_account_id`, once per alert id."""
 
     name = "crm"
-
-    def __init__(self, cfg: TrytonSettings, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(cfg, timeout_s, transport)
 
     def send(self, key: str, items: Sequence[ThresholdAlert]) -> Answer:
         return self._ingest("model.sale.opportunity.tallyflow_ingest", [a.alert_id for a in items], items)

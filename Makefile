@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: deps demo test test-fast bench lint fuzz clean
 
 deps: $(STAMP)
-	@command -v redis-server >/dev/null && command -v promtool >/dev/null || bash scripts/install-system-deps.sh
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null || bash scripts/install-system-deps.sh
 
 # The Tallyflow Tryton module (./tryton) is installed non-editable, as Tryton loads modules
 # through their entry points; a change to it reinstalls it.

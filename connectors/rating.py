@@ -12,6 +12,7 @@ that the delivery ledger has seen.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import pickle
 import time
@@ -19,6 +20,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from bytewax.operators import StatefulBatchLogic
@@ -27,22 +29,25 @@ from confluent_kafka import Message
 
 from operators.aggregate import Agg
 from operators.catalog_index import CatalogIndex
-from operators.deadletters import encode_fitted, shrink_encoded
+from operators.deadletters import encode_fitted, internal_error, shrink_encoded
 from operators.dedup import event_hash
 from operators.engine import ShardEngine
-from operators.engine_state import Out, TenantState
+from operators.engine_state import MeterPeriod, Out, TenantState
 from operators.periods import iso
 from operators.settlement import Totals
 from operators.sharding import Sharder
 from operators.stats import Stats
+from operators.usage import tenant_usage
 from operators.validate import Validator
 from runtime.catalog_watch import CatalogWatch
 from runtime.settings import EngineSettings, KafkaSettings, Topics
 from schemas.events import InputLimits
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
 from schemas.records import Accepted
+from schemas.usage import TenantUsage
 from sinks.kafka import KafkaOutbox, Record
 from state.dedup_store import DedupStore
+from state.read_model import ReadModelWriter
 from state.register import EmissionRegister
 
 log = logging.getLogger(__name__)
@@ -140,6 +145,8 @@ class Intake:
         return items
 
 
+_TENANT = attrgetter("tenant_id")
+Final = tuple[str, tuple[str, int], MeterPeriod]  # a period the engine forgot: tenant, (meter, idx), state
 _MOVED = {"operators.rating": "operators.engine_state"}
 
 
@@ -160,6 +167,9 @@ def _migrate(state: dict[str, TenantState]) -> dict[str, TenantState]:
             d.cur, d.prev = ({event_hash(t.tenant_id, *str(k).split("\x1f", 1)) for k in ids} for ids in (d.cur, d.prev))
             d.cur_log, d.prev_log = (array("Q", [x for h in ids for x in (h, 0)]) for ids in (d.cur, d.prev))
         _live_per_version(t)
+        for mp in t.periods.values():
+            if not hasattr(mp, "crossed"):  # from before the read model: crossing times unknown
+                mp.crossed, mp.last_ms = {}, -(2**62)
     return state
 
 
@@ -198,13 +208,51 @@ def _live_per_version(t: TenantState) -> None:
     t.hot.clear()
 
 
+class UsagePublisher:
+    """Writes the read model (operators/usage.py) of the tenants a shard touched, at most once
+    per interval: freshness stays within the interval and its cost is bounded by the number of
+    tenants, not events. Shared by every shard of the process."""
+
+    def __init__(self, writer: ReadModelWriter, interval_s: float) -> None:
+        self.writer, self.interval_s = writer, interval_s
+
+    def publish(self, engine: ShardEngine, tenants: set[str], final: list[Final], now: float) -> None:
+        now_ms = int(now * 1000)
+        docs: list[tuple[TenantUsage, int]] = []
+        finals: dict[str, list[tuple[tuple[str, int], MeterPeriod]]] = {}
+        for tid, k, mp in final:
+            finals.setdefault(tid, []).append((k, mp))
+        for tid in tenants | finals.keys():
+            t = engine.tenants.get(tid)
+            if t is None:
+                continue
+            try:
+                gone = finals.get(tid, [])
+                ends = {mp.period.key: mp.period.end_ms for mp in itertools.chain(t.periods.values(), (mp for _, mp in gone))}
+                docs += [(d, ends[d.period]) for d in tenant_usage(engine.cat, t, now_ms, gone)]
+            except Exception as e:  # a bug of ours: that tenant's figures go stale, rating goes on
+                internal_error(e, f"building the read model of tenant {tid}", tenant_id=tid)
+        if docs:
+            self.writer.write(docs)
+
+
 class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
-    def __init__(self, engine: ShardEngine, enc: Encoder, snapshots: bool, store: DedupStore | None) -> None:
-        self.engine, self.enc, self.snapshots, self.store = engine, enc, snapshots, store
+    def __init__(self, engine: ShardEngine, enc: Encoder, snapshots: bool, store: DedupStore | None, usage: UsagePublisher | None) -> None:
+        self.engine, self.enc, self.snapshots, self.store, self.usage = engine, enc, snapshots, store, usage
+        self.dirty: set[str] = set()  # tenants whose read model is behind
+        self.final: list[Final] = []  # periods the engine forgot since, for their last write
+        self.next_publish = 0.0
 
     @classmethod
     def builder(
-        cls, watch: CatalogWatch, engine: EngineSettings, stats: Stats, enc: Encoder, snapshots: bool, store: DedupStore | None
+        cls,
+        watch: CatalogWatch,
+        engine: EngineSettings,
+        stats: Stats,
+        enc: Encoder,
+        snapshots: bool,
+        store: DedupStore | None,
+        usage: UsagePublisher | None = None,
     ) -> Callable[[bytes | None], ShardLogic]:
         """Bytewax's `build_logic`: one engine per shard, resumed from its snapshot."""
         cfg = engine.config()
@@ -220,36 +268,60 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
             state: dict[str, TenantState] | None = _migrate(_Unpickler(io.BytesIO(resume)).load()) if resume else None
             engine = ShardEngine.resume(watch.index, cfg, stats, state, store)
             engines.append(engine)
-            return cls(engine, enc, snapshots, store)
+            return cls(engine, enc, snapshots, store, usage)
 
         return build
 
-    def _emit(self, o: Out) -> tuple[list[ShardOut], bool]:
-        res = ShardOut()
+    def _publish(self, res: ShardOut, now: float, force: bool = False) -> None:
+        """Mark the tenants whose windows closed; write the read model if its interval passed."""
+        if self.usage is None:
+            return
+        if res.lines:
+            self.dirty.update([ln.tenant_id for ln in res.lines])
+        if (self.dirty or self.final) and (force or now >= self.next_publish):
+            self.usage.publish(self.engine, self.dirty, self.final, now)
+            self.dirty, self.final = set(), []
+            self.next_publish = now + self.usage.interval_s
+
+    def _take(self, o: Out, res: ShardOut) -> None:
         self.enc.out(o, res)
+        if o.final and self.usage is not None:
+            self.final += o.final
+
+    def _emit(self, o: Out, now: float, force: bool = False) -> tuple[list[ShardOut], bool]:
+        res = ShardOut()
+        self._take(o, res)
+        self._publish(res, now, force)
         return ([res] if res else [], self.RETAIN)
 
     def on_batch(self, values: list[ShardItem]) -> tuple[list[ShardOut], bool]:
         now = time.time()
         received = iso(int(now * 1000))
         res = ShardOut()
+        dirty = self.dirty if self.usage is not None else None
         for batch, passthrough in values:
             res.records.extend(passthrough)
             if batch:
-                self.enc.out(self.engine.process(batch, now, received), res)
+                self._take(self.engine.process(batch, now, received), res)
+                if dirty is not None:
+                    dirty.update(map(_TENANT, batch))
+        self._publish(res, now)
         return ([res] if res else [], self.RETAIN)
 
     def on_notify(self) -> tuple[list[ShardOut], bool]:
-        return self._emit(self.engine.flush_idle(time.time()))
+        now = time.time()
+        return self._emit(self.engine.flush_idle(now), now)
 
     def on_eof(self) -> tuple[list[ShardOut], bool]:
-        res = self._emit(self.engine.flush_all())  # hands all of memory to the store ...
+        res = self._emit(self.engine.flush_all(), time.time(), force=True)  # hands all of memory to the store ...
         if self.store is not None:
             self.store.drain()  # ... which a bounded run (replay, demo) leaves written
         return res
 
     def notify_at(self) -> datetime | None:
         d = self.engine.next_idle_deadline()
+        if (self.dirty or self.final) and (d is None or self.next_publish < d):
+            d = self.next_publish
         return datetime.fromtimestamp(d, UTC) if d is not None else None
 
     def snapshot(self) -> bytes:

@@ -17,7 +17,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
 from connectors.kafka_source import KafkaBatchSource
-from connectors.rating import Encoder, Intake, RatingSink, ShardLogic
+from connectors.rating import Encoder, Intake, RatingSink, ShardLogic, UsagePublisher
 from operators.catalog_index import CatalogIndex
 from operators.stats import Stats
 from runtime import process
@@ -26,6 +26,7 @@ from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
 from schemas.records import Accepted
 from state.dedup_store import DedupStore
+from state.read_model import ReadModelWriter
 from state.register import EmissionRegister
 
 # Process-wide counters: every engine and validator in this process adds to them.
@@ -58,6 +59,12 @@ def build_flow(
     redis_up: Callable[[bool], None] = lambda up: setattr(stats, "redis_up", up)  # noqa: E731
     register = replay.register if replay else EmissionRegister(s.stores, redis_up) if s.stores.emission_register else None
     store = DedupStore(s.stores, redis_up) if s.stores.dedup_store_days else None
+    # A replay re-rates a slice of the input from scratch: its partial state is not the usage.
+    usage = (
+        UsagePublisher(ReadModelWriter(s.stores, redis_up), s.stores.read_model_interval_seconds)
+        if s.stores.read_model and replay is None
+        else None
+    )
     watch = CatalogWatch(s.process.catalog, catalog, s.process.catalog_reload_seconds, stats)
     enc = Encoder(s.topics, s.kafka.output_max_bytes(), s.limits.max_subject_length, alerts=replay is None, dead_letters=replay is None)
     intake = Intake(watch, s.limits, stats, enc, s.engine.shards, replay.accept if replay else None)
@@ -72,7 +79,7 @@ def build_flow(
         start_offsets=bounds.start_offsets if bounds else None,
     )
     keyed = op.flat_map("validate", op.input("events", flow, source), intake)
-    rated = op.stateful_batch("rate", keyed, ShardLogic.builder(watch, s.engine, stats, enc, snapshots, store))
+    rated = op.stateful_batch("rate", keyed, ShardLogic.builder(watch, s.engine, stats, enc, snapshots, store, usage))
     op.output("kafka", rated, RatingSink(s.kafka, s.topics, register, stats))
     return flow
 

@@ -37,6 +37,7 @@ class PlanMeterIndex:
     meter: PlanMeter
     rater: Rater
     levels: list[Level]  # ascending by limit: crossings fire in level order
+    hard_limit: Decimal | None = None  # usage at which access closes (None: soft, overage billed)
 
 
 @dataclass(slots=True)
@@ -115,6 +116,7 @@ def _plan_index(plan: Plan, meters_by_slug: dict[str, Meter]) -> PlanIndex:
             meter=pm,
             rater=Rater(pm.price, pm.included, plan.currency),
             levels=levels,
+            hard_limit=None if pm.hard_limit is None else pm.hard_limit.absolute or pm.included * (pm.hard_limit.fraction or 0),
         )
     return PlanIndex(plan, plan.pricing_version, meters, plan.billing_period)
 

@@ -251,7 +251,7 @@ class ShardEngine:
         self.windows.close(t, t.watermark - self.cfg.allowed_lateness_ms, out)
         if t.pending:
             self.windows.corrections(t, out)
-        self.windows.finalize_periods(t)
+        self.windows.finalize_periods(t, out)
         t.hot.clear()
         lateness = self.cfg.allowed_lateness_ms
         due = [w.end_ms + lateness for w in t.open.values()]

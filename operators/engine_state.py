@@ -83,6 +83,10 @@ class MeterPeriod:
     next_limit: Decimal = INF
     levels_of: str = ""  # pricing version that next_limit was computed for
     correction_seq: int = 0
+    # For the read model (operators/usage.py), kept off the hot path: when each level was
+    # crossed (event time), and the last event time of the windows closed so far.
+    crossed: dict[tuple[str, str], int] = field(default_factory=dict)  # (pricing version, level) -> ms
+    last_ms: int = -(2**62)
 
     def usage(self, pv: str) -> int | Decimal:
         """Period-to-date usage under pricing version `pv` (what its levels are measured on)."""
@@ -130,3 +134,5 @@ class Out:
     # and pricing version after it, so an emission register can settle replays by difference.
     totals: list[tuple[Decimal, Decimal, int]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    # Meter periods forgotten past their grace: (tenant, (meter, period idx), final state).
+    final: list[tuple[str, tuple[str, int], MeterPeriod]] = field(default_factory=list)

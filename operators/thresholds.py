@@ -36,6 +36,7 @@ def fire(cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: 
         if (pv, lv.name) in mp.fired:
             continue
         mp.fired.add((pv, lv.name))
+        mp.crossed[(pv, lv.name)] = ev.ts_ms
         n = lv.threshold.sustained_periods
         if n is not None and not _sustained(t, pmi.slug, lv, mp.period.idx, n):
             continue

@@ -55,6 +55,8 @@ class Windows:
         if counts is None:
             counts = mp.closed_events = {}
         events = counts[pv] = counts.get(pv, 0) + acc.count
+        if acc.last_ms > mp.last_ms:
+            mp.last_ms = acc.last_ms
         out.totals.append((Decimal(after), charged, events))
         tenant = self.cat.tenants[t.tenant_id].tenant
         currency = plan.plan.currency
@@ -83,9 +85,10 @@ class Windows:
             )
         )
 
-    def finalize_periods(self, t: TenantState) -> None:
-        """Forget periods past their grace: nothing can change them any more (bounded memory)."""
+    def finalize_periods(self, t: TenantState, out: Out) -> None:
+        """Forget periods past their grace: nothing can change them any more (bounded memory).
+        Their final state goes out once more, for the read model's last word on them."""
         final = [k for k, mp in t.periods.items() if mp.period.end_ms + self.cfg.grace_ms <= t.watermark]
         for k in final:
             if not any(w[0] == k[0] and w[1] == k[1] for w in t.open):
-                del t.periods[k]
+                out.final.append((t.tenant_id, k, t.periods.pop(k)))

@@ -87,7 +87,8 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class StoreSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Redis: the long-horizon dedup store, the emission register, the delivery ledger."""
+    """Redis: the long-horizon dedup store, the emission register, the delivery ledger, the
+    read model."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tallyflow"  # namespaces every key
@@ -95,6 +96,9 @@ class StoreSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     emission_register: bool = True  # settle rated lines against Redis (crash-safe replays)
     register_ttl_days: Pos = 62.0
     ledger_ttl_days: Pos = 35.0
+    read_model: bool = True  # rating keeps per tenant/meter/period usage in Redis for `tallyflow api`
+    read_model_interval_seconds: Pos = 0.2  # a touched tenant's usage is written at most this often
+    read_model_days: Pos = 400.0  # kept this long after its period ends
 
     def key(self, name: str) -> str:
         return f"{self.redis_prefix}:{name}"

@@ -79,11 +79,21 @@ class Threshold(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return f"{base}x{self.sustained_periods}" if self.sustained_periods else base
 
 
+class HardLimit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Usage at which the entitlement API answers `has_access: false` (exactly one of a
+    fraction of `included` or an absolute quantity). Without one, access is soft: usage past
+    `included` is billed as overage and access stays open."""
+
+    fraction: Decimal | None = None
+    absolute: Decimal | None = None
+
+
 class PlanMeter(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     product_code: str
     price: PriceModel
     included: NonNeg = Decimal(0)
     thresholds: list[Threshold] = []
+    hard_limit: HardLimit | None = None
 
 
 class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -160,6 +170,16 @@ def check_catalog(cat: Catalog) -> None:
                     raise CatalogError(
                         f"{mw}.thresholds[{j}].fraction: 'included' is 0, so a fraction of it is meaningless; use 'absolute'"
                     )
+            hl = pm.hard_limit
+            if hl is not None:
+                if (hl.fraction is None) == (hl.absolute is None):
+                    raise CatalogError(f"{mw}.hard_limit: set exactly one of 'fraction' (of included) or 'absolute'")
+                if hl.fraction is not None and pm.included == 0:
+                    raise CatalogError(f"{mw}.hard_limit.fraction: 'included' is 0, so a fraction of it is meaningless; use 'absolute'")
+                for name in ("fraction", "absolute"):
+                    v = getattr(hl, name)
+                    if v is not None:
+                        _nonneg(v, f"{mw}.hard_limit.{name}", strict=True)
             levels = [th.level for th in pm.thresholds]
             if len(levels) != len(set(levels)):
                 raise CatalogError(f"{mw}.thresholds: two thresholds share a level name; give one a distinct 'name'")

@@ -1,0 +1,161 @@
+"""The read model: what a tenant has used and owes so far in each billing period, built from
+the engine's own state for the usage and entitlement API.
+
+Built from absolute period-to-date state, never from deltas, so writing it again after a
+crash replay writes the same values; `events` (accepted events in the period, which only
+grows along the input) lets the store refuse a write older than the one it holds. Once the
+input is drained every window is closed, and `quantity` and `amount` are exactly what
+`tallyflow reconcile` recounts (the sum of the period's rated lines).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from decimal import Decimal
+
+from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
+from operators.engine_state import MeterPeriod, TenantState
+from operators.periods import Period, iso
+from schemas.usage import Entitlement, LevelCrossed, MeterUsage, TenantUsage, VersionUsage
+
+ZERO = Decimal(0)
+NEVER = -(2**62)
+
+
+def access(pmi: PlanMeterIndex, used: Decimal) -> tuple[Decimal, Decimal, bool]:
+    """(remaining, overage, has_access) of `used` under one plan meter: access closes at the
+    hard limit, and stays open without one (overage is billed)."""
+    included = pmi.rater.included
+    return max(included - used, ZERO), max(used - included, ZERO), pmi.hard_limit is None or used < pmi.hard_limit
+
+
+def entitlement(
+    tenant_id: str, pmi: PlanMeterIndex, period: str, used: Decimal, as_of: str, watermark: str | None, pricing_version: str
+) -> Entitlement:
+    remaining, overage, has_access = access(pmi, used)
+    return Entitlement(
+        tenant_id=tenant_id,
+        meter=pmi.slug,
+        period=period,
+        has_access=has_access,
+        included=pmi.rater.included,
+        used=used,
+        remaining=remaining,
+        overage=overage,
+        hard_limit=pmi.hard_limit,
+        pricing_version=pricing_version,
+        as_of=as_of,
+        watermark=watermark,
+    )
+
+
+def plan_in_force(cat: CatalogIndex, tenant_id: str, ts_ms: int) -> PlanIndex | None:
+    ti = cat.tenants.get(tenant_id)
+    if ti is None:
+        return None
+    return ti.only_plan or ti.plan_at(ts_ms)
+
+
+def tenant_usage(
+    cat: CatalogIndex, t: TenantState, as_of_ms: int, final: Iterable[tuple[tuple[str, int], MeterPeriod]] = ()
+) -> list[TenantUsage]:
+    """One document per billing period the tenant has state for, and per period in `final`
+    (forgotten by the engine since the last write: all of a period's meters are forgotten
+    together, once its grace has passed)."""
+    events: dict[tuple[str, int, str], int] = {}  # in open and pending windows, per pricing version
+    last: dict[tuple[str, int], int] = {}
+    for windows in (t.open, t.pending):
+        for (slug, idx, pv, _), acc in windows.items():
+            events[(slug, idx, pv)] = events.get((slug, idx, pv), 0) + acc.count
+            if acc.last_ms > last.get((slug, idx), NEVER):
+                last[(slug, idx)] = acc.last_ms
+    docs: dict[str, TenantUsage] = {}
+    as_of = iso(as_of_ms)
+    for (slug, idx), mp in itertools.chain(t.periods.items(), final):
+        p = mp.period
+        doc = docs.get(p.key)
+        if doc is None:
+            doc = docs[p.key] = TenantUsage(
+                tenant_id=t.tenant_id,
+                period=p.key,
+                period_start=iso(p.start_ms),
+                period_end=iso(p.end_ms),
+                watermark=iso(t.watermark),
+                as_of=as_of,
+                events=0,
+                meters={},
+            )
+        m = _meter(cat, t, slug, idx, mp, events, max(mp.last_ms, last.get((slug, idx), NEVER)))
+        if m is not None:
+            doc.meters[slug] = m
+            doc.events += m.events
+    return list(docs.values())
+
+
+def _meter(
+    cat: CatalogIndex, t: TenantState, slug: str, idx: int, mp: MeterPeriod, open_events: dict[tuple[str, int, str], int], last_ms: int
+) -> MeterUsage | None:
+    plans = cat.plans_by_version
+    versions: list[VersionUsage] = []
+    quantity = amount = rated = ZERO
+    for pv in sorted(set(mp.live) | set(mp.closed)):
+        pmi = plans[pv].meters[slug]
+        live, closed = mp.live.get(pv), mp.closed.get(pv)
+        q = Decimal(live.value()) if live is not None else ZERO
+        qc = closed.value() if closed is not None else 0
+        a, ar = pmi.rater.charge(q), pmi.rater.charge(qc)
+        quantity, amount, rated = quantity + q, amount + a, rated + ar
+        versions.append(
+            VersionUsage(
+                pricing_version=pv,
+                plan_id=pmi.plan.id,
+                plan_version=pmi.plan.version,
+                quantity=q,
+                included=pmi.rater.included,
+                amount=a,
+                amount_rated=ar,
+                events=mp.closed_events.get(pv, 0) + open_events.get((slug, idx, pv), 0),
+            )
+        )
+    if not versions:
+        return None
+    pmi, pv = _current(cat, t, slug, mp.period, mp)
+    used = next((v.quantity for v in versions if v.pricing_version == pv), ZERO)
+    remaining, overage, has_access = access(pmi, used)
+    levels = []
+    for lpv, name in sorted(mp.fired):  # crossing times are unknown for state older than the read model
+        lv = next((lv for lv in plans[lpv].meters[slug].levels if lv.name == name), None)
+        if lv is not None:
+            ms = mp.crossed.get((lpv, name))
+            levels.append(LevelCrossed(level=name, limit=lv.limit, pricing_version=lpv, crossed_at=None if ms is None else iso(ms)))
+    levels.sort(key=lambda lv: (lv.pricing_version, lv.limit))
+    return MeterUsage(
+        meter=slug,
+        currency=pmi.plan.currency,
+        quantity=quantity,
+        amount=amount,
+        amount_rated=rated,
+        pricing_version=pv,
+        included=pmi.rater.included,
+        used=used,
+        remaining=remaining,
+        overage=overage,
+        hard_limit=pmi.hard_limit,
+        has_access=has_access,
+        events=sum(v.events for v in versions),
+        last_event_time=iso(last_ms) if last_ms > NEVER else None,
+        levels=levels,
+        versions=versions,
+    )
+
+
+def _current(cat: CatalogIndex, t: TenantState, slug: str, period: Period, mp: MeterPeriod) -> tuple[PlanMeterIndex, str]:
+    """The plan meter in force at the tenant's watermark (within the period): the version
+    whose `included` and hard limit the entitlement figures are measured against."""
+    at = min(max(t.watermark, period.start_ms), period.end_ms - 1)
+    plan = plan_in_force(cat, t.tenant_id, at)
+    if plan is not None and slug in plan.meters:
+        return plan.meters[slug], plan.pricing_version
+    pv = mp.levels_of or next(iter(mp.live))  # the plan in force dropped the meter: the version last used
+    return cat.plans_by_version[pv].meters[slug], pv

@@ -1,0 +1,82 @@
+"""The read model's contracts: what the usage and entitlement API answers.
+
+Quantities and money are Decimal, encoded as strings (as on every output topic); times are
+RFC 3339 UTC. One `TenantUsage` per tenant and billing period is what the rating dataflow
+writes to Redis; the API serves it as is.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+
+
+class LevelCrossed(msgspec.Struct, kw_only=True):
+    level: str
+    limit: Decimal
+    pricing_version: str
+    crossed_at: str | None  # event time of the event that reached it (unknown for state older than the read model)
+
+
+class VersionUsage(msgspec.Struct, kw_only=True):
+    """Usage rated under one pricing version: after a mid-period plan change each version's
+    `included` applies to the usage under it alone (SPEC §2.2)."""
+
+    pricing_version: str
+    plan_id: str
+    plan_version: int
+    quantity: Decimal
+    included: Decimal
+    amount: Decimal  # price of `quantity` (open windows included)
+    amount_rated: Decimal  # in closed windows: already on usage.rated
+    events: int
+
+
+class MeterUsage(msgspec.Struct, kw_only=True):
+    meter: str
+    currency: str
+    quantity: Decimal  # period to date, every accepted event, all pricing versions (what reconcile sums)
+    amount: Decimal  # what the period's rated lines add up to once its windows close
+    amount_rated: Decimal  # of it, in windows closed so far (on usage.rated, on their way to the ERP)
+    pricing_version: str  # in force at the tenant's watermark: `used` .. `has_access` are measured under it
+    included: Decimal
+    used: Decimal
+    remaining: Decimal
+    overage: Decimal
+    hard_limit: Decimal | None  # None: soft (overage is billed, access stays open)
+    has_access: bool
+    events: int
+    last_event_time: str | None
+    levels: list[LevelCrossed]
+    versions: list[VersionUsage]
+
+
+class TenantUsage(msgspec.Struct, kw_only=True):
+    tenant_id: str
+    period: str
+    period_start: str
+    period_end: str
+    watermark: str  # the tenant's latest event time this reflects
+    as_of: str  # wall time it was computed
+    events: int  # accepted events in the period (all meters): grows along the input, so a replay never goes back
+    meters: dict[str, MeterUsage]
+
+
+class Entitlement(msgspec.Struct, kw_only=True):
+    tenant_id: str
+    meter: str
+    period: str
+    has_access: bool
+    included: Decimal
+    used: Decimal
+    remaining: Decimal
+    overage: Decimal
+    hard_limit: Decimal | None
+    pricing_version: str
+    as_of: str  # when the figures were computed (the read model's time; now when there is no usage yet)
+    watermark: str | None  # the latest event time they reflect (None: no usage in the period yet)
+
+
+ENCODER = msgspec.json.Encoder(decimal_format="string")
+TENANT_USAGE = msgspec.json.Decoder(TenantUsage)

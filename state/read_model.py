@@ -1,0 +1,84 @@
+"""The read model in Redis: one hash per tenant and billing period, `<prefix>:usage:<tenant>:<period>`,
+holding the `TenantUsage` document (`doc`) and its accepted-event count (`n`).
+
+The rating dataflow writes it at most once per interval per touched tenant, all of a
+write's documents in one script call. A write carrying fewer events than the one stored is
+refused: after a crash the replay re-derives older states first, and the API must not show
+usage going back while it catches up (it rewrites the same values when it gets there).
+Keys expire `read_model_days` after their period ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+
+import redis.asyncio
+
+from runtime.redis import Patience, client
+from runtime.settings import StoreSettings
+from schemas.usage import ENCODER, TenantUsage
+
+# ARGV: {key, n, doc, expire-at (unix s)}...
+_WRITE = """
+for i = 1, #ARGV, 4 do
+  local k, n = ARGV[i], tonumber(ARGV[i + 1])
+  local cur = redis.call('HGET', k, 'n')
+  if (not cur) or tonumber(cur) <= n then
+    redis.call('HSET', k, 'n', ARGV[i + 1], 'doc', ARGV[i + 2])
+    redis.call('EXPIREAT', k, ARGV[i + 3])
+  end
+end
+return 0
+"""
+CHUNK = 500  # documents per script call: Redis is not held for long by any one
+
+
+def key(prefix: str, tenant_id: str, period: str) -> str:
+    return f"{prefix}:{tenant_id}:{period}"
+
+
+class ReadModelWriter:
+    def __init__(self, store: StoreSettings, on_change: Callable[[bool], None] | None = None) -> None:
+        self.r = client(store.redis_url)
+        self.prefix = store.key("usage")
+        self.keep_s = int(store.read_model_days * 86_400)
+        self.patience = Patience("read model", on_change=on_change)
+        self._write = self.r.register_script(_WRITE)
+        self.written = 0
+
+    def write(self, docs: Iterable[tuple[TenantUsage, int]]) -> None:
+        """Documents with their period's end (unix ms)."""
+        args: list[str | bytes | int] = []
+        for doc, end_ms in docs:
+            args += [key(self.prefix, doc.tenant_id, doc.period), doc.events, ENCODER.encode(doc), end_ms // 1000 + self.keep_s]
+        for i in range(0, len(args), 4 * CHUNK):
+            part = args[i : i + 4 * CHUNK]
+            self.patience(partial(self._write, args=part))
+        self.written += len(args) // 4
+
+
+class ReadModelReader:
+    """For the API: asyncio, so a request waits on Redis without a thread."""
+
+    def __init__(self, store: StoreSettings) -> None:
+        self.r = redis.asyncio.Redis.from_url(store.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self.prefix = store.key("usage")
+
+    async def get(self, tenant_id: str, period: str) -> bytes | None:
+        v = await self.r.hget(key(self.prefix, tenant_id, period), "doc")  # type: ignore[misc]
+        return v if isinstance(v, bytes) or v is None else v.encode()
+
+    async def periods(self, tenant_id: str) -> list[str]:
+        """Periods with usage, newest first (a scan of the tenant's keys: for people, not hot paths)."""
+        head = key(self.prefix, tenant_id, "")
+        found = [k.decode()[len(head) :] async for k in self.r.scan_iter(match=_glob(head) + "*", count=1000)]
+        return sorted(found, reverse=True)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+
+def _glob(s: str) -> str:
+    """`s` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)

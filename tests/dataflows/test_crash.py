@@ -21,9 +21,11 @@ from confluent_kafka import Producer
 from devkit.generator import GenSpec, produce
 from devkit.pipeline import LocalPipeline, wait_until
 from runtime.kafka import read_topic
+from runtime.settings import Settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter
 from tests.support.reference import expected
+from tests.support.usage import counts, read_model
 
 pytestmark = pytest.mark.integration  # starts the whole pipeline as processes
 
@@ -65,6 +67,12 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         args = (s.kafka.brokers, s.topics.input, spec, load_catalog(s.process.catalog))
         gen = threading.Thread(target=produce, args=args, kwargs={"record": sent}, daemon=True)
         gen.start()
+        # The read model never goes back: a restarted rating replays from its snapshot, and
+        # its older states must not overwrite what the API already showed.
+        went_back: list[tuple[bytes, int, int]] = []
+        watching = threading.Event()
+        watcher = threading.Thread(target=_watch_read_model, args=(s, went_back, watching), daemon=True)
+        watcher.start()
 
         # Two rounds of SIGKILL for each dataflow while traffic flows, at random moments.
         kills: list[str] = []
@@ -111,6 +119,18 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
             diff.update({k: (v, got_amt.get(k), None, None) for k, v in got_qty.items() if k not in want_qty})
             raise AssertionError(f"ERP (qty, amount) got vs want: {sorted(diff.items())[:20]}; logs in {lp.logdir}") from None
 
+        # The read model agrees with the model on every key, and never went back meanwhile.
+        def usage() -> tuple[dict[tuple[str, str, str], Decimal], dict[tuple[str, str, str], Decimal]]:
+            docs = read_model(s).values()
+            qty = {(d.tenant_id, m.meter, d.period): m.quantity for d in docs for m in d.meters.values() if m.quantity}
+            amt = {(d.tenant_id, m.meter, d.period): m.amount for d in docs for m in d.meters.values() if m.amount}
+            return qty, amt
+
+        wait_until(lambda: usage() == (want_qty, want_amt), 30, "the read model to hold exactly the expected totals")
+        watching.set()
+        watcher.join(10)
+        assert went_back == []
+
         # Effectively once: no line or alert arrived twice, whatever was replayed.
         state = lp.sandbox.state()
         assert [state[k]["duplicates"] for k in ("erp", "crm", "success")] == [0, 0, 0]
@@ -128,6 +148,16 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         assert Counter(dead.values()) == Counter(ref.dead)
         assert len(sent) == ref.accepted + ref.duplicates + len(dead)
         assert sorted(kills) == ["alerts", "alerts", "erp", "erp", "rate", "rate", "rate"]
+
+
+def _watch_read_model(s: Settings, went_back: list[tuple[bytes, int, int]], stop: threading.Event) -> None:
+    """Every document's event count, as often as Redis answers, until told to stop."""
+    seen: dict[bytes, int] = {}
+    while not stop.wait(0.05):  # a polling period, not a synchronisation
+        for k, n in counts(s).items():
+            if n < seen.get(k, 0):
+                went_back.append((k, seen[k], n))
+            seen[k] = max(n, seen.get(k, 0))
 
 
 def _subject(v: bytes) -> str:

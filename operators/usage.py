@@ -159,3 +159,39 @@ def _current(cat: CatalogIndex, t: TenantState, slug: str, period: Period, mp: M
         return plan.meters[slug], plan.pricing_version
     pv = mp.levels_of or next(iter(mp.live))  # the plan in force dropped the meter: the version last used
     return cat.plans_by_version[pv].meters[slug], pv
+
+
+def empty_usage(cat: CatalogIndex, tenant_id: str, plan: PlanIndex, period: Period, as_of_ms: int) -> TenantUsage:
+    """A period without usage yet: every meter of the plan at zero (so a page or a client
+    sees what is included before the first event)."""
+    meters: dict[str, MeterUsage] = {}
+    for slug, pmi in plan.meters.items():
+        remaining, overage, has_access = access(pmi, ZERO)
+        meters[slug] = MeterUsage(
+            meter=slug,
+            currency=plan.plan.currency,
+            quantity=ZERO,
+            amount=ZERO,
+            amount_rated=ZERO,
+            pricing_version=plan.pricing_version,
+            included=pmi.rater.included,
+            used=ZERO,
+            remaining=remaining,
+            overage=overage,
+            hard_limit=pmi.hard_limit,
+            has_access=has_access,
+            events=0,
+            last_event_time=None,
+            levels=[],
+            versions=[],
+        )
+    return TenantUsage(
+        tenant_id=tenant_id,
+        period=period.key,
+        period_start=iso(period.start_ms),
+        period_end=iso(period.end_ms),
+        watermark=None,
+        as_of=iso(as_of_ms),
+        events=0,
+        meters=meters,
+    )

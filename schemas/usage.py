@@ -57,7 +57,7 @@ class TenantUsage(msgspec.Struct, kw_only=True):
     period: str
     period_start: str
     period_end: str
-    watermark: str  # the tenant's latest event time this reflects
+    watermark: str | None  # the tenant's latest event time this reflects (None: no usage in the period yet)
     as_of: str  # wall time it was computed
     events: int  # accepted events in the period (all meters): grows along the input, so a replay never goes back
     meters: dict[str, MeterUsage]

@@ -1,4 +1,5 @@
-"""The API process: Starlette on uvicorn, stateless (the broker is the only thing it writes).
+"""The API process: Starlette on uvicorn, stateless (the broker is the only thing it writes,
+Redis the only thing it reads).
 
 Why Starlette + uvicorn: a small, well-kept ASGI toolkit with no opinions about bodies (we
 decode with msgspec, as the dataflows do) and a production server that runs it in one
@@ -10,12 +11,21 @@ runs in the thread pool, so the event loop keeps answering probes.
                         refused (per position, why) and the rest on the topic; 401 no or unknown
                         token; 403 scope; 413 body too large; 415 content type; 429 over the
                         client's events/s (Retry-After); 503 the broker did not acknowledge.
+    GET /v1/tenants/{tenant}/usage?period=&meter=
+                        the read model (usage, amount, levels) of one billing period; scope `read`.
+    GET /v1/tenants/{tenant}/entitlements/{meter}?period=
+                        has_access, included, used, remaining, overage; scope `read`.
+    GET /tenants/{tenant}?period=
+                        the same for people, as an HTML page (token as the Basic password).
     GET /healthz, /readyz, /metrics, /openapi.json
+
+Queries read only Redis (the read model the rating dataflow writes) and the catalog file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
 import math
 import time
 from collections.abc import AsyncIterator
@@ -25,15 +35,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from operators.stats import Stats
 from runtime.settings import Settings
+from schemas.usage import ENCODER as USAGE_ENCODER
 from serving.auth import Client, Tokens
-from serving.ingest import BrokerDown, Ingest
+from serving.ingest import BrokerDown, Ingest, catalog_watch
 from serving.openapi import document
+from serving.page import render
+from serving.usage import BadRequest, NotFound, Queries
+from state.read_model import ReadModelReader
 
 EVENTS = Counter("tallyflow_api_events", "Events posted to the API, by outcome.", ["outcome"])
+QUERIES = Counter("tallyflow_api_queries", "Usage queries answered, by kind.", ["kind"])
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 
@@ -66,21 +82,71 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
     tokens = Tokens.load(s.api.tokens_file)
     buckets: dict[str, _Bucket] = {}
     state: dict[str, Ingest] = {}
+    watch = ingest.watch if ingest else catalog_watch(s, Stats())  # a bad catalog stops start-up here
+    reader = ReadModelReader(s.stores)
+    queries = Queries(watch, reader)
 
     def the_ingest() -> Ingest:
         if "ingest" not in state:
-            state["ingest"] = ingest or Ingest(s)
+            state["ingest"] = ingest or Ingest(s, watch)
         return state["ingest"]
 
-    def authorize(request: Request, scope: str) -> Client | Response:
+    def authorize(request: Request, scope: str, html: bool = False) -> Client | Response:
         client = tokens.client(request.headers.get("authorization"))
         if client is None:
+            if html:  # a browser asks its user for the token (as the password)
+                return HTMLResponse(
+                    "<p>A token with the read scope is needed.</p>", 401, headers={"WWW-Authenticate": 'Basic realm="Tallyflow"'}
+                )
             return Response(
                 b'{"error":"a bearer token is required"}', 401, media_type="application/json", headers={"WWW-Authenticate": "Bearer"}
             )
         if scope not in client.scopes:
             return _error(403, f"this token lacks the {scope} scope")
         return client
+
+    def refused(e: Exception) -> Response:
+        return _error(404 if isinstance(e, NotFound) else 400, str(e))
+
+    async def get_usage(request: Request) -> Response:
+        client = authorize(request, "read")
+        if isinstance(client, Response):
+            return client
+        try:
+            found = await queries.usage(
+                request.path_params["tenant"], request.query_params.get("period"), request.query_params.get("meter")
+            )
+        except (NotFound, BadRequest) as e:
+            return refused(e)
+        QUERIES.labels("usage").inc()
+        return Response(USAGE_ENCODER.encode(found.usage), media_type="application/json")
+
+    async def get_entitlement(request: Request) -> Response:
+        client = authorize(request, "read")
+        if isinstance(client, Response):
+            return client
+        p = request.path_params
+        try:
+            ent = await queries.entitlement(p["tenant"], p["meter"], request.query_params.get("period"))
+        except (NotFound, BadRequest) as e:
+            return refused(e)
+        QUERIES.labels("entitlement").inc()
+        return Response(USAGE_ENCODER.encode(ent), media_type="application/json")
+
+    async def usage_page(request: Request) -> Response:
+        client = authorize(request, "read", html=True)
+        if isinstance(client, Response):
+            return client
+        tenant = request.path_params["tenant"]
+        try:
+            found = await queries.usage(tenant, request.query_params.get("period"))
+            periods = await queries.periods(tenant)
+        except (NotFound, BadRequest) as e:
+            return HTMLResponse(f"<p>{html.escape(str(e))}</p>", 404 if isinstance(e, NotFound) else 400)
+        if found.usage.period not in periods:
+            periods = sorted([*periods, found.usage.period], reverse=True)
+        QUERIES.labels("page").inc()
+        return HTMLResponse(render(found.usage, watch.index, periods))
 
     async def post_events(request: Request) -> Response:
         client = authorize(request, "ingest")
@@ -143,6 +209,7 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         yield
         if "ingest" in state:  # what the broker has not acknowledged yet, before exiting
             await run_in_threadpool(state["ingest"].close)
+        await reader.close()
 
     async def openapi(_: Request) -> Response:
         return Response(msgspec.json.encode(document()), media_type="application/json")
@@ -150,6 +217,9 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/events", post_events, methods=["POST"]),
+            Route("/v1/tenants/{tenant}/usage", get_usage),
+            Route("/v1/tenants/{tenant}/entitlements/{meter}", get_entitlement),
+            Route("/tenants/{tenant}", usage_page),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

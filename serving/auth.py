@@ -9,6 +9,7 @@ the token itself) and a memory dump holds no usable token.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from pathlib import Path
 from typing import Literal
@@ -67,7 +68,16 @@ class Tokens:
         return cls(out)
 
     def client(self, authorization: str | None) -> Client | None:
-        """The client a `Bearer <token>` header names, or None."""
-        if not authorization or not authorization.startswith("Bearer "):
+        """The client a `Bearer <token>` header names, or None. A browser may send the token
+        as the password of HTTP Basic (the usage page asks for it that way)."""
+        if not authorization:
             return None
-        return self.by_digest.get(digest(authorization[7:].strip()))
+        if authorization.startswith("Bearer "):
+            return self.by_digest.get(digest(authorization[7:].strip()))
+        if authorization.startswith("Basic "):
+            try:
+                _, _, token = base64.b64decode(authorization[6:].strip(), validate=True).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return self.by_digest.get(digest(token))
+        return None

@@ -59,15 +59,17 @@ class BrokerDown(Exception):
     """The broker did not acknowledge in time: nothing can be promised (503)."""
 
 
+def catalog_watch(s: Settings, stats: Stats) -> CatalogWatch:
+    return CatalogWatch(s.process.catalog, CatalogIndex.build(load_catalog(s.process.catalog)), s.process.catalog_reload_seconds, stats)
+
+
 class Ingest:
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, watch: CatalogWatch | None = None) -> None:
         self.s = s
         self.stats = Stats()
         # The same live reloads as the rating dataflow: a tenant onboarded in the catalog is
         # accepted here as soon as rating accepts it, without a restart.
-        self.watch = CatalogWatch(
-            s.process.catalog, CatalogIndex.build(load_catalog(s.process.catalog)), s.process.catalog_reload_seconds, self.stats
-        )
+        self.watch = watch or catalog_watch(s, self.stats)
         self.validator = Validator(self.watch.index, self.stats, s.limits)
         self.watch.listeners.append(lambda idx: setattr(self, "validator", Validator(idx, self.stats, s.limits)))
         self.lock = threading.Lock()  # the validator keeps per-call state

@@ -3,14 +3,11 @@ status code of POST /v1/events, a mixed batch losing nothing, and a valid OpenAP
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import orjson
-import pytest
-import uvicorn
 import yaml
 from openapi_spec_validator import validate
 
@@ -18,42 +15,10 @@ from devkit.pipeline import wait_until
 from devkit.stack import free_port
 from runtime.kafka import read_topic
 from runtime.settings import Settings
-from serving.app import BATCH, SINGLE, build_app
+from serving.app import BATCH, SINGLE
+from tests.serving.conftest import INGEST, READER, SLOW, bearer
 from tests.support.events import ev
 from tests.support.flows import write_catalog
-
-INGEST, READER, SLOW = "ingest-token-0123456789", "read-token-0123456789", "slow-token-0123456789"
-
-
-@pytest.fixture
-def api(small: Settings, tmp_path: Path) -> Iterator[Callable[..., httpx.Client]]:
-    tokens = tmp_path / "tokens.yaml"
-    clients = [
-        {"name": "svc", "token": INGEST, "scopes": ["ingest", "read"]},
-        {"name": "dash", "token": READER, "scopes": ["read"]},
-        {"name": "slow", "token": SLOW, "scopes": ["ingest"], "rate_per_second": 5},
-    ]
-    tokens.write_text(yaml.safe_dump({"clients": clients}))
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(**flat: object) -> httpx.Client:
-        s = small.replace(api_tokens_file=str(tokens), **flat)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(build_app(s), host="127.0.0.1", port=port, log_level="warning", access_log=False))
-        t = threading.Thread(target=server.run, daemon=True)
-        t.start()
-        servers.append((server, t))
-        wait_until(lambda: server.started, 10, "the API to listen")
-        return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-
-    yield start
-    for server, t in servers:
-        server.should_exit = True
-        t.join(10)
-
-
-def bearer(token: str, ctype: str = SINGLE) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", "Content-Type": ctype}
 
 
 def test_tokens_and_scopes(api: Callable[..., httpx.Client]) -> None:

@@ -1,0 +1,105 @@
+"""Usage and entitlement queries: the read model in Redis (written by the rating dataflow),
+read through the catalog for what it does not hold (a tenant's plan, the current period,
+a meter's included quantity before its first event). Nothing here writes anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+
+from operators.catalog_index import PlanIndex
+from operators.periods import Period, iso, period_of
+from operators.usage import ZERO, empty_usage, entitlement, plan_in_force
+from runtime.catalog_watch import CatalogWatch
+from schemas.usage import TENANT_USAGE, Entitlement, TenantUsage
+from state.read_model import ReadModelReader
+
+_FORMATS = {
+    "month": (re.compile(r"^\d{4}-\d{2}$"), "%Y-%m", "YYYY-MM"),
+    "day": (re.compile(r"^\d{4}-\d{2}-\d{2}$"), "%Y-%m-%d", "YYYY-MM-DD"),
+}
+
+
+class NotFound(Exception):
+    """404: the message says what is not there."""
+
+
+class BadRequest(Exception):
+    """400: the message names the parameter and the fix."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """A period's usage and where it came from: the read model, or zeros from the catalog."""
+
+    usage: TenantUsage
+    plan: PlanIndex  # in force for the period (at now, or at its end if it is over)
+    stored: bool
+
+
+class Queries:
+    def __init__(self, watch: CatalogWatch, reader: ReadModelReader) -> None:
+        self.watch, self.reader = watch, reader
+
+    def _plan(self, tenant_id: str, at_ms: int) -> PlanIndex:
+        cat = self.watch.index
+        ti = cat.tenants.get(tenant_id)
+        if ti is None:
+            raise NotFound(f"no tenant '{tenant_id}' in the catalog")
+        return plan_in_force(cat, tenant_id, at_ms) or ti.plans[-1]  # before or after its contract: its nearest plan
+
+    def period(self, tenant_id: str, key: str | None, now_ms: int) -> tuple[Period, PlanIndex]:
+        """The period asked for (default: the current one) and the plan in force for it."""
+        plan = self._plan(tenant_id, now_ms)
+        kind = plan.billing_period
+        if key is None:
+            return period_of(now_ms, kind), plan
+        pattern, fmt, shape = _FORMATS[kind]
+        try:
+            if not pattern.match(key):
+                raise ValueError
+            start = datetime.strptime(key, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            raise BadRequest(f"period: '{key}' is not a billing period of this tenant; use {shape}") from None
+        p = period_of(int(start.timestamp() * 1000), kind)
+        return p, self._plan(tenant_id, max(p.start_ms, min(now_ms, p.end_ms - 1)))
+
+    async def usage(self, tenant_id: str, key: str | None, meter: str | None = None) -> Found:
+        self.watch.poll()
+        now_ms = int(time.time() * 1000)
+        p, plan = self.period(tenant_id, key, now_ms)
+        raw = await self.reader.get(tenant_id, p.key)
+        doc = TENANT_USAGE.decode(raw) if raw is not None else empty_usage(self.watch.index, tenant_id, plan, p, now_ms)
+        if meter is not None:
+            if meter not in doc.meters and meter not in plan.meters:
+                raise NotFound(f"meter '{meter}' is not in plan {plan.pricing_version} of tenant '{tenant_id}' nor in its usage")
+            if meter not in doc.meters:
+                doc = msgspec.structs.replace(doc, meters=empty_usage(self.watch.index, tenant_id, plan, p, now_ms).meters)
+            doc.meters = {meter: doc.meters[meter]}
+        return Found(doc, plan, raw is not None)
+
+    async def entitlement(self, tenant_id: str, meter: str, key: str | None) -> Entitlement:
+        """Measured under the pricing version in force (after a plan change: the usage rated
+        under it, the quantity its `included` applies to)."""
+        self.watch.poll()
+        now_ms = int(time.time() * 1000)
+        p, plan = self.period(tenant_id, key, now_ms)
+        pmi = plan.meters.get(meter)
+        if pmi is None:
+            raise NotFound(f"meter '{meter}' is not in plan {plan.pricing_version} of tenant '{tenant_id}'")
+        raw = await self.reader.get(tenant_id, p.key)
+        if raw is None:
+            return entitlement(tenant_id, pmi, p.key, ZERO, iso(now_ms), None, plan.pricing_version)
+        doc = TENANT_USAGE.decode(raw)
+        m = doc.meters.get(meter)
+        used = next((v.quantity for v in m.versions if v.pricing_version == plan.pricing_version), ZERO) if m else ZERO
+        return entitlement(tenant_id, pmi, p.key, used, doc.as_of, doc.watermark, plan.pricing_version)
+
+    async def periods(self, tenant_id: str) -> list[str]:
+        self._plan(tenant_id, int(time.time() * 1000))
+        return await self.reader.periods(tenant_id)

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from schemas.events import CloudEvent
+from schemas.usage import Entitlement, TenantUsage
 
 
 class Refusal(msgspec.Struct):
@@ -30,14 +31,34 @@ def _json(ref: str) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
-    _, components = msgspec.json.schema_components([IngestAnswer, Error, CloudEvent], ref_template="#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components(
+        [IngestAnswer, Error, CloudEvent, TenantUsage, Entitlement], ref_template="#/components/schemas/{name}"
+    )
     err = {"content": _json("Error")}
+    tenant = {"name": "tenant", "in": "path", "required": True, "schema": {"type": "string"}}
+    period = {
+        "name": "period",
+        "in": "query",
+        "required": False,
+        "description": "YYYY-MM (YYYY-MM-DD for daily plans); default: the current period",
+        "schema": {"type": "string"},
+    }
+    read = {
+        "401": {"description": "no or unknown bearer token", **err},
+        "403": {"description": "the token lacks the read scope", **err},
+        "400": {"description": "a malformed period", **err},
+        "404": {"description": "no such tenant, or the meter is not in its plan", **err},
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Tallyflow API", "version": "1", "description": "Usage events in over HTTP (CloudEvents 1.0)."},
+        "info": {
+            "title": "Tallyflow API",
+            "version": "1",
+            "description": "Usage events in over HTTP (CloudEvents 1.0); usage and entitlements out.",
+        },
         "components": {
             "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}, "basic": {"type": "http", "scheme": "basic"}},
         },
         "security": [{"bearer": []}],
         "paths": {
@@ -66,6 +87,38 @@ def document() -> dict[str, Any]:
                         "429": {"description": "over the client's events per second; see Retry-After", **err},
                         "503": {"description": "the broker did not acknowledge; send again", **err},
                     },
+                }
+            },
+            "/v1/tenants/{tenant}/usage": {
+                "get": {
+                    "summary": "A billing period's usage per meter: quantity, amount, included/used/remaining, levels crossed",
+                    "parameters": [
+                        tenant,
+                        period,
+                        {"name": "meter", "in": "query", "required": False, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "the read model (zeros before the first event)", "content": _json("TenantUsage")},
+                        **read,
+                    },
+                }
+            },
+            "/v1/tenants/{tenant}/entitlements/{meter}": {
+                "get": {
+                    "summary": "May the tenant use the meter: has_access is false once usage reaches the plan's hard limit",
+                    "parameters": [tenant, {"name": "meter", "in": "path", "required": True, "schema": {"type": "string"}}, period],
+                    "responses": {
+                        "200": {"description": "measured under the pricing version in force", "content": _json("Entitlement")},
+                        **read,
+                    },
+                }
+            },
+            "/tenants/{tenant}": {
+                "get": {
+                    "summary": "The usage page for people (HTML); the token may come as the password of HTTP Basic",
+                    "parameters": [tenant, period],
+                    "security": [{"bearer": []}, {"basic": []}],
+                    "responses": {"200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}, **read},
                 }
             },
             "/healthz": {"get": {"summary": "the process is alive", "security": [], "responses": {"200": {"description": "alive"}}}},

@@ -10,6 +10,7 @@ tooling only (kafka-consumer-groups, KEDA's Kafka scaler); resuming never reads 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,27 @@ log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=5)
 Record = tuple[str, bytes | None, bytes]  # (topic, key, value)
+
+
+class Backlog:
+    """Whether input is waiting in this process: a consume that filled a whole batch means
+    more is queued behind it (the process is catching up, or at its limit). Work that can
+    wait (the read model) yields to the input then."""
+
+    __slots__ = ("full_at",)
+
+    def __init__(self) -> None:
+        self.full_at = -1e9
+
+    def saw(self, n: int, batch_size: int) -> None:
+        if n >= batch_size:
+            self.full_at = time.monotonic()
+
+    def behind(self, within_s: float = 1.0) -> bool:
+        return time.monotonic() - self.full_at < within_s
+
+
+BACKLOG = Backlog()  # per process: its workers share one interpreter (and one GIL)
 
 
 class _Partition(StatefulSourcePartition[list[Message], int]):
@@ -54,6 +76,7 @@ class _Partition(StatefulSourcePartition[list[Message], int]):
         # one would stall the others. next_awake() backs off instead when idle.
         msgs = self._consumer.consume(self._batch_size, 0)
         self._idle = not msgs
+        BACKLOG.saw(len(msgs), self._batch_size)
         good: list[Message] = []
         for m in msgs:
             err = m.error()

@@ -20,13 +20,13 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from operator import attrgetter
 from typing import Any
 
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Message
 
+from connectors.kafka_source import BACKLOG, Backlog
 from operators.aggregate import Agg
 from operators.catalog_index import CatalogIndex
 from operators.deadletters import encode_fitted, internal_error, shrink_encoded
@@ -145,7 +145,6 @@ class Intake:
         return items
 
 
-_TENANT = attrgetter("tenant_id")
 Final = tuple[str, tuple[str, int], MeterPeriod]  # a period the engine forgot: tenant, (meter, idx), state
 _MOVED = {"operators.rating": "operators.engine_state"}
 
@@ -210,13 +209,30 @@ def _live_per_version(t: TenantState) -> None:
 
 class UsagePublisher:
     """Writes the read model (operators/usage.py) of the tenants a shard touched, at most once
-    per interval: freshness stays within the interval and its cost is bounded by the number of
-    tenants, not events. Shared by every shard of the process."""
+    per interval: its cost grows with the tenants active in an interval, not with events.
 
-    def __init__(self, writer: ReadModelWriter, interval_s: float) -> None:
-        self.writer, self.interval_s = writer, interval_s
+    While input is waiting (the process is catching up or at its limit: `Backlog`), the read
+    model yields: all shards together may spend at most `budget` of the wall time on it (a
+    token bucket of seconds), so it never costs throughput more than that; the figures are as
+    late as the input then anyway. With headroom it is written every interval. Shared by
+    every shard of the process (they share one thread)."""
+
+    def __init__(self, writer: ReadModelWriter, interval_s: float, stats: Stats, budget: float = 0.03, backlog: Backlog = BACKLOG) -> None:
+        self.writer, self.interval_s, self.stats, self.budget, self.backlog = writer, interval_s, stats, budget, backlog
+        self._tokens, self._stamp = 0.0, time.monotonic()
+
+    def may_publish(self) -> bool:
+        """Whether the budget allows a write now (always, while no input is waiting)."""
+        now = time.monotonic()
+        self._tokens = min(self.budget, self._tokens + (now - self._stamp) * self.budget)
+        self._stamp = now
+        return self._tokens > 0 or not self.backlog.behind()
+
+    def _spent(self, seconds: float) -> None:
+        self._tokens = max(-1.0, self._tokens - seconds)
 
     def publish(self, engine: ShardEngine, tenants: set[str], final: list[Final], now: float) -> None:
+        started = time.monotonic()
         now_ms = int(now * 1000)
         docs: list[tuple[TenantUsage, int]] = []
         finals: dict[str, list[tuple[tuple[str, int], MeterPeriod]]] = {}
@@ -234,6 +250,10 @@ class UsagePublisher:
                 internal_error(e, f"building the read model of tenant {tid}", tenant_id=tid)
         if docs:
             self.writer.write(docs)
+        spent = time.monotonic() - started
+        self._spent(spent)
+        self.stats.read_model_seconds += spent
+        self.stats.read_model_docs += len(docs)
 
 
 class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
@@ -242,6 +262,7 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         self.dirty: set[str] = set()  # tenants whose read model is behind
         self.final: list[Final] = []  # periods the engine forgot since, for their last write
         self.next_publish = 0.0
+        self._now = 0.0
 
     @classmethod
     def builder(
@@ -279,9 +300,10 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         if res.lines:
             self.dirty.update([ln.tenant_id for ln in res.lines])
         if (self.dirty or self.final) and (force or now >= self.next_publish):
-            self.usage.publish(self.engine, self.dirty, self.final, now)
-            self.dirty, self.final = set(), []
-            self.next_publish = now + self.usage.interval_s
+            if force or self.usage.may_publish():
+                self.usage.publish(self.engine, self.dirty, self.final, now)
+                self.dirty, self.final = set(), []
+            self.next_publish = now + self.usage.interval_s  # written, or over budget: look again then
 
     def _take(self, o: Out, res: ShardOut) -> None:
         self.enc.out(o, res)
@@ -295,16 +317,17 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         return ([res] if res else [], self.RETAIN)
 
     def on_batch(self, values: list[ShardItem]) -> tuple[list[ShardOut], bool]:
-        now = time.time()
+        # A new `now` per call: the engine's touched tenants (the read model's dirty ones)
+        # are those first touched at a given `now`.
+        now = self._now = max(time.time(), self._now + 1e-6)
         received = iso(int(now * 1000))
         res = ShardOut()
-        dirty = self.dirty if self.usage is not None else None
         for batch, passthrough in values:
             res.records.extend(passthrough)
             if batch:
                 self._take(self.engine.process(batch, now, received), res)
-                if dirty is not None:
-                    dirty.update(map(_TENANT, batch))
+                if self.usage is not None:
+                    self.dirty |= self.engine.last_touched
         self._publish(res, now)
         return ([res] if res else [], self.RETAIN)
 

@@ -61,7 +61,7 @@ def build_flow(
     store = DedupStore(s.stores, redis_up) if s.stores.dedup_store_days else None
     # A replay re-rates a slice of the input from scratch: its partial state is not the usage.
     usage = (
-        UsagePublisher(ReadModelWriter(s.stores, redis_up), s.stores.read_model_interval_seconds)
+        UsagePublisher(ReadModelWriter(s.stores, redis_up), s.stores.read_model_interval_seconds, stats)
         if s.stores.read_model and replay is None
         else None
     )

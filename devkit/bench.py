@@ -6,13 +6,19 @@ same run (ratios, not absolute times, are what to compare across noisy machines)
 * `lean_events_per_s`: the physical-limit reference, a lean confluent-kafka + msgspec loop
   (decode, dedup per tenant in a dict, sum per tenant, meter and minute) on the same events;
 * `inmemory_events_per_s`: the rating dataflow with the Redis dedup store and emission
-  register off; `default_events_per_s`: as deployed (both on); `reference_events_per_s`:
+  register and the read model off; `default_events_per_s`: as deployed (all on); `reference_events_per_s`:
   the same operators in a plain loop without Bytewax;
 * `tenants_100k`: the default dataflow with a catalog of 100,000 tenants (JSON), its load
   time and memory, and RSS per active tenant;
 * `redis_bytes_per_id` (the long-horizon store), `dedup_bytes_per_live_id` (memory);
+* `read_model_cost`: the share of the default run's time spent building and writing the read
+  model (measured in the run); `read_model_cost_ab`: 1 - default / default without it
+  (`read_model=false`), the same cost seen through two noisy runs;
 * `delivery_at_{20,50}k_events_per_s`: the three dataflows as processes under a steady
-  load: alert latency from the event produced to the CRM receiving the alert.
+  load: alert latency from the event produced to the CRM receiving the alert;
+* `api`: `tallyflow api` under load (devkit/bench_api.py): entitlement p99 at 2,000
+  requests/s, HTTP ingest events/s in batches of 100, freshness (event produced -> visible
+  in the API) p99 at 20k events/s.
 
 Each throughput run is a fresh process (`devkit/bench_runs.py`); alternating rounds keep
 the best of each, because these 2-core machines are noisy.
@@ -48,7 +54,12 @@ TARGETS = {
     "tenants_100k.catalog_rss_mb": 100,
     "redis_bytes_per_id": 24,
     "delivery_at_50k_events_per_s.alert_latency_ms.p99": 250,
+    "read_model_cost": 0.05,
+    "api.entitlement_p99_ms": 5,
+    "api.ingest_events_per_s": 50_000,
+    "api.freshness_p99_ms": 500,
 }
+HIGHER_IS_BETTER = ("ratio", "events_per_s")
 
 
 def _run(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -77,12 +88,20 @@ def throughput(st: LocalStack, s: Settings, ends: dict[int, int], rounds: int, p
     """Lean loop, reference loop, in-memory and default dataflow, alternating; best of each."""
     best: dict[str, dict[str, Any]] = {}
     ends_json = {str(p): e for p, e in ends.items()}
+    memory_only = {"dedup_store_days": 0, "emission_register": False, "read_model": False}
     for i in range(rounds):
         runs: dict[str, tuple[str, dict[str, Any]]] = {
             "lean": ("lean", {"brokers": st.brokers, "topic": s.topics.input, "ends": ends_json}),
-            "reference": ("reference", {"settings": _flat(s, dedup_store_days=0, emission_register=False), "ends": ends_json}),
-            "inmemory": ("dataflow", {"settings": _flat(s, dedup_store_days=0, emission_register=False), "ends": ends_json}),
+            "reference": (
+                "reference",
+                {"settings": _flat(s, **memory_only), "ends": ends_json},
+            ),
+            "inmemory": (
+                "dataflow",
+                {"settings": _flat(s, **memory_only), "ends": ends_json},
+            ),
             "default": ("dataflow", {"settings": _flat(s, redis_prefix=f"{prefix}-{i}"), "ends": ends_json}),
+            "no_read_model": ("dataflow", {"settings": _flat(s, redis_prefix=f"{prefix}-nrm-{i}", read_model=False), "ends": ends_json}),
         }
         for name, (kind, cfg) in runs.items():
             r = _run(kind, cfg)
@@ -220,7 +239,7 @@ def _met(results: dict[str, Any]) -> dict[str, bool]:
         v: Any = results
         for part in path.split("."):
             v = v.get(part) if isinstance(v, dict) else None
-        lower_is_better = "ratio" not in path
+        lower_is_better = not any(w in path for w in HIGHER_IS_BETTER)
         out[path] = v is not None and (v <= bar if lower_is_better else v >= bar)
     return out
 
@@ -232,6 +251,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tenants-100k-events", type=int, default=1_000_000, help="events of the 100,000-tenant run (0: skip it)")
     ap.add_argument("--delivery-events", type=int, default=1_200_000, help="events of each alert-latency run (0: skip them)")
     ap.add_argument("--delivery-rates", default="20000,50000", help="steady loads of the alert-latency runs, events/s")
+    ap.add_argument("--api-seconds", type=float, default=15, help="length of each phase of the API bench (0: skip it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -255,6 +275,9 @@ def run(args: argparse.Namespace) -> int:
             ratio_inmemory_to_lean=round(best["inmemory"]["events_per_s"] / lean, 3),
             ratio_dataflow_to_reference=round(best["inmemory"]["events_per_s"] / best["reference"]["events_per_s"], 3),
             redis_cost=round(1 - best["default"]["events_per_s"] / best["inmemory"]["events_per_s"], 3),
+            read_model_cost=best["default"]["read_model_share"],
+            read_model_cost_ab=round(1 - best["default"]["events_per_s"] / best["no_read_model"]["events_per_s"], 3),
+            read_model_docs=best["default"]["read_model_docs"],
             rated_lines=best["default"]["lines"],
             alerts=best["default"]["alerts"],
             rss_mb=best["default"]["rss_mb"],
@@ -264,6 +287,10 @@ def run(args: argparse.Namespace) -> int:
             big["ratio_to_1k"] = round(big["default_events_per_s"] / results["default_events_per_s"], 3)
             results["tenants_100k"] = big
         results["redis_bytes_per_id"] = redis_bytes_per_id(st.redis_url)
+        if args.api_seconds:
+            from devkit.bench_api import api_bench
+
+            results["api"] = api_bench(st, s, Path(tmp), args.api_seconds)
     results["dedup_bytes_per_live_id"] = dedup_bytes_per_live_id()
     if args.delivery_events:
         for rate in (float(r) for r in args.delivery_rates.split(",")):

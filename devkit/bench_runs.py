@@ -132,6 +132,8 @@ def dataflow(s: Settings, ends: Mapping[int, int]) -> dict[str, Any]:
         "build_s": round(t0 - t_build, 2),
         "rss_before_first_event_mb": round(start_rss, 1),
         "rss_mb": round(rss_mb(), 1),
+        "read_model_docs": stats.read_model_docs,
+        "read_model_share": round(stats.read_model_seconds / seconds, 4),
     }
 
 

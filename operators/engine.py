@@ -39,6 +39,9 @@ class ShardEngine:
         # it touched, oldest first; a tenant touched again later is skipped when its batch
         # comes due (its last_wall moved on).
         self._touched: deque[tuple[float, set[str]]] = deque()
+        # Tenants with an accepted event in the last `process` call that were not already
+        # touched at the same `now` (callers that need every call's tenants pass a new `now`).
+        self.last_touched: set[str] = set()
 
     @property
     def cat(self) -> CatalogIndex:
@@ -94,6 +97,7 @@ class ShardEngine:
         due: dict[str, TenantState] = {}
         touched: set[str] = set()
         self._touched.append((now, touched))
+        self.last_touched = touched
         start = 0
         while start < len(batch):
             failed = self._apply(batch, start, now, received_at, out, due, touched)

@@ -28,6 +28,8 @@ class Stats:
     resent_lines: int = 0  # pending lines of an earlier process produced again
     catalog_reloads: int = 0
     catalog_reload_errors: int = 0
+    read_model_docs: int = 0  # documents written to the read model
+    read_model_seconds: float = 0.0  # wall time spent building and writing them (its cost to throughput)
 
     def conservation_gap(self) -> int:
         """records_in - (accepted + duplicates + dead letters); 0 when nothing is lost."""

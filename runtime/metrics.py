@@ -94,6 +94,10 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily("tallyflow_open_windows", "Windows holding usage not yet rated.", value=s.open_windows)
         yield GaugeMetricFamily("tallyflow_redis_up", "0 while input waits for Redis (dedup store, register).", value=int(s.redis_up))
         yield CounterMetricFamily("tallyflow_resent_lines", "Pending rated lines of a dead process produced again.", value=s.resent_lines)
+        yield CounterMetricFamily("tallyflow_read_model_documents", "Read model documents written to Redis.", value=s.read_model_docs)
+        yield CounterMetricFamily(
+            "tallyflow_read_model_seconds", "Time spent building and writing the read model.", value=s.read_model_seconds
+        )
         reloads = CounterMetricFamily("tallyflow_catalog_reloads", "Catalog reloads by outcome.", labels=["outcome"])
         reloads.add_metric(["ok"], s.catalog_reloads)
         reloads.add_metric(["error"], s.catalog_reload_errors)

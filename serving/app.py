@@ -178,7 +178,7 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
         try:
-            await run_in_threadpool(ing.produce, judged.accepted)
+            await ing.produce(judged.accepted)
         except BrokerDown as e:
             EVENTS.labels("unavailable").inc(n)
             return _error(

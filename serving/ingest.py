@@ -9,6 +9,7 @@ API accepts is one rating will accept (barring a catalog change in between).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ class Ingest:
                 }
             )
         )
+        self._closing = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="delivery-reports", daemon=True)
+        self._poller.start()
 
     def judge(self, body: bytes, batch: bool) -> Judged:
         """Split and validate; a body that is not even an array of JSON values is one refusal."""
@@ -105,20 +109,49 @@ class Ingest:
             out.refused[d.offset] = (d.reason, d.message)
         return out
 
-    def produce(self, accepted: list[Accepted]) -> None:
-        """Hand the events to the broker and wait for every acknowledgement."""
+    async def produce(self, accepted: list[Accepted]) -> None:
+        """Hand the events to the broker and wait for their acknowledgements, and only theirs:
+        concurrent requests do not wait for each other (a flush would wait for every message
+        in flight). Delivery reports are served by the poller thread."""
+        if not accepted:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        left = [len(accepted)]
         errors: list[KafkaError] = []
 
-        def report(err: KafkaError | None, _msg: Any) -> None:
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def report(err: KafkaError | None, _msg: Any) -> None:  # in the poller thread
             if err is not None:
                 errors.append(err)
+            left[0] -= 1
+            if left[0] == 0:
+                loop.call_soon_threadsafe(settle)
 
-        topic = self.s.topics.input
+        topic, timeout = self.s.topics.input, self.s.api.produce_timeout_seconds
+        deadline = loop.time() + timeout
         for a in accepted:
-            self.producer.produce(topic, a.payload, a.tenant_id.encode(), on_delivery=report)
-        left = self.producer.flush(self.s.api.produce_timeout_seconds + 1)
-        if left or errors:
-            raise BrokerDown(str(errors[0]) if errors else f"{left} event(s) not acknowledged in time")
+            while True:
+                try:
+                    self.producer.produce(topic, a.payload, a.tenant_id.encode(), on_delivery=report)
+                    break
+                except BufferError:  # the local queue is full: the broker is slow or away
+                    if loop.time() > deadline:
+                        raise BrokerDown("the producer's queue stayed full") from None
+                    await asyncio.sleep(0.005)  # back-off while the poller drains the queue, not a synchronisation
+        try:
+            await asyncio.wait_for(done, timeout + 1)
+        except TimeoutError:
+            raise BrokerDown(f"{left[0]} event(s) not acknowledged in time") from None
+        if errors:
+            raise BrokerDown(str(errors[0]))
+
+    def _poll(self) -> None:
+        while not self._closing.is_set():
+            self.producer.poll(0.05)
 
     def broker_problem(self) -> str | None:
         """Why the broker cannot take events now (for /readyz), asked at most every 5 s."""
@@ -133,4 +166,6 @@ class Ingest:
         return self._problem
 
     def close(self) -> None:
+        self._closing.set()
+        self._poller.join(5)
         self.producer.flush(5)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dataflows import FLOWS
 from runtime import kafka
-from runtime.settings import ConfigError, load_settings, to_env
+from runtime.settings import ConfigError, load_settings, to_env, tune_gc
 from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
 
@@ -133,8 +133,10 @@ def _api(a: argparse.Namespace) -> int:
     from serving.app import build_app
 
     s = load_settings()
+    app = build_app(s)
+    tune_gc()  # the catalog is long-lived: freeze it, so collections do not pause requests rescanning it
     # No access log: it would hold nothing useful that /metrics lacks, and tokens stay out of logs.
-    uvicorn.run(build_app(s), host=a.host or s.api.host, port=a.port or s.api.port, access_log=False, log_level="info")
+    uvicorn.run(app, host=a.host or s.api.host, port=a.port or s.api.port, access_log=False, log_level="info")
     return 0
 
 

@@ -33,17 +33,24 @@ Record = tuple[str, bytes | None, bytes]  # (topic, key, value)
 
 
 class Backlog:
-    """Whether input is waiting in this process: a consume that filled a whole batch means
-    more is queued behind it (the process is catching up, or at its limit). Work that can
-    wait (the read model) yields to the input then."""
+    """Whether input is waiting in this process: consumes that keep filling whole batches
+    mean more is queued behind them (the process is catching up, or at its limit). One full
+    batch is not a backlog (a pause of a few milliseconds leaves one); `STREAK` in a row
+    are. Work that can wait (the read model) yields to the input then."""
 
-    __slots__ = ("full_at",)
+    STREAK = 8
+    __slots__ = ("full_at", "streak")
 
     def __init__(self) -> None:
         self.full_at = -1e9
+        self.streak = 0
 
     def saw(self, n: int, batch_size: int) -> None:
-        if n >= batch_size:
+        if n < batch_size:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak >= self.STREAK:
             self.full_at = time.monotonic()
 
     def behind(self, within_s: float = 1.0) -> bool:

@@ -14,11 +14,14 @@ loaded by a bounded async client on loopback (aiohttp: httpx's async client tops
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import random
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from confluent_kafka import Producer
 from dataflows import FLOWS
 from devkit.generator import GenSpec, events, produce
 from devkit.pipeline import wait_until
-from devkit.stack import LocalStack, free_port
+from devkit.stack import free_port
 from runtime.settings import Settings, to_env
 from schemas.catalog import load_catalog
 
@@ -52,18 +55,13 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
     return {"p50": round(xs[len(xs) // 2] * 1000, 2), "p99": round(xs[min(len(xs) - 1, int(0.99 * len(xs)))] * 1000, 2), "n": len(xs)}
 
 
-def api_bench(st: LocalStack, base: Settings, tmp: Path, seconds: float = 15.0) -> dict[str, Any]:
-    tag = f"api-{int(time.time())}"
-    s = base.replace(
-        input_topic=f"{tag}-events",
-        alerts_topic=f"{tag}-alerts",
-        rated_topic=f"{tag}-rated",
-        dlq_topic=f"{tag}-dlq",
-        redis_prefix=tag,
-        api_tokens_file=str(_tokens(tmp)),
-        catalog_reload_seconds=0,
-    )
-    st.create_topics({s.topics.input: 4, s.topics.alerts: 1, s.topics.rated: 1, s.topics.dlq: 1})
+def api_bench(s: Settings, tmp: Path, seconds: float = 15.0) -> dict[str, Any]:
+    """Run in a process of its own (`devkit.bench_runs api`): a client sharing a heap with
+    the rest of the bench would measure that heap's garbage collections. The topics of `s`
+    exist, empty."""
+    gc.collect()
+    gc.freeze()
+    s = s.replace(api_tokens_file=str(_tokens(tmp)), catalog_reload_seconds=0)
     env = {**to_env(s), "PYTHONUNBUFFERED": "1"}
     port = free_port()
     logs = tmp / "api-bench.log"
@@ -135,52 +133,79 @@ async def _freshness(s: Settings, url: str, seconds: float, rate: float = 20_000
         await asyncio.sleep(3)  # let the load reach its rate before probing; a warm-up, not a synchronisation
         t_end = time.monotonic() + seconds
         k = 0
-        while time.monotonic() < t_end:
-            k += 1
-            body = {
-                "specversion": "1.0",
-                "id": f"probe-{k}-{time.time_ns()}",
-                "source": "bench/probe",
-                "type": "api.request",
-                "subject": PROBE_TENANT,
-                "time": _iso(datetime.now(UTC)),
-            }
-            t0 = time.monotonic()
-            producer.produce(s.topics.input, orjson.dumps(body), PROBE_TENANT.encode())
-            producer.flush(10)
-            while await seen() < base + k:
-                if time.monotonic() - t0 > 10:
-                    raise RuntimeError(f"probe {k} not visible in the API after 10 s")
-                await asyncio.sleep(0.002)  # the poll period of the probe, not a synchronisation
-            latencies.append(time.monotonic() - t0)
-            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - t0)))
+        with _no_gc():
+            while time.monotonic() < t_end:
+                k += 1
+                t0 = time.monotonic()
+                producer.produce(s.topics.input, _probe(k), PROBE_TENANT.encode())
+                producer.flush(10)
+                while await seen() < base + k:
+                    if time.monotonic() - t0 > 10:
+                        raise RuntimeError(f"probe {k} not visible in the API after 10 s")
+                    await asyncio.sleep(0.002)  # the poll period of the probe, not a synchronisation
+                latencies.append(time.monotonic() - t0)
+                await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - t0)))
     load.join(seconds + 60)
     return {"load_events_per_s": rate, "probes": len(latencies), "latency_ms": _percentiles(latencies)}
 
 
+def _probe(k: int) -> bytes:
+    """The k-th probe: one API call of the probe tenant, now."""
+    body = {
+        "specversion": "1.0",
+        "id": f"probe-{k}-{time.time_ns()}",
+        "source": "bench/probe",
+        "type": "api.request",
+        "subject": PROBE_TENANT,
+        "time": _iso(datetime.now(UTC)),
+    }
+    return orjson.dumps(body)
+
+
 async def _entitlements(url: str, rate: float, seconds: float, connections: int = 32) -> dict[str, Any]:
+    """Requests start at their due times whatever the answers do (open loop); each one's
+    latency counts from its due time, so a stall shows up in every request it delays."""
     rng = random.Random(3)
     tenants = [f"t-{i:04d}" for i in range(1, 1000)]
     latencies: list[float] = []
     errors = 0
     n = int(rate * seconds)
     gate = asyncio.Semaphore(connections)
+    running: set[asyncio.Task[None]] = set()
     async with _client(url, connections) as c:
-        start = time.monotonic() + 0.2
 
-        async def one(i: int) -> None:
+        async def one(due: float, tenant: str) -> None:
             nonlocal errors
-            due = start + i / rate
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            async with gate, c.get(f"/v1/tenants/{rng.choice(tenants)}/entitlements/{PROBE_METER}") as r:
+            async with gate, c.get(f"/v1/tenants/{tenant}/entitlements/{PROBE_METER}") as r:
                 await r.read()
                 if r.status != 200:
                     errors += 1
             latencies.append(time.monotonic() - due)
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        start = time.monotonic()
+        with _no_gc():
+            for i in range(n):
+                due = start + i / rate
+                ahead = due - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)  # the request's due time, not a synchronisation
+                task = asyncio.create_task(one(due, rng.choice(tenants)))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
         took = time.monotonic() - start
     return {"requests": n, "requests_per_s": round(n / took), "errors": errors, "latency_ms": _percentiles(latencies)}
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No collections in the load client while it measures: its own pauses would be counted
+    as the server's latency."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 async def _ingest(s: Settings, url: str, seconds: float, batch: int = 100, clients: int = 16) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -156,6 +157,10 @@ def main(argv: list[str]) -> int:
         out = lean(cfg["brokers"], cfg["topic"], ends)
     elif kind == "catalog":
         out = catalog(cfg["path"])
+    elif kind == "api":
+        from devkit.bench_api import api_bench
+
+        out = api_bench(load_settings({}, **cfg["settings"]), Path(cfg["tmp"]), cfg["seconds"])
     else:
         s = load_settings({}, **cfg["settings"])
         out = reference(s, ends) if kind == "reference" else dataflow(s, ends)

@@ -4,8 +4,8 @@ Starts a broker, redis-server and the CRM / success / ERP sandbox; runs the rati
 delivery and ERP delivery dataflows as separate processes; generates a day-boundary's
 worth of traffic for 1,000 tenants (duplicates, late and malformed events included); takes
 the ERP down for 20 s halfway through; waits until everything is rated and delivered and
-prints a summary: alert latency during the outage, the ERP backlog draining, and a
-three-way reconciliation of events and money.
+prints a summary: alert latency during the outage, the ERP backlog draining, a three-way
+reconciliation of events and money, and the usage API answering from the read model.
 """
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import msgspec
+import yaml
 
+from devkit.api import serve
 from devkit.generator import GenSpec, produce
 from devkit.pipeline import RECORDS_IN, LocalPipeline, wait_until
 from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from schemas.usage import TenantUsage
+from state.read_model import documents
 
 # Event time runs from 23:30 on 31 October to 00:30 on 1 November: one billing period
 # closes mid-demo, a plan upgrade happens at 23:50, and a 10-minute grace makes hours-late
 # October events arrive too late once November is 10 minutes old.
 DEMO_START = datetime(2026, 10, 31, 23, 30, tzinfo=UTC)
+DEMO_TOKEN = "demo-read-token-0123456789"  # the local demo's only client: read scope, loopback only
 DEMO_ENV = {
     "TALLYFLOW_GRACE_SECONDS": "600",
     "TALLYFLOW_IDLE_TIMEOUT_SECONDS": "2",  # flush the last windows soon after traffic stops
@@ -226,8 +232,47 @@ def _reconcile(o: Observed) -> bool:
     return accepted == rated_events == erp_events and rated_money == erp_money and per_tenant
 
 
+def _serving(lp: LocalPipeline, o: Observed, api: str) -> bool:
+    """The read model the rating dataflow kept in Redis against usage.rated, per tenant, meter
+    and period, and `tallyflow api` answering an entitlement check from it."""
+    want_q: dict[tuple[str, str, str], Decimal] = {}
+    want_a: dict[tuple[str, str, str], Decimal] = {}
+    for ln in o.lines:
+        k = (ln.tenant_id, ln.meter, ln.period)
+        want_q[k] = want_q.get(k, Decimal(0)) + ln.quantity
+        want_a[k] = want_a.get(k, Decimal(0)) + ln.amount
+
+    def agrees() -> list[TenantUsage] | None:
+        docs = [d for _, d in documents(lp.settings.stores)]
+        q = {(d.tenant_id, m.meter, d.period): m.quantity for d in docs for m in d.meters.values()}
+        a = {(d.tenant_id, m.meter, d.period): m.amount for d in docs for m in d.meters.values()}
+        return docs if (q, a) == (want_q, want_a) else None
+
+    print("\nserving (the read model in Redis, and tallyflow api answering from it)")
+    try:
+        docs = wait_until(agrees, 30, "the read model to agree with usage.rated")
+    except TimeoutError:
+        print(_row("read model = rated", "DIFFER"))
+        return False
+    print(_row("read model = rated", f"{len(want_q):,} tenant/meter/period totals, all equal"))
+    tenant, period = max(
+        ((d.tenant_id, d.period) for d in docs), key=lambda k: next(d.events for d in docs if (d.tenant_id, d.period) == k)
+    )
+    headers = {"Authorization": f"Bearer {DEMO_TOKEN}"}
+    ent = httpx.get(f"{api}/v1/tenants/{tenant}/entitlements/api_calls", params={"period": period}, headers=headers).json()
+    print(
+        _row(
+            f"entitlement {tenant} api_calls {period}",
+            f"has_access {str(ent['has_access']).lower()}, used {ent['used']} of {ent['included']} included "
+            f"under {ent['pricing_version']}, overage {ent['overage']}",
+        )
+    )
+    print(_row("usage page", f"{api.replace('://', f'://demo:{DEMO_TOKEN}@')}/tenants/{tenant}?period={period}"))
+    return True
+
+
 def _keep_page_up(lp: LocalPipeline, args: argparse.Namespace) -> None:
-    """The sandbox page named at the start is still there to look at, until Enter."""
+    """The sandbox and usage pages named above are still there to look at, until Enter."""
     if args.no_wait or not sys.stdin.isatty():
         return
     print(f"\nthe sandbox page is still up at {lp.sandbox.url} ; press Enter to stop everything", flush=True)
@@ -262,7 +307,11 @@ def run(args: argparse.Namespace) -> int:
         conserved = _rating(o)
         dup_ids = _delivery(o)
         reconciled = _reconcile(o)
-        ok = conserved and reconciled and dup_ids == 0 and bool(o.sandbox["delivered"])
-        print(_row("verdict", "OK" if ok else "MISMATCH"))
-        _keep_page_up(lp, args)
+        tokens = lp.logdir / "api-tokens.yaml"
+        tokens.write_text(yaml.safe_dump({"clients": [{"name": "demo", "token": DEMO_TOKEN, "scopes": ["read"]}]}))
+        with serve(s.replace(api_tokens_file=str(tokens))) as api:
+            served = _serving(lp, o, api)
+            ok = conserved and reconciled and served and dup_ids == 0 and bool(o.sandbox["delivered"])
+            print(_row("verdict", "OK" if ok else "MISMATCH"))
+            _keep_page_up(lp, args)
     return 0 if ok else 1

@@ -10,14 +10,14 @@ Keys expire `read_model_days` after their period ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 import redis.asyncio
 
 from runtime.redis import Patience, client
 from runtime.settings import StoreSettings
-from schemas.usage import ENCODER, TenantUsage
+from schemas.usage import ENCODER, TENANT_USAGE, TenantUsage
 
 # ARGV: {key, n, doc, expire-at (unix s)}...
 _WRITE = """
@@ -56,6 +56,15 @@ class ReadModelWriter:
             part = args[i : i + 4 * CHUNK]
             self.patience(partial(self._write, args=part))
         self.written += len(args) // 4
+
+
+def documents(store: StoreSettings) -> Iterator[tuple[int, TenantUsage]]:
+    """Every document with its event count (a scan: for checks and tools, not hot paths)."""
+    r = client(store.redis_url)
+    for k in r.scan_iter(match=_glob(store.key("usage")) + ":*", count=1000):
+        n, doc = r.hmget(k, ["n", "doc"])  # type: ignore[misc]
+        if doc is not None:
+            yield int(n or 0), TENANT_USAGE.decode(doc)
 
 
 class ReadModelReader:

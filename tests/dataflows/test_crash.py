@@ -69,7 +69,7 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         gen.start()
         # The read model never goes back: a restarted rating replays from its snapshot, and
         # its older states must not overwrite what the API already showed.
-        went_back: list[tuple[bytes, int, int]] = []
+        went_back: list[tuple[tuple[str, str], int, int]] = []
         watching = threading.Event()
         watcher = threading.Thread(target=_watch_read_model, args=(s, went_back, watching), daemon=True)
         watcher.start()
@@ -150,9 +150,9 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
         assert sorted(kills) == ["alerts", "alerts", "erp", "erp", "rate", "rate", "rate"]
 
 
-def _watch_read_model(s: Settings, went_back: list[tuple[bytes, int, int]], stop: threading.Event) -> None:
+def _watch_read_model(s: Settings, went_back: list[tuple[tuple[str, str], int, int]], stop: threading.Event) -> None:
     """Every document's event count, as often as Redis answers, until told to stop."""
-    seen: dict[bytes, int] = {}
+    seen: dict[tuple[str, str], int] = {}
     while not stop.wait(0.05):  # a polling period, not a synchronisation
         for k, n in counts(s).items():
             if n < seen.get(k, 0):

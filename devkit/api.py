@@ -1,0 +1,29 @@
+"""`tallyflow api` in a thread of this process, on a free loopback port (the demo, the tests)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+
+from devkit.pipeline import wait_until
+from devkit.stack import free_port
+from runtime.settings import Settings
+from serving.app import build_app
+
+
+@contextmanager
+def serve(s: Settings) -> Iterator[str]:
+    """The API's base URL while the block runs; stopped (in-flight requests finished) after."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(s), host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="tallyflow-api", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 10, "the API to listen")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -37,7 +37,7 @@ from operators.periods import iso
 from operators.settlement import Totals
 from operators.sharding import Sharder
 from operators.stats import Stats
-from operators.usage import tenant_usage
+from operators.usage import LevelsCache, tenant_usage
 from operators.validate import Validator
 from runtime.catalog_watch import CatalogWatch
 from runtime.settings import EngineSettings, KafkaSettings, Topics
@@ -220,6 +220,7 @@ class UsagePublisher:
     def __init__(self, writer: ReadModelWriter, interval_s: float, stats: Stats, budget: float = 0.03, backlog: Backlog = BACKLOG) -> None:
         self.writer, self.interval_s, self.stats, self.budget, self.backlog = writer, interval_s, stats, budget, backlog
         self._tokens, self._stamp = 0.0, time.monotonic()
+        self.levels: LevelsCache = {}
 
     def may_publish(self) -> bool:
         """Whether the budget allows a write now (always, while no input is waiting)."""
@@ -245,7 +246,9 @@ class UsagePublisher:
             try:
                 gone = finals.get(tid, [])
                 ends = {mp.period.key: mp.period.end_ms for mp in itertools.chain(t.periods.values(), (mp for _, mp in gone))}
-                docs += [(d, ends[d.period]) for d in tenant_usage(engine.cat, t, now_ms, gone)]
+                docs += [(d, ends[d.period]) for d in tenant_usage(engine.cat, t, now_ms, gone, self.levels)]
+                for (slug, idx), _ in gone:  # written for the last time
+                    self.levels.pop((tid, slug, idx), None)
             except Exception as e:  # a bug of ours: that tenant's figures go stale, rating goes on
                 internal_error(e, f"building the read model of tenant {tid}", tenant_id=tid)
         if docs:

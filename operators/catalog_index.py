@@ -39,6 +39,9 @@ class PlanMeterIndex:
     levels: list[Level]  # ascending by limit: crossings fire in level order
     hard_limit: Decimal | None = None  # usage at which access closes (None: soft, overage billed)
 
+    def level(self, name: str) -> Level | None:
+        return next((lv for lv in self.levels if lv.name == name), None)
+
 
 @dataclass(slots=True)
 class PlanIndex:

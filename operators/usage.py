@@ -10,6 +10,7 @@ input is drained every window is closed, and `quantity` and `amount` are exactly
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable
 from decimal import Decimal
@@ -57,12 +58,22 @@ def plan_in_force(cat: CatalogIndex, tenant_id: str, ts_ms: int) -> PlanIndex | 
     return ti.only_plan or ti.plan_at(ts_ms)
 
 
+# Levels crossed per (tenant, meter, period idx), with the number of fired levels they were
+# built from: fired levels only grow, and rarely, so a caller that writes often keeps them.
+LevelsCache = dict[tuple[str, str, int], tuple[int, list[LevelCrossed]]]
+
+
 def tenant_usage(
-    cat: CatalogIndex, t: TenantState, as_of_ms: int, final: Iterable[tuple[tuple[str, int], MeterPeriod]] = ()
+    cat: CatalogIndex,
+    t: TenantState,
+    as_of_ms: int,
+    final: Iterable[tuple[tuple[str, int], MeterPeriod]] = (),
+    levels_cache: LevelsCache | None = None,
 ) -> list[TenantUsage]:
     """One document per billing period the tenant has state for, and per period in `final`
     (forgotten by the engine since the last write: all of a period's meters are forgotten
-    together, once its grace has passed)."""
+    together, once its grace has passed). Runs for every touched tenant at every write of
+    the read model: kept to one catalog lookup per period and no work per event."""
     events: dict[tuple[str, int, str], int] = {}  # in open and pending windows, per pricing version
     last: dict[tuple[str, int], int] = {}
     for windows in (t.open, t.pending):
@@ -70,41 +81,85 @@ def tenant_usage(
             events[(slug, idx, pv)] = events.get((slug, idx, pv), 0) + acc.count
             if acc.last_ms > last.get((slug, idx), NEVER):
                 last[(slug, idx)] = acc.last_ms
-    docs: dict[str, TenantUsage] = {}
-    as_of = iso(as_of_ms)
+    docs: dict[str, tuple[TenantUsage, PlanIndex | None]] = {}
+    as_of, watermark = iso(as_of_ms), iso(t.watermark)
     for (slug, idx), mp in itertools.chain(t.periods.items(), final):
         p = mp.period
-        doc = docs.get(p.key)
-        if doc is None:
-            doc = docs[p.key] = TenantUsage(
+        entry = docs.get(p.key)
+        if entry is None:
+            start, end = _bounds(p)
+            doc = TenantUsage(
                 tenant_id=t.tenant_id,
                 period=p.key,
-                period_start=iso(p.start_ms),
-                period_end=iso(p.end_ms),
-                watermark=iso(t.watermark),
+                period_start=start,
+                period_end=end,
+                watermark=watermark,
                 as_of=as_of,
                 events=0,
                 meters={},
             )
-        m = _meter(cat, t, slug, idx, mp, events, max(mp.last_ms, last.get((slug, idx), NEVER)))
+            # The plan in force at the tenant's watermark, within the period: the version
+            # whose `included` and hard limit the entitlement figures are measured against.
+            entry = docs[p.key] = (doc, plan_in_force(cat, t.tenant_id, min(max(t.watermark, p.start_ms), p.end_ms - 1)))
+        doc, plan = entry
+        levels: list[LevelCrossed] | None = None
+        if levels_cache is not None:
+            hit = levels_cache.get((t.tenant_id, slug, idx))
+            if hit is not None and hit[0] == len(mp.fired):
+                levels = hit[1]
+        if levels is None:
+            levels = _levels(cat, slug, mp)
+            if levels_cache is not None:
+                levels_cache[(t.tenant_id, slug, idx)] = (len(mp.fired), levels)
+        m = _meter(cat, plan, slug, idx, mp, events, max(mp.last_ms, last.get((slug, idx), NEVER)), levels)
         if m is not None:
             doc.meters[slug] = m
             doc.events += m.events
-    return list(docs.values())
+    return [doc for doc, _ in docs.values()]
+
+
+def _levels(cat: CatalogIndex, slug: str, mp: MeterPeriod) -> list[LevelCrossed]:
+    """By pricing version and limit; crossing times are unknown for state older than the read model."""
+    plans = cat.plans_by_version
+    levels: list[LevelCrossed] = []
+    for lpv, name in mp.fired:
+        lv = plans[lpv].meters[slug].level(name)
+        if lv is not None:
+            ms = mp.crossed.get((lpv, name))
+            levels.append(LevelCrossed(level=name, limit=lv.limit, pricing_version=lpv, crossed_at=None if ms is None else iso(ms)))
+    levels.sort(key=lambda lv: (lv.pricing_version, lv.limit, lv.level))
+    return levels
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds(p: Period) -> tuple[str, str]:
+    return iso(p.start_ms), iso(p.end_ms)
 
 
 def _meter(
-    cat: CatalogIndex, t: TenantState, slug: str, idx: int, mp: MeterPeriod, open_events: dict[tuple[str, int, str], int], last_ms: int
+    cat: CatalogIndex,
+    plan: PlanIndex | None,
+    slug: str,
+    idx: int,
+    mp: MeterPeriod,
+    open_events: dict[tuple[str, int, str], int],
+    last_ms: int,
+    levels: list[LevelCrossed],
 ) -> MeterUsage | None:
     plans = cat.plans_by_version
+    live_by, closed_by = mp.live, mp.closed
+    pvs = list(live_by) if len(live_by) == 1 and (not closed_by or closed_by.keys() == live_by.keys()) else sorted({*live_by, *closed_by})
+    if not pvs:
+        return None
     versions: list[VersionUsage] = []
     quantity = amount = rated = ZERO
-    for pv in sorted(set(mp.live) | set(mp.closed)):
+    for pv in pvs:
         pmi = plans[pv].meters[slug]
-        live, closed = mp.live.get(pv), mp.closed.get(pv)
+        live, closed = live_by.get(pv), closed_by.get(pv)
         q = Decimal(live.value()) if live is not None else ZERO
         qc = closed.value() if closed is not None else 0
-        a, ar = pmi.rater.charge(q), pmi.rater.charge(qc)
+        a = pmi.rater.charge(q)
+        ar = a if qc == q else pmi.rater.charge(qc)
         quantity, amount, rated = quantity + q, amount + a, rated + ar
         versions.append(
             VersionUsage(
@@ -118,47 +173,31 @@ def _meter(
                 events=mp.closed_events.get(pv, 0) + open_events.get((slug, idx, pv), 0),
             )
         )
-    if not versions:
-        return None
-    pmi, pv = _current(cat, t, slug, mp.period, mp)
+    if plan is not None and slug in plan.meters:
+        cur, pv = plan.meters[slug], plan.pricing_version
+    else:  # the plan in force dropped the meter: the version last used
+        pv = mp.levels_of or pvs[-1]
+        cur = plans[pv].meters[slug]
     used = next((v.quantity for v in versions if v.pricing_version == pv), ZERO)
-    remaining, overage, has_access = access(pmi, used)
-    levels = []
-    for lpv, name in sorted(mp.fired):  # crossing times are unknown for state older than the read model
-        lv = next((lv for lv in plans[lpv].meters[slug].levels if lv.name == name), None)
-        if lv is not None:
-            ms = mp.crossed.get((lpv, name))
-            levels.append(LevelCrossed(level=name, limit=lv.limit, pricing_version=lpv, crossed_at=None if ms is None else iso(ms)))
-    levels.sort(key=lambda lv: (lv.pricing_version, lv.limit))
+    remaining, overage, has_access = access(cur, used)
     return MeterUsage(
         meter=slug,
-        currency=pmi.plan.currency,
+        currency=cur.plan.currency,
         quantity=quantity,
         amount=amount,
         amount_rated=rated,
         pricing_version=pv,
-        included=pmi.rater.included,
+        included=cur.rater.included,
         used=used,
         remaining=remaining,
         overage=overage,
-        hard_limit=pmi.hard_limit,
+        hard_limit=cur.hard_limit,
         has_access=has_access,
         events=sum(v.events for v in versions),
         last_event_time=iso(last_ms) if last_ms > NEVER else None,
         levels=levels,
         versions=versions,
     )
-
-
-def _current(cat: CatalogIndex, t: TenantState, slug: str, period: Period, mp: MeterPeriod) -> tuple[PlanMeterIndex, str]:
-    """The plan meter in force at the tenant's watermark (within the period): the version
-    whose `included` and hard limit the entitlement figures are measured against."""
-    at = min(max(t.watermark, period.start_ms), period.end_ms - 1)
-    plan = plan_in_force(cat, t.tenant_id, at)
-    if plan is not None and slug in plan.meters:
-        return plan.meters[slug], plan.pricing_version
-    pv = mp.levels_of or next(iter(mp.live))  # the plan in force dropped the meter: the version last used
-    return cat.plans_by_version[pv].meters[slug], pv
 
 
 def empty_usage(cat: CatalogIndex, tenant_id: str, plan: PlanIndex, period: Period, as_of_ms: int) -> TenantUsage:

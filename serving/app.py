@@ -42,7 +42,7 @@ from operators.stats import Stats
 from runtime.settings import Settings
 from schemas.usage import ENCODER as USAGE_ENCODER
 from serving.auth import Client, Tokens
-from serving.ingest import BrokerDown, Ingest, catalog_watch
+from serving.ingest import BrokerDown, Ingest, Judged, catalog_watch
 from serving.openapi import document
 from serving.page import render
 from serving.usage import BadRequest, NotFound, Queries
@@ -165,8 +165,8 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
                 return _error(413, f"the body is over {s.api.max_body_bytes} bytes; send smaller batches")
         batch = ctype == BATCH or (ctype == "application/json" and body.lstrip()[:1] == b"[")
         ing = the_ingest()
-        judged = await run_in_threadpool(ing.judge, body, batch)
-        n = len(judged.accepted) + len(judged.refused)
+        parts = ing.split(body, batch)
+        n = len(parts) if isinstance(parts, list) else 1
         bucket = buckets.setdefault(client.name, _Bucket(client.rate_per_second or s.api.events_per_second))
         wait = bucket.take(n)
         if wait:
@@ -177,6 +177,7 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
                 media_type="application/json",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
+        judged = parts if isinstance(parts, Judged) else await run_in_threadpool(ing.judge, parts)
         try:
             await ing.produce(judged.accepted)
         except BrokerDown as e:

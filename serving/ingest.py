@@ -90,15 +90,19 @@ class Ingest:
         self._poller = threading.Thread(target=self._poll, name="delivery-reports", daemon=True)
         self._poller.start()
 
-    def judge(self, body: bytes, batch: bool) -> Judged:
-        """Split and validate; a body that is not even an array of JSON values is one refusal."""
-        if batch:
-            try:
-                parts = [bytes(r) for r in _EVENTS.decode(body)]
-            except msgspec.DecodeError as e:
-                return Judged(refused={0: ("invalid_json", f"a batch must be a JSON array of CloudEvents: {e}")})
-        else:
-            parts = [body]
+    @staticmethod
+    def split(body: bytes, batch: bool) -> list[bytes] | Judged:
+        """The body's events (one C-speed pass, so a client's rate is checked before any is
+        validated); a body that is not even an array of JSON values is one refusal."""
+        if not batch:
+            return [body]
+        try:
+            return [bytes(r) for r in _EVENTS.decode(body)]
+        except msgspec.DecodeError as e:
+            return Judged(refused={0: ("invalid_json", f"a batch must be a JSON array of CloudEvents: {e}")})
+
+    def judge(self, parts: list[bytes]) -> Judged:
+        """Each event by the rating dataflow's validator, by position."""
         out = Judged()
         dead: list[DeadLetter] = []
         now = int(time.time() * 1000)

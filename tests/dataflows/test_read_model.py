@@ -6,7 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from connectors.kafka_source import Backlog
+from connectors.rating import UsagePublisher
 from devkit.generator import GenSpec, produce
+from operators.stats import Stats
 from ops.reconcile import recount
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
@@ -48,3 +51,25 @@ def test_read_model_equals_reconcile_for_every_key_after_a_drained_run(settings:
     # Events per key are the rated lines' event counts.
     lines = rated_lines(settings)
     assert sum(d.events for d in docs.values()) == sum(ln.event_count for ln in lines)
+
+
+def test_the_read_model_yields_to_waiting_input_within_its_budget() -> None:
+    """While consumes keep filling whole batches, all shards together may spend at most the
+    budget on the read model; with input not waiting it is written every interval."""
+    backlog = Backlog()
+    for _ in range(Backlog.STREAK - 1):
+        backlog.saw(1000, 1000)
+    backlog.saw(999, 1000)  # one short batch: no backlog, the streak starts again
+    for _ in range(Backlog.STREAK - 1):
+        backlog.saw(1000, 1000)
+    assert not backlog.behind()
+    backlog.saw(1000, 1000)
+    assert backlog.behind()
+
+    busy = UsagePublisher(None, 0.2, Stats(), budget=0.03, backlog=backlog)  # type: ignore[arg-type]
+    assert busy.may_publish()
+    busy._spent(0.05)  # a write that took 50 ms: the next waits ~1.7 s of budget
+    assert not busy.may_publish()
+    idle = UsagePublisher(None, 0.2, Stats(), budget=0.03, backlog=Backlog())  # type: ignore[arg-type]
+    idle._spent(0.05)
+    assert idle.may_publish()

@@ -31,21 +31,20 @@ def access(pmi: PlanMeterIndex, used: Decimal) -> tuple[Decimal, Decimal, bool]:
     return max(included - used, ZERO), max(used - included, ZERO), pmi.hard_limit is None or used < pmi.hard_limit
 
 
-def entitlement(
-    tenant_id: str, pmi: PlanMeterIndex, period: str, used: Decimal, as_of: str, watermark: str | None, pricing_version: str
-) -> Entitlement:
-    remaining, overage, has_access = access(pmi, used)
+def entitlement(tenant_id: str, period: str, pmi: PlanMeterIndex, pv: str, used: Decimal, as_of: str, watermark: str | None) -> Entitlement:
+    """May the tenant use the meter: `used` measured under the plan meter in force."""
+    m = meter_usage(pmi, pv, used)
     return Entitlement(
         tenant_id=tenant_id,
-        meter=pmi.slug,
+        meter=m.meter,
         period=period,
-        has_access=has_access,
-        included=pmi.rater.included,
+        has_access=m.has_access,
+        included=m.included,
         used=used,
-        remaining=remaining,
-        overage=overage,
-        hard_limit=pmi.hard_limit,
-        pricing_version=pricing_version,
+        remaining=m.remaining,
+        overage=m.overage,
+        hard_limit=m.hard_limit,
+        pricing_version=pv,
         as_of=as_of,
         watermark=watermark,
     )
@@ -179,20 +178,13 @@ def _meter(
         pv = mp.levels_of or pvs[-1]
         cur = plans[pv].meters[slug]
     used = next((v.quantity for v in versions if v.pricing_version == pv), ZERO)
-    remaining, overage, has_access = access(cur, used)
-    return MeterUsage(
-        meter=slug,
-        currency=cur.plan.currency,
+    return meter_usage(
+        cur,
+        pv,
+        used,
         quantity=quantity,
         amount=amount,
-        amount_rated=rated,
-        pricing_version=pv,
-        included=cur.rater.included,
-        used=used,
-        remaining=remaining,
-        overage=overage,
-        hard_limit=cur.hard_limit,
-        has_access=has_access,
+        rated=rated,
         events=sum(v.events for v in versions),
         last_event_time=iso(last_ms) if last_ms > NEVER else None,
         levels=levels,
@@ -200,30 +192,45 @@ def _meter(
     )
 
 
+def meter_usage(
+    pmi: PlanMeterIndex,
+    pv: str,
+    used: Decimal,
+    *,
+    quantity: Decimal = ZERO,
+    amount: Decimal = ZERO,
+    rated: Decimal = ZERO,
+    events: int = 0,
+    last_event_time: str | None = None,
+    levels: list[LevelCrossed] | None = None,
+    versions: list[VersionUsage] | None = None,
+) -> MeterUsage:
+    """A meter's figures, the entitlement ones measured under `pmi` (the version `pv` in force)."""
+    remaining, overage, has_access = access(pmi, used)
+    return MeterUsage(
+        meter=pmi.slug,
+        currency=pmi.plan.currency,
+        quantity=quantity,
+        amount=amount,
+        amount_rated=rated,
+        pricing_version=pv,
+        included=pmi.rater.included,
+        used=used,
+        remaining=remaining,
+        overage=overage,
+        hard_limit=pmi.hard_limit,
+        has_access=has_access,
+        events=events,
+        last_event_time=last_event_time,
+        levels=levels or [],
+        versions=versions or [],
+    )
+
+
 def empty_usage(cat: CatalogIndex, tenant_id: str, plan: PlanIndex, period: Period, as_of_ms: int) -> TenantUsage:
     """A period without usage yet: every meter of the plan at zero (so a page or a client
     sees what is included before the first event)."""
-    meters: dict[str, MeterUsage] = {}
-    for slug, pmi in plan.meters.items():
-        remaining, overage, has_access = access(pmi, ZERO)
-        meters[slug] = MeterUsage(
-            meter=slug,
-            currency=plan.plan.currency,
-            quantity=ZERO,
-            amount=ZERO,
-            amount_rated=ZERO,
-            pricing_version=plan.pricing_version,
-            included=pmi.rater.included,
-            used=ZERO,
-            remaining=remaining,
-            overage=overage,
-            hard_limit=pmi.hard_limit,
-            has_access=has_access,
-            events=0,
-            last_event_time=None,
-            levels=[],
-            versions=[],
-        )
+    meters = {slug: meter_usage(pmi, plan.pricing_version, ZERO) for slug, pmi in plan.meters.items()}
     return TenantUsage(
         tenant_id=tenant_id,
         period=period.key,

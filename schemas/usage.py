@@ -12,14 +12,14 @@ from decimal import Decimal
 import msgspec
 
 
-class LevelCrossed(msgspec.Struct, kw_only=True):
+class LevelCrossed(msgspec.Struct, kw_only=True, gc=False):
     level: str
     limit: Decimal
     pricing_version: str
     crossed_at: str | None  # event time of the event that reached it (unknown for state older than the read model)
 
 
-class VersionUsage(msgspec.Struct, kw_only=True):
+class VersionUsage(msgspec.Struct, kw_only=True, gc=False):
     """Usage rated under one pricing version: after a mid-period plan change each version's
     `included` applies to the usage under it alone (SPEC §2.2)."""
 
@@ -33,7 +33,7 @@ class VersionUsage(msgspec.Struct, kw_only=True):
     events: int
 
 
-class MeterUsage(msgspec.Struct, kw_only=True):
+class MeterUsage(msgspec.Struct, kw_only=True, gc=False):
     meter: str
     currency: str
     quantity: Decimal  # period to date, every accepted event, all pricing versions (what reconcile sums)
@@ -52,7 +52,7 @@ class MeterUsage(msgspec.Struct, kw_only=True):
     versions: list[VersionUsage]
 
 
-class TenantUsage(msgspec.Struct, kw_only=True):
+class TenantUsage(msgspec.Struct, kw_only=True, gc=False):
     tenant_id: str
     period: str
     period_start: str

@@ -94,11 +94,11 @@ class Queries:
             raise NotFound(f"meter '{meter}' is not in plan {plan.pricing_version} of tenant '{tenant_id}'")
         raw = await self.reader.get(tenant_id, p.key)
         if raw is None:
-            return entitlement(tenant_id, pmi, p.key, ZERO, iso(now_ms), None, plan.pricing_version)
+            return entitlement(tenant_id, p.key, pmi, plan.pricing_version, ZERO, iso(now_ms), None)
         doc = TENANT_USAGE.decode(raw)
         m = doc.meters.get(meter)
         used = next((v.quantity for v in m.versions if v.pricing_version == plan.pricing_version), ZERO) if m else ZERO
-        return entitlement(tenant_id, pmi, p.key, used, doc.as_of, doc.watermark, plan.pricing_version)
+        return entitlement(tenant_id, p.key, pmi, plan.pricing_version, used, doc.as_of, doc.watermark)
 
     async def periods(self, tenant_id: str) -> list[str]:
         self._plan(tenant_id, int(time.time() * 1000))

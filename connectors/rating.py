@@ -12,7 +12,6 @@ that the delivery ledger has seen.
 from __future__ import annotations
 
 import io
-import itertools
 import logging
 import pickle
 import time
@@ -37,14 +36,14 @@ from operators.periods import iso
 from operators.settlement import Totals
 from operators.sharding import Sharder
 from operators.stats import Stats
-from operators.usage import LevelsCache, tenant_usage
+from operators.usage import LevelsCache, facts
 from operators.validate import Validator
 from runtime.catalog_watch import CatalogWatch
 from runtime.settings import EngineSettings, KafkaSettings, Topics
 from schemas.events import InputLimits
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
 from schemas.records import Accepted
-from schemas.usage import TenantUsage
+from schemas.usage import UsageFacts
 from sinks.kafka import KafkaOutbox, Record
 from state.dedup_store import DedupStore
 from state.read_model import ReadModelWriter
@@ -221,6 +220,7 @@ class UsagePublisher:
         self.writer, self.interval_s, self.stats, self.budget, self.backlog = writer, interval_s, stats, budget, backlog
         self._tokens, self._stamp = 0.0, time.monotonic()
         self.levels: LevelsCache = {}
+        self._thread_seen = 0.0
 
     def may_publish(self) -> bool:
         """Whether the budget allows a write now (always, while no input is waiting)."""
@@ -235,7 +235,7 @@ class UsagePublisher:
     def publish(self, engine: ShardEngine, tenants: set[str], final: list[Final], now: float) -> None:
         started = time.monotonic()
         now_ms = int(now * 1000)
-        docs: list[tuple[TenantUsage, int]] = []
+        docs: list[UsageFacts] = []
         finals: dict[str, list[tuple[tuple[str, int], MeterPeriod]]] = {}
         for tid, k, mp in final:
             finals.setdefault(tid, []).append((k, mp))
@@ -245,18 +245,24 @@ class UsagePublisher:
                 continue
             try:
                 gone = finals.get(tid, [])
-                ends = {mp.period.key: mp.period.end_ms for mp in itertools.chain(t.periods.values(), (mp for _, mp in gone))}
-                docs += [(d, ends[d.period]) for d in tenant_usage(engine.cat, t, now_ms, gone, self.levels)]
+                docs += facts(t, now_ms, gone, self.levels)
                 for (slug, idx), _ in gone:  # written for the last time
                     self.levels.pop((tid, slug, idx), None)
             except Exception as e:  # a bug of ours: that tenant's figures go stale, rating goes on
                 internal_error(e, f"building the read model of tenant {tid}", tenant_id=tid)
         if docs:
-            self.writer.write(docs)
-        spent = time.monotonic() - started
+            self.writer.submit(docs)
+        # The worker's time, and the writer thread's since the last write: the read model's cost.
+        thread = self.writer.thread_seconds
+        spent = time.monotonic() - started + thread - self._thread_seen
+        self._thread_seen = thread
         self._spent(spent)
         self.stats.read_model_seconds += spent
         self.stats.read_model_docs += len(docs)
+
+    def flush(self) -> None:
+        """Until everything submitted is written (the end of a bounded input)."""
+        self.writer.flush()
 
 
 class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
@@ -340,6 +346,8 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
 
     def on_eof(self) -> tuple[list[ShardOut], bool]:
         res = self._emit(self.engine.flush_all(), time.time(), force=True)  # hands all of memory to the store ...
+        if self.usage is not None:
+            self.usage.flush()  # a bounded run ends with its read model written
         if self.store is not None:
             self.store.drain()  # ... which a bounded run (replay, demo) leaves written
         return res

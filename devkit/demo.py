@@ -27,6 +27,8 @@ import yaml
 from devkit.api import serve
 from devkit.generator import GenSpec, produce
 from devkit.pipeline import RECORDS_IN, LocalPipeline, wait_until
+from operators.catalog_index import CatalogIndex
+from operators.usage import derive
 from runtime.kafka import read_topic
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
@@ -242,8 +244,10 @@ def _serving(lp: LocalPipeline, o: Observed, api: str) -> bool:
         want_q[k] = want_q.get(k, Decimal(0)) + ln.quantity
         want_a[k] = want_a.get(k, Decimal(0)) + ln.amount
 
+    cat = CatalogIndex.build(load_catalog(lp.settings.process.catalog))
+
     def agrees() -> list[TenantUsage] | None:
-        docs = [d for _, d in documents(lp.settings.stores)]
+        docs = [derive(cat, f) for _, f in documents(lp.settings.stores)]
         q = {(d.tenant_id, m.meter, d.period): m.quantity for d in docs for m in d.meters.values()}
         a = {(d.tenant_id, m.meter, d.period): m.amount for d in docs for m in d.meters.values()}
         return docs if (q, a) == (want_q, want_a) else None

@@ -1,5 +1,10 @@
-"""The read model: what a tenant has used and owes so far in each billing period, built from
-the engine's own state for the usage and entitlement API.
+"""The read model: what a tenant has used and owes so far in each billing period.
+
+The rating dataflow writes `facts` (from the engine's own state: quantities per pricing
+version, event counts, crossing times, the watermark) and the API `derive`s the figures
+(amounts, included, remaining, access) with the same raters rating uses; pricing versions
+are immutable, so the derivation cannot drift from what was billed, and the write stays
+cheap (it runs for every touched tenant, every interval).
 
 Built from absolute period-to-date state, never from deltas, so writing it again after a
 crash replay writes the same values; `events` (accepted events in the period, which only
@@ -18,7 +23,17 @@ from decimal import Decimal
 from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
 from operators.engine_state import MeterPeriod, TenantState
 from operators.periods import Period, iso
-from schemas.usage import Entitlement, LevelCrossed, MeterUsage, TenantUsage, VersionUsage
+from schemas.usage import (
+    Entitlement,
+    LevelCrossed,
+    LevelFacts,
+    MeterFacts,
+    MeterUsage,
+    TenantUsage,
+    UsageFacts,
+    VersionFacts,
+    VersionUsage,
+)
 
 ZERO = Decimal(0)
 NEVER = -(2**62)
@@ -59,20 +74,21 @@ def plan_in_force(cat: CatalogIndex, tenant_id: str, ts_ms: int) -> PlanIndex | 
 
 # Levels crossed per (tenant, meter, period idx), with the number of fired levels they were
 # built from: fired levels only grow, and rarely, so a caller that writes often keeps them.
-LevelsCache = dict[tuple[str, str, int], tuple[int, list[LevelCrossed]]]
+LevelsCache = dict[tuple[str, str, int], tuple[int, list[LevelFacts]]]
 
 
-def tenant_usage(
-    cat: CatalogIndex,
-    t: TenantState,
-    as_of_ms: int,
-    final: Iterable[tuple[tuple[str, int], MeterPeriod]] = (),
-    levels_cache: LevelsCache | None = None,
-) -> list[TenantUsage]:
-    """One document per billing period the tenant has state for, and per period in `final`
-    (forgotten by the engine since the last write: all of a period's meters are forgotten
-    together, once its grace has passed). Runs for every touched tenant at every write of
-    the read model: kept to one catalog lookup per period and no work per event."""
+class UnknownVersion(Exception):
+    """Facts name a pricing version this catalog does not know (yet: a reload is due)."""
+
+
+def facts(
+    t: TenantState, as_of_ms: int, final: Iterable[tuple[tuple[str, int], MeterPeriod]] = (), levels_cache: LevelsCache | None = None
+) -> list[UsageFacts]:
+    """What the read model stores for a tenant: one `UsageFacts` per billing period it has
+    state for, and per period in `final` (forgotten by the engine since the last write: all of
+    a period's meters are forgotten together, once its grace has passed). Runs for every
+    touched tenant at every write, in the worker: quantities and counts only, no pricing and
+    no catalog (`derive` does that where the figures are read)."""
     events: dict[tuple[str, int, str], int] = {}  # in open and pending windows, per pricing version
     last: dict[tuple[str, int], int] = {}
     for windows in (t.open, t.pending):
@@ -80,116 +96,116 @@ def tenant_usage(
             events[(slug, idx, pv)] = events.get((slug, idx, pv), 0) + acc.count
             if acc.last_ms > last.get((slug, idx), NEVER):
                 last[(slug, idx)] = acc.last_ms
-    docs: dict[str, tuple[TenantUsage, PlanIndex | None]] = {}
-    as_of, watermark = iso(as_of_ms), iso(t.watermark)
+    docs: dict[str, UsageFacts] = {}
     for (slug, idx), mp in itertools.chain(t.periods.items(), final):
         p = mp.period
-        entry = docs.get(p.key)
-        if entry is None:
-            start, end = _bounds(p)
-            doc = TenantUsage(
-                tenant_id=t.tenant_id,
-                period=p.key,
-                period_start=start,
-                period_end=end,
-                watermark=watermark,
-                as_of=as_of,
-                events=0,
-                meters={},
-            )
-            # The plan in force at the tenant's watermark, within the period: the version
-            # whose `included` and hard limit the entitlement figures are measured against.
-            entry = docs[p.key] = (doc, plan_in_force(cat, t.tenant_id, min(max(t.watermark, p.start_ms), p.end_ms - 1)))
-        doc, plan = entry
-        levels: list[LevelCrossed] | None = None
+        doc = docs.get(p.key)
+        if doc is None:
+            doc = docs[p.key] = UsageFacts(t.tenant_id, p.key, p.kind, p.start_ms, p.end_ms, t.watermark, as_of_ms, 0, [])
+        live_by, closed_by = mp.live, mp.closed
+        versions: list[VersionFacts] = []
+        for pv in live_by if closed_by.keys() <= live_by.keys() else sorted({*live_by, *closed_by}):
+            live, closed = live_by.get(pv), closed_by.get(pv)
+            n = mp.closed_events.get(pv, 0) + events.get((slug, idx, pv), 0)
+            q = ZERO if live is None else Decimal(live.value())
+            versions.append(VersionFacts(pv, q, ZERO if closed is None else Decimal(closed.value()), n))
+            doc.events += n
+        if not versions:
+            continue
+        levels: list[LevelFacts] | None = None
         if levels_cache is not None:
             hit = levels_cache.get((t.tenant_id, slug, idx))
             if hit is not None and hit[0] == len(mp.fired):
                 levels = hit[1]
         if levels is None:
-            levels = _levels(cat, slug, mp)
+            levels = [LevelFacts(lpv, name, mp.crossed.get((lpv, name))) for lpv, name in sorted(mp.fired)]
             if levels_cache is not None:
                 levels_cache[(t.tenant_id, slug, idx)] = (len(mp.fired), levels)
-        m = _meter(cat, plan, slug, idx, mp, events, max(mp.last_ms, last.get((slug, idx), NEVER)), levels)
-        if m is not None:
-            doc.meters[slug] = m
-            doc.events += m.events
-    return [doc for doc, _ in docs.values()]
+        last_ms = max(mp.last_ms, last.get((slug, idx), NEVER))
+        doc.meters.append(MeterFacts(slug, last_ms if last_ms > NEVER else None, versions, levels))
+    return list(docs.values())
 
 
-def _levels(cat: CatalogIndex, slug: str, mp: MeterPeriod) -> list[LevelCrossed]:
-    """By pricing version and limit; crossing times are unknown for state older than the read model."""
+def derive(cat: CatalogIndex, f: UsageFacts) -> TenantUsage:
+    """The figures people and services read, from the facts: amounts priced by each
+    version's rater (as rating prices them), and included / used / remaining / access
+    under the plan in force at the tenant's watermark within the period."""
     plans = cat.plans_by_version
-    levels: list[LevelCrossed] = []
-    for lpv, name in mp.fired:
-        lv = plans[lpv].meters[slug].level(name)
-        if lv is not None:
-            ms = mp.crossed.get((lpv, name))
-            levels.append(LevelCrossed(level=name, limit=lv.limit, pricing_version=lpv, crossed_at=None if ms is None else iso(ms)))
-    levels.sort(key=lambda lv: (lv.pricing_version, lv.limit, lv.level))
-    return levels
+    plan = plan_in_force(cat, f.tenant_id, min(max(f.watermark_ms, f.start_ms), f.end_ms - 1))
+    start, end = _bounds(f.start_ms, f.end_ms)
+    meters: dict[str, MeterUsage] = {}
+    for m in f.meters:
+        versions: list[VersionUsage] = []
+        quantity = amount = rated = ZERO
+        for v in m.versions:
+            pi = plans.get(v.pricing_version)
+            if pi is None:
+                raise UnknownVersion(f"pricing version {v.pricing_version} is not in the catalog loaded here")
+            pmi = pi.meters[m.meter]
+            a = pmi.rater.charge(v.quantity)
+            ar = a if v.rated_quantity == v.quantity else pmi.rater.charge(v.rated_quantity)
+            quantity, amount, rated = quantity + v.quantity, amount + a, rated + ar
+            versions.append(
+                VersionUsage(
+                    pricing_version=v.pricing_version,
+                    plan_id=pmi.plan.id,
+                    plan_version=pmi.plan.version,
+                    quantity=v.quantity,
+                    included=pmi.rater.included,
+                    amount=a,
+                    amount_rated=ar,
+                    events=v.events,
+                )
+            )
+        if plan is not None and m.meter in plan.meters:
+            cur, pv = plan.meters[m.meter], plan.pricing_version
+        else:  # the plan in force dropped the meter: the version last used
+            pv = m.versions[-1].pricing_version
+            cur = plans[pv].meters[m.meter]
+        levels: list[LevelCrossed] = []
+        for lf in m.levels:
+            lv = plans[lf.pricing_version].meters[m.meter].level(lf.level) if lf.pricing_version in plans else None
+            if lv is not None:
+                at = None if lf.crossed_ms is None else iso(lf.crossed_ms)
+                levels.append(LevelCrossed(level=lf.level, limit=lv.limit, pricing_version=lf.pricing_version, crossed_at=at))
+        levels.sort(key=lambda lv: (lv.pricing_version, lv.limit, lv.level))
+        meters[m.meter] = meter_usage(
+            cur,
+            pv,
+            next((v.quantity for v in versions if v.pricing_version == pv), ZERO),
+            quantity=quantity,
+            amount=amount,
+            rated=rated,
+            events=sum(v.events for v in versions),
+            last_event_time=None if m.last_ms is None else iso(m.last_ms),
+            levels=levels,
+            versions=versions,
+        )
+    return TenantUsage(
+        tenant_id=f.tenant_id,
+        period=f.period,
+        period_start=start,
+        period_end=end,
+        watermark=iso(f.watermark_ms),
+        as_of=iso(f.as_of_ms),
+        events=f.events,
+        meters=meters,
+    )
+
+
+def tenant_usage(
+    cat: CatalogIndex,
+    t: TenantState,
+    as_of_ms: int,
+    final: Iterable[tuple[tuple[str, int], MeterPeriod]] = (),
+) -> list[TenantUsage]:
+    """`derive(facts(...))`: a tenant's figures straight from engine state."""
+    return [derive(cat, f) for f in facts(t, as_of_ms, final)]
 
 
 @functools.lru_cache(maxsize=256)
-def _bounds(p: Period) -> tuple[str, str]:
-    return iso(p.start_ms), iso(p.end_ms)
-
-
-def _meter(
-    cat: CatalogIndex,
-    plan: PlanIndex | None,
-    slug: str,
-    idx: int,
-    mp: MeterPeriod,
-    open_events: dict[tuple[str, int, str], int],
-    last_ms: int,
-    levels: list[LevelCrossed],
-) -> MeterUsage | None:
-    plans = cat.plans_by_version
-    live_by, closed_by = mp.live, mp.closed
-    pvs = list(live_by) if len(live_by) == 1 and (not closed_by or closed_by.keys() == live_by.keys()) else sorted({*live_by, *closed_by})
-    if not pvs:
-        return None
-    versions: list[VersionUsage] = []
-    quantity = amount = rated = ZERO
-    for pv in pvs:
-        pmi = plans[pv].meters[slug]
-        live, closed = live_by.get(pv), closed_by.get(pv)
-        q = Decimal(live.value()) if live is not None else ZERO
-        qc = closed.value() if closed is not None else 0
-        a = pmi.rater.charge(q)
-        ar = a if qc == q else pmi.rater.charge(qc)
-        quantity, amount, rated = quantity + q, amount + a, rated + ar
-        versions.append(
-            VersionUsage(
-                pricing_version=pv,
-                plan_id=pmi.plan.id,
-                plan_version=pmi.plan.version,
-                quantity=q,
-                included=pmi.rater.included,
-                amount=a,
-                amount_rated=ar,
-                events=mp.closed_events.get(pv, 0) + open_events.get((slug, idx, pv), 0),
-            )
-        )
-    if plan is not None and slug in plan.meters:
-        cur, pv = plan.meters[slug], plan.pricing_version
-    else:  # the plan in force dropped the meter: the version last used
-        pv = mp.levels_of or pvs[-1]
-        cur = plans[pv].meters[slug]
-    used = next((v.quantity for v in versions if v.pricing_version == pv), ZERO)
-    return meter_usage(
-        cur,
-        pv,
-        used,
-        quantity=quantity,
-        amount=amount,
-        rated=rated,
-        events=sum(v.events for v in versions),
-        last_event_time=iso(last_ms) if last_ms > NEVER else None,
-        levels=levels,
-        versions=versions,
-    )
+def _bounds(start_ms: int, end_ms: int) -> tuple[str, str]:
+    return iso(start_ms), iso(end_ms)
 
 
 def meter_usage(

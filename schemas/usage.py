@@ -1,8 +1,8 @@
-"""The read model's contracts: what the usage and entitlement API answers.
+"""The read model's contracts: what the rating dataflow writes (`UsageFacts`, compact) and
+what the usage and entitlement API answers (`TenantUsage`, `Entitlement`).
 
 Quantities and money are Decimal, encoded as strings (as on every output topic); times are
-RFC 3339 UTC. One `TenantUsage` per tenant and billing period is what the rating dataflow
-writes to Redis; the API serves it as is.
+RFC 3339 UTC in answers, epoch milliseconds in facts.
 """
 
 from __future__ import annotations
@@ -10,6 +10,42 @@ from __future__ import annotations
 from decimal import Decimal
 
 import msgspec
+
+
+class VersionFacts(msgspec.Struct, array_like=True, gc=False):
+    pricing_version: str
+    quantity: Decimal  # every accepted event under this version
+    rated_quantity: Decimal  # of it, in windows closed so far
+    events: int
+
+
+class LevelFacts(msgspec.Struct, array_like=True, gc=False):
+    pricing_version: str
+    level: str
+    crossed_ms: int | None  # event time of the event that reached it (None: state older than the read model)
+
+
+class MeterFacts(msgspec.Struct, array_like=True, gc=False):
+    meter: str
+    last_ms: int | None
+    versions: list[VersionFacts]
+    levels: list[LevelFacts]
+
+
+class UsageFacts(msgspec.Struct, array_like=True, gc=False):
+    """What the rating dataflow writes to the read model: what only it knows, per tenant and
+    billing period. Money, included, remaining and access are functions of these and of the
+    (immutable) pricing versions, derived where they are read (operators/usage.py)."""
+
+    tenant_id: str
+    period: str
+    kind: str  # billing period kind: month or day
+    start_ms: int
+    end_ms: int
+    watermark_ms: int
+    as_of_ms: int
+    events: int  # accepted events in the period (all meters): grows along the input, so a replay never goes back
+    meters: list[MeterFacts]
 
 
 class LevelCrossed(msgspec.Struct, kw_only=True, gc=False):
@@ -80,3 +116,4 @@ class Entitlement(msgspec.Struct, kw_only=True):
 
 ENCODER = msgspec.json.Encoder(decimal_format="string")
 TENANT_USAGE = msgspec.json.Decoder(TenantUsage)
+USAGE_FACTS = msgspec.json.Decoder(UsageFacts)

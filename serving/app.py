@@ -45,7 +45,7 @@ from serving.auth import Client, Tokens
 from serving.ingest import BrokerDown, Ingest, Judged, catalog_watch
 from serving.openapi import document
 from serving.page import render
-from serving.usage import BadRequest, NotFound, Queries
+from serving.usage import BadRequest, NotFound, Queries, Unavailable
 from state.read_model import ReadModelReader
 
 EVENTS = Counter("tallyflow_api_events", "Events posted to the API, by outcome.", ["outcome"])
@@ -105,8 +105,12 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
             return _error(403, f"this token lacks the {scope} scope")
         return client
 
+    def status_of(e: Exception) -> int:
+        return 404 if isinstance(e, NotFound) else 503 if isinstance(e, Unavailable) else 400
+
     def refused(e: Exception) -> Response:
-        return _error(404 if isinstance(e, NotFound) else 400, str(e))
+        status = status_of(e)
+        return _error(status, str(e), headers={"Retry-After": "5"} if status == 503 else None)
 
     async def get_usage(request: Request) -> Response:
         client = authorize(request, "read")
@@ -116,7 +120,7 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
             found = await queries.usage(
                 request.path_params["tenant"], request.query_params.get("period"), request.query_params.get("meter")
             )
-        except (NotFound, BadRequest) as e:
+        except (NotFound, BadRequest, Unavailable) as e:
             return refused(e)
         QUERIES.labels("usage").inc()
         return Response(USAGE_ENCODER.encode(found.usage), media_type="application/json")
@@ -128,7 +132,7 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         p = request.path_params
         try:
             ent = await queries.entitlement(p["tenant"], p["meter"], request.query_params.get("period"))
-        except (NotFound, BadRequest) as e:
+        except (NotFound, BadRequest, Unavailable) as e:
             return refused(e)
         QUERIES.labels("entitlement").inc()
         return Response(USAGE_ENCODER.encode(ent), media_type="application/json")
@@ -141,8 +145,10 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         try:
             found = await queries.usage(tenant, request.query_params.get("period"))
             periods = await queries.periods(tenant)
-        except (NotFound, BadRequest) as e:
-            return HTMLResponse(f"<p>{html.escape(str(e))}</p>", 404 if isinstance(e, NotFound) else 400)
+        except (NotFound, BadRequest, Unavailable) as e:
+            return HTMLResponse(
+                f"<p>{html.escape(str(e))}</p>", 404 if isinstance(e, NotFound) else 503 if isinstance(e, Unavailable) else 400
+            )
         if found.usage.period not in periods:
             periods = sorted([*periods, found.usage.period], reverse=True)
         QUERIES.labels("page").inc()

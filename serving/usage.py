@@ -14,9 +14,9 @@ import msgspec
 
 from operators.catalog_index import PlanIndex
 from operators.periods import Period, iso, period_of
-from operators.usage import ZERO, empty_usage, entitlement, plan_in_force
+from operators.usage import ZERO, UnknownVersion, derive, empty_usage, entitlement, plan_in_force
 from runtime.catalog_watch import CatalogWatch
-from schemas.usage import TENANT_USAGE, Entitlement, TenantUsage
+from schemas.usage import USAGE_FACTS, Entitlement, TenantUsage
 from state.read_model import ReadModelReader
 
 _FORMATS = {
@@ -27,6 +27,10 @@ _FORMATS = {
 
 class NotFound(Exception):
     """404: the message says what is not there."""
+
+
+class Unavailable(Exception):
+    """503: the usage names a pricing version this process's catalog has not loaded yet."""
 
 
 class BadRequest(Exception):
@@ -74,7 +78,7 @@ class Queries:
         now_ms = int(time.time() * 1000)
         p, plan = self.period(tenant_id, key, now_ms)
         raw = await self.reader.get(tenant_id, p.key)
-        doc = TENANT_USAGE.decode(raw) if raw is not None else empty_usage(self.watch.index, tenant_id, plan, p, now_ms)
+        doc = self._derive(raw) if raw is not None else empty_usage(self.watch.index, tenant_id, plan, p, now_ms)
         if meter is not None:
             if meter not in doc.meters and meter not in plan.meters:
                 raise NotFound(f"meter '{meter}' is not in plan {plan.pricing_version} of tenant '{tenant_id}' nor in its usage")
@@ -95,10 +99,16 @@ class Queries:
         raw = await self.reader.get(tenant_id, p.key)
         if raw is None:
             return entitlement(tenant_id, p.key, pmi, plan.pricing_version, ZERO, iso(now_ms), None)
-        doc = TENANT_USAGE.decode(raw)
+        doc = self._derive(raw)
         m = doc.meters.get(meter)
         used = next((v.quantity for v in m.versions if v.pricing_version == plan.pricing_version), ZERO) if m else ZERO
         return entitlement(tenant_id, p.key, pmi, plan.pricing_version, used, doc.as_of, doc.watermark)
+
+    def _derive(self, raw: bytes) -> TenantUsage:
+        try:
+            return derive(self.watch.index, USAGE_FACTS.decode(raw))
+        except UnknownVersion as e:
+            raise Unavailable(f"{e}; the catalog is reloaded every few seconds, ask again") from None
 
     async def periods(self, tenant_id: str) -> list[str]:
         self._plan(tenant_id, int(time.time() * 1000))

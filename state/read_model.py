@@ -1,5 +1,5 @@
 """The read model in Redis: one hash per tenant and billing period, `<prefix>:usage:<tenant>:<period>`,
-holding the `TenantUsage` document (`doc`) and its accepted-event count (`n`).
+holding the `UsageFacts` of it (`doc`, compact JSON) and its accepted-event count (`n`).
 
 The rating dataflow writes it at most once per interval per touched tenant, all of a
 write's documents in one script call. A write carrying fewer events than the one stored is
@@ -10,6 +10,10 @@ Keys expire `read_model_days` after their period ends.
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
@@ -17,7 +21,7 @@ import redis.asyncio
 
 from runtime.redis import Patience, client
 from runtime.settings import StoreSettings
-from schemas.usage import ENCODER, TENANT_USAGE, TenantUsage
+from schemas.usage import ENCODER, USAGE_FACTS, UsageFacts
 
 # ARGV: {key, n, doc, expire-at (unix s)}...
 _WRITE = """
@@ -31,6 +35,7 @@ for i = 1, #ARGV, 4 do
 end
 return 0
 """
+log = logging.getLogger(__name__)
 CHUNK = 500  # documents per script call: Redis is not held for long by any one
 
 
@@ -39,32 +44,60 @@ def key(prefix: str, tenant_id: str, period: str) -> str:
 
 
 class ReadModelWriter:
-    def __init__(self, store: StoreSettings, on_change: Callable[[bool], None] | None = None) -> None:
+    """`write` writes now; `submit` hands the documents to a writer thread (in order: one
+    thread, one queue), so the worker does not wait on Redis; `flush` waits until all
+    submitted documents are written. A full queue (Redis slow or away) blocks `submit`:
+    the input waits, as for every store."""
+
+    def __init__(self, store: StoreSettings, on_change: Callable[[bool], None] | None = None, queued: int = 64) -> None:
         self.r = client(store.redis_url)
         self.prefix = store.key("usage")
         self.keep_s = int(store.read_model_days * 86_400)
         self.patience = Patience("read model", on_change=on_change)
         self._write = self.r.register_script(_WRITE)
         self.written = 0
+        self.thread_seconds = 0.0  # time the writer thread spent (its share of the read model's cost)
+        self._queue: queue.Queue[list[UsageFacts]] = queue.Queue(maxsize=queued)
+        self._thread: threading.Thread | None = None
 
-    def write(self, docs: Iterable[tuple[TenantUsage, int]]) -> None:
-        """Documents with their period's end (unix ms)."""
+    def write(self, docs: Iterable[UsageFacts]) -> None:
         args: list[str | bytes | int] = []
-        for doc, end_ms in docs:
-            args += [key(self.prefix, doc.tenant_id, doc.period), doc.events, ENCODER.encode(doc), end_ms // 1000 + self.keep_s]
+        for doc in docs:
+            args += [key(self.prefix, doc.tenant_id, doc.period), doc.events, ENCODER.encode(doc), doc.end_ms // 1000 + self.keep_s]
         for i in range(0, len(args), 4 * CHUNK):
             part = args[i : i + 4 * CHUNK]
             self.patience(partial(self._write, args=part))
         self.written += len(args) // 4
 
+    def submit(self, docs: list[UsageFacts]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="read-model-writer", daemon=True)
+            self._thread.start()
+        self._queue.put(docs)
 
-def documents(store: StoreSettings) -> Iterator[tuple[int, TenantUsage]]:
+    def flush(self) -> None:
+        self._queue.join()
+
+    def _run(self) -> None:
+        while True:
+            docs = self._queue.get()
+            started = time.monotonic()
+            try:
+                self.write(docs)
+            except Exception as e:  # not transient (Patience waits those out): a bug or a misconfiguration
+                log.error("read model: %d document(s) not written, their figures stay behind until the next write: %s", len(docs), e)
+            finally:
+                self.thread_seconds += time.monotonic() - started
+                self._queue.task_done()
+
+
+def documents(store: StoreSettings) -> Iterator[tuple[int, UsageFacts]]:
     """Every document with its event count (a scan: for checks and tools, not hot paths)."""
     r = client(store.redis_url)
     for k in r.scan_iter(match=_glob(store.key("usage")) + ":*", count=1000):
         n, doc = r.hmget(k, ["n", "doc"])  # type: ignore[misc]
         if doc is not None:
-            yield int(n or 0), TENANT_USAGE.decode(doc)
+            yield int(n or 0), USAGE_FACTS.decode(doc)
 
 
 class ReadModelReader:

@@ -10,26 +10,17 @@ import redis
 
 from devkit.stack import LocalStack
 from runtime.settings import Settings
-from schemas.usage import TENANT_USAGE, TenantUsage
+from schemas.usage import USAGE_FACTS, UsageFacts
 from state.read_model import ReadModelReader, ReadModelWriter
 
 END_MS = int(time.time() * 1000) + 86_400_000
 
 
-def doc(events: int, watermark: str = "2026-11-02T10:00:00.000Z") -> TenantUsage:
-    return TenantUsage(
-        tenant_id="acme",
-        period="2026-11",
-        period_start="2026-11-01T00:00:00.000Z",
-        period_end="2026-12-01T00:00:00.000Z",
-        watermark=watermark,
-        as_of="2026-11-02T10:00:01.000Z",
-        events=events,
-        meters={},
-    )
+def doc(events: int, watermark_ms: int = 1_793_354_400_000) -> UsageFacts:
+    return UsageFacts("acme", "2026-11", "month", 1_793_491_200_000 - 30 * 86_400_000, END_MS, watermark_ms, watermark_ms, events, [])
 
 
-def stored(s: Settings) -> TenantUsage | None:
+def stored(s: Settings) -> UsageFacts | None:
     async def get() -> bytes | None:
         r = ReadModelReader(s.stores)  # an asyncio client belongs to one event loop
         try:
@@ -38,7 +29,7 @@ def stored(s: Settings) -> TenantUsage | None:
             await r.close()
 
     raw = asyncio.run(get())
-    return None if raw is None else TENANT_USAGE.decode(raw)
+    return None if raw is None else USAGE_FACTS.decode(raw)
 
 
 def periods(s: Settings) -> list[str]:
@@ -55,12 +46,13 @@ def periods(s: Settings) -> list[str]:
 def test_an_older_state_never_overwrites_a_newer_one(stack: LocalStack, settings: Settings) -> None:
     w = ReadModelWriter(settings.stores)
     assert stored(settings) is None
-    w.write([(doc(10), END_MS)])
-    w.write([(doc(7, "2026-11-02T09:00:00.000Z"), END_MS)])  # a replay still catching up
+    w.write([doc(10)])
+    w.write([doc(7, 1_793_350_800_000)])  # a replay still catching up, an hour behind
     got = stored(settings)
-    assert got is not None and (got.events, got.watermark) == (10, "2026-11-02T10:00:00.000Z")
-    w.write([(doc(10, "2026-11-02T10:30:00.000Z"), END_MS)])  # same events, windows closed since
-    w.write([(doc(12), END_MS)])
+    assert got is not None and (got.events, got.watermark_ms) == (10, 1_793_354_400_000)
+    w.submit([doc(10, 1_793_356_200_000)])  # same events, windows closed since (through the writer thread)
+    w.submit([doc(12)])
+    w.flush()
     got = stored(settings)
     assert got is not None and got.events == 12
     # Kept for read_model_days after the period's end.

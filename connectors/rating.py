@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -206,35 +207,85 @@ def _live_per_version(t: TenantState) -> None:
     t.hot.clear()
 
 
+class Budget:
+    """A share of wall time, as a token bucket of seconds (up to one second's worth)."""
+
+    __slots__ = ("share", "stamp", "tokens")
+
+    def __init__(self, share: float, full: bool = True) -> None:
+        self.share, self.tokens, self.stamp = share, share if full else 0.0, time.monotonic()
+
+    def allows(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.share, self.tokens + (now - self.stamp) * self.share)
+        self.stamp = now
+        return self.tokens > 0
+
+    def spend(self, seconds: float) -> None:
+        self.tokens = max(-1.0, self.tokens - seconds)
+
+
 class UsagePublisher:
-    """Writes the read model (operators/usage.py) of the tenants a shard touched, at most once
-    per interval: its cost grows with the tenants active in an interval, not with events.
+    """Writes the read model (operators/usage.py) of the tenants touched since the last write,
+    for all the shards of a worker at once, at most once per interval: one Redis call per
+    interval, and a cost that grows with the tenants active in an interval, not with events.
 
-    While input is waiting (the process is catching up or at its limit: `Backlog`), the read
-    model yields: all shards together may spend at most `budget` of the wall time on it (a
-    token bucket of seconds), so it never costs throughput more than that; the figures are as
-    late as the input then anyway. With headroom it is written every interval. Shared by
-    every shard of the process (they share one thread)."""
+    Its share of the process's time is capped, so rating and alerts come first: after a
+    write the next waits at least its cost over `steady` (with many active tenants the
+    interval stretches: 10 % of the time at most), and while input is waiting (the process
+    is catching up or at its limit: `Backlog`) writes spend at most `busy` of the wall time
+    (a token bucket), when the figures are as late as the input anyway."""
 
-    def __init__(self, writer: ReadModelWriter, interval_s: float, stats: Stats, budget: float = 0.03, backlog: Backlog = BACKLOG) -> None:
-        self.writer, self.interval_s, self.stats, self.budget, self.backlog = writer, interval_s, stats, budget, backlog
-        self._tokens, self._stamp = 0.0, time.monotonic()
+    def __init__(
+        self,
+        writer: ReadModelWriter,
+        interval_s: float,
+        stats: Stats,
+        steady: float = 0.10,
+        busy: float = 0.03,
+        backlog: Backlog = BACKLOG,
+    ) -> None:
+        self.writer, self.interval_s, self.stats, self.steady, self.backlog = writer, interval_s, stats, steady, backlog
+        self.busy = Budget(busy, full=False)
         self.levels: LevelsCache = {}
         self._thread_seen = 0.0
+        # Per worker thread: its shards (a round touches only its own thread's engines) and
+        # when its next write is due.
+        self._shards: dict[int, list[ShardLogic]] = {}
+        self._due: dict[int, float] = {}
 
-    def may_publish(self) -> bool:
-        """Whether the budget allows a write now (always, while no input is waiting)."""
-        now = time.monotonic()
-        self._tokens = min(self.budget, self._tokens + (now - self._stamp) * self.budget)
-        self._stamp = now
-        return self._tokens > 0 or not self.backlog.behind()
+    def register(self, shard: ShardLogic) -> None:
+        self._shards.setdefault(threading.get_ident(), []).append(shard)
 
-    def _spent(self, seconds: float) -> None:
-        self._tokens = max(-1.0, self._tokens - seconds)
+    def due(self) -> float:
+        return self._due.get(threading.get_ident(), 0.0)
 
-    def publish(self, engine: ShardEngine, tenants: set[str], final: list[Final], now: float) -> None:
-        started = time.monotonic()
+    def round(self, now: float, force: bool = False) -> None:
+        """Write every dirty tenant of this thread's shards, if the interval and the budget allow."""
+        me = threading.get_ident()
+        if not force and (now < self._due.get(me, 0.0) or not (self.busy.allows() or not self.backlog.behind())):
+            if now >= self._due.get(me, 0.0):
+                self._due[me] = now + self.interval_s  # over budget: look again then
+            return
+        started = time.thread_time()  # CPU, not wall: waiting for the GIL or Redis is not its cost
         now_ms = int(now * 1000)
+        docs: list[UsageFacts] = []
+        for shard in self._shards.get(me, ()):
+            if shard.dirty or shard.final:
+                docs += self._facts(shard.engine, shard.dirty, shard.final, now_ms)
+                shard.dirty, shard.final = set(), []
+        if docs:
+            self.writer.submit(docs)
+        # The worker's time, and the writer thread's since the last write: the read model's cost.
+        thread = self.writer.thread_seconds
+        spent = time.thread_time() - started + thread - self._thread_seen
+        self._thread_seen = thread
+        self.busy.spend(spent)
+        self.stats.read_model_seconds += spent
+        self.stats.read_model_docs += len(docs)
+        self._due[me] = now + max(self.interval_s, spent / self.steady)
+
+    def _facts(self, engine: ShardEngine, tenants: set[str], final: list[Final], now_ms: int) -> list[UsageFacts]:
         docs: list[UsageFacts] = []
         finals: dict[str, list[tuple[tuple[str, int], MeterPeriod]]] = {}
         for tid, k, mp in final:
@@ -250,15 +301,7 @@ class UsagePublisher:
                     self.levels.pop((tid, slug, idx), None)
             except Exception as e:  # a bug of ours: that tenant's figures go stale, rating goes on
                 internal_error(e, f"building the read model of tenant {tid}", tenant_id=tid)
-        if docs:
-            self.writer.submit(docs)
-        # The worker's time, and the writer thread's since the last write: the read model's cost.
-        thread = self.writer.thread_seconds
-        spent = time.monotonic() - started + thread - self._thread_seen
-        self._thread_seen = thread
-        self._spent(spent)
-        self.stats.read_model_seconds += spent
-        self.stats.read_model_docs += len(docs)
+        return docs
 
     def flush(self) -> None:
         """Until everything submitted is written (the end of a bounded input)."""
@@ -270,8 +313,9 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         self.engine, self.enc, self.snapshots, self.store, self.usage = engine, enc, snapshots, store, usage
         self.dirty: set[str] = set()  # tenants whose read model is behind
         self.final: list[Final] = []  # periods the engine forgot since, for their last write
-        self.next_publish = 0.0
         self._now = 0.0
+        if usage is not None:
+            usage.register(self)
 
     @classmethod
     def builder(
@@ -308,11 +352,8 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
             return
         if res.lines:
             self.dirty.update([ln.tenant_id for ln in res.lines])
-        if (self.dirty or self.final) and (force or now >= self.next_publish):
-            if force or self.usage.may_publish():
-                self.usage.publish(self.engine, self.dirty, self.final, now)
-                self.dirty, self.final = set(), []
-            self.next_publish = now + self.usage.interval_s  # written, or over budget: look again then
+        if (self.dirty or self.final) and (force or now >= self.usage.due()):
+            self.usage.round(now, force)
 
     def _take(self, o: Out, res: ShardOut) -> None:
         self.enc.out(o, res)
@@ -354,8 +395,8 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
 
     def notify_at(self) -> datetime | None:
         d = self.engine.next_idle_deadline()
-        if (self.dirty or self.final) and (d is None or self.next_publish < d):
-            d = self.next_publish
+        if (self.dirty or self.final) and self.usage is not None and (d is None or self.usage.due() < d):
+            d = self.usage.due()
         return datetime.fromtimestamp(d, UTC) if d is not None else None
 
     def snapshot(self) -> bytes:

@@ -208,12 +208,13 @@ def _live_per_version(t: TenantState) -> None:
 
 
 class Budget:
-    """A share of wall time, as a token bucket of seconds (up to one second's worth)."""
+    """A share of wall time, as a token bucket of seconds (up to one second's worth; it
+    starts empty: the share is earned before it is spent)."""
 
     __slots__ = ("share", "stamp", "tokens")
 
-    def __init__(self, share: float, full: bool = True) -> None:
-        self.share, self.tokens, self.stamp = share, share if full else 0.0, time.monotonic()
+    def __init__(self, share: float) -> None:
+        self.share, self.tokens, self.stamp = share, 0.0, time.monotonic()
 
     def allows(self) -> bool:
         now = time.monotonic()
@@ -246,7 +247,7 @@ class UsagePublisher:
         backlog: Backlog = BACKLOG,
     ) -> None:
         self.writer, self.interval_s, self.stats, self.steady, self.backlog = writer, interval_s, stats, steady, backlog
-        self.busy = Budget(busy, full=False)
+        self.busy = Budget(busy)
         self.levels: LevelsCache = {}
         self._thread_seen = 0.0
         # Per worker thread: its shards (a round touches only its own thread's engines) and

@@ -117,13 +117,13 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         if isinstance(client, Response):
             return client
         try:
-            found = await queries.usage(
+            usage = await queries.usage(
                 request.path_params["tenant"], request.query_params.get("period"), request.query_params.get("meter")
             )
         except (NotFound, BadRequest, Unavailable) as e:
             return refused(e)
         QUERIES.labels("usage").inc()
-        return Response(USAGE_ENCODER.encode(found.usage), media_type="application/json")
+        return Response(USAGE_ENCODER.encode(usage), media_type="application/json")
 
     async def get_entitlement(request: Request) -> Response:
         client = authorize(request, "read")
@@ -143,16 +143,14 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
             return client
         tenant = request.path_params["tenant"]
         try:
-            found = await queries.usage(tenant, request.query_params.get("period"))
+            usage = await queries.usage(tenant, request.query_params.get("period"))
             periods = await queries.periods(tenant)
         except (NotFound, BadRequest, Unavailable) as e:
-            return HTMLResponse(
-                f"<p>{html.escape(str(e))}</p>", 404 if isinstance(e, NotFound) else 503 if isinstance(e, Unavailable) else 400
-            )
-        if found.usage.period not in periods:
-            periods = sorted([*periods, found.usage.period], reverse=True)
+            return HTMLResponse(f"<p>{html.escape(str(e))}</p>", status_of(e))
+        if usage.period not in periods:
+            periods = sorted([*periods, usage.period], reverse=True)
         QUERIES.labels("page").inc()
-        return HTMLResponse(render(found.usage, watch.index, periods))
+        return HTMLResponse(render(usage, watch.index, periods))
 
     async def post_events(request: Request) -> Response:
         client = authorize(request, "ingest")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
@@ -37,15 +36,6 @@ class BadRequest(Exception):
     """400: the message names the parameter and the fix."""
 
 
-@dataclass(frozen=True)
-class Found:
-    """A period's usage and where it came from: the read model, or zeros from the catalog."""
-
-    usage: TenantUsage
-    plan: PlanIndex  # in force for the period (at now, or at its end if it is over)
-    stored: bool
-
-
 class Queries:
     def __init__(self, watch: CatalogWatch, reader: ReadModelReader) -> None:
         self.watch, self.reader = watch, reader
@@ -73,7 +63,8 @@ class Queries:
         p = period_of(int(start.timestamp() * 1000), kind)
         return p, self._plan(tenant_id, max(p.start_ms, min(now_ms, p.end_ms - 1)))
 
-    async def usage(self, tenant_id: str, key: str | None, meter: str | None = None) -> Found:
+    async def usage(self, tenant_id: str, key: str | None, meter: str | None = None) -> TenantUsage:
+        """The read model's figures, or zeros from the catalog for a period without usage."""
         self.watch.poll()
         now_ms = int(time.time() * 1000)
         p, plan = self.period(tenant_id, key, now_ms)
@@ -85,7 +76,7 @@ class Queries:
             if meter not in doc.meters:
                 doc = msgspec.structs.replace(doc, meters=empty_usage(self.watch.index, tenant_id, plan, p, now_ms).meters)
             doc.meters = {meter: doc.meters[meter]}
-        return Found(doc, plan, raw is not None)
+        return doc
 
     async def entitlement(self, tenant_id: str, meter: str, key: str | None) -> Entitlement:
         """Measured under the pricing version in force (after a plan change: the usage rated

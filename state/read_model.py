@@ -55,7 +55,6 @@ class ReadModelWriter:
         self.keep_s = int(store.read_model_days * 86_400)
         self.patience = Patience("read model", on_change=on_change)
         self._write = self.r.register_script(_WRITE)
-        self.written = 0
         self.thread_seconds = 0.0  # time the writer thread spent (its share of the read model's cost)
         self._queue: queue.Queue[list[UsageFacts]] = queue.Queue(maxsize=queued)
         self._thread: threading.Thread | None = None
@@ -67,7 +66,6 @@ class ReadModelWriter:
         for i in range(0, len(args), 4 * CHUNK):
             part = args[i : i + 4 * CHUNK]
             self.patience(partial(self._write, args=part))
-        self.written += len(args) // 4
 
     def submit(self, docs: list[UsageFacts]) -> None:
         if self._thread is None:

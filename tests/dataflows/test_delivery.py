@@ -27,7 +27,7 @@ from ops.reconcile import rated_and_acknowledged
 from runtime.kafka import read_topic
 from runtime.settings import Settings, to_env
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
-from tests.support.lines import rated_line
+from tests.support.lines import rated_line, threshold_alert
 
 HMAC_KEY = "test-hmac-key"
 
@@ -127,21 +127,18 @@ def lines(n: int, rng: random.Random) -> list[RatedUsageLine]:
 
 def alerts(n: int) -> list[ThresholdAlert]:
     return [
-        ThresholdAlert(
-            alert_id=str(uuid.uuid4()),
+        threshold_alert(
             tenant_id=f"t-{i:04d}",
             crm_account_id=f"CRM-{i}",
             meter="tokens",
             period="2026-11",
             level="100%",
-            limit=Decimal(100),
-            usage=Decimal(101),
+            limit=100,
+            usage=101,
             crossed_at="2026-11-01T00:00:00.000Z",
             correlation_id=f"e{i}",
             plan_id="starter",
-            plan_version=1,
             detected_at="2026-11-01T00:00:00.100Z",
-            destinations=["crm", "success"],
         )
         for i in range(n)
     ]

@@ -14,27 +14,19 @@ import standardwebhooks
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from runtime.settings import CrmSettings, ErpSettings, SuccessSettings
-from schemas.outputs import RatedUsageLine, ThresholdAlert
+from schemas.outputs import RatedUsageLine
 from sinks.crm import CrmHttp
 from sinks.erp import ErpHttp
 from sinks.success import SuccessWebhook
-from tests.support.lines import rated_line
+from tests.support.lines import rated_line, threshold_alert
 
-ALERT = ThresholdAlert(
+ALERT = threshold_alert(
     alert_id="a-1",
-    tenant_id="acme",
-    crm_account_id="CRM-1",
-    meter="calls",
     period="2026-11",
-    level="80%",
-    limit=Decimal(80),
-    usage=Decimal(81),
     crossed_at="2026-11-02T10:00:00.000Z",
     correlation_id="e-9",
     plan_id="starter",
-    plan_version=1,
     detected_at="2026-11-02T10:00:00.050Z",
-    destinations=["crm", "success"],
 )
 
 

@@ -1,5 +1,5 @@
-"""One builder of rated lines for every test: a line of acme's calls in 2026-03 under
-basic:v1, with whatever a test cares about overridden."""
+"""One builder of rated lines and one of threshold alerts for every test: acme's calls in
+2026-03 under basic:v1, with whatever a test cares about overridden."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-from schemas.outputs import RatedUsageLine
+from schemas.outputs import RatedUsageLine, ThresholdAlert
 
 T = "2026-03-10T12:00:00.000Z"
 
@@ -37,3 +37,26 @@ def rated_line(**overrides: Any) -> RatedUsageLine:
     fields.update(overrides)
     fields["quantity"], fields["amount"] = Decimal(fields["quantity"]), Decimal(fields["amount"])
     return RatedUsageLine(**fields)
+
+
+def threshold_alert(**overrides: Any) -> ThresholdAlert:
+    """acme crossing 80 % of basic's 100 calls; strings for limit and usage are Decimals."""
+    fields: dict[str, Any] = {
+        "alert_id": str(uuid.uuid4()),
+        "tenant_id": "acme",
+        "crm_account_id": "CRM-1",
+        "meter": "calls",
+        "period": T[:7],
+        "level": "80%",
+        "limit": Decimal(80),
+        "usage": Decimal(81),
+        "crossed_at": T,
+        "correlation_id": "e-1",
+        "plan_id": "basic",
+        "plan_version": 1,
+        "detected_at": T,
+        "destinations": ["crm", "success"],
+    }
+    fields.update(overrides)
+    fields["limit"], fields["usage"] = Decimal(fields["limit"]), Decimal(fields["usage"])
+    return ThresholdAlert(**fields)

@@ -2,7 +2,8 @@
 
 Redelivery after a restart or a replay asks it first, so every destination sees each id
 once even when it has no idempotency support of its own. Keys expire after the replay
-horizon (`ledger_ttl_days`). One round trip per batch in each direction.
+horizon (`ledger_ttl_days`). One round trip per batch in each direction (an alert, sent
+alone, is recorded alone as soon as it is answered).
 
 A batch request is written ahead (`intend`): its body is stored under its idempotency key
 and its ids are marked pending before it is sent. If the process dies before the ack, the

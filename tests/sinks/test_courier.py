@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import orjson
+import pytest
 
 from runtime import kafka
 from runtime.kafka import read_topic
@@ -36,7 +37,7 @@ class Scripted:
         pass
 
 
-def courier(s: Settings, dest: Scripted, slept: list[float], **policy: float) -> Courier[RatedUsageLine]:
+def courier(s: Settings, dest: Scripted, slept: list[float], batched: bool = True, **policy: float) -> Courier[RatedUsageLine]:
     return Courier(
         dest,
         RatedUsageLine,
@@ -45,7 +46,7 @@ def courier(s: Settings, dest: Scripted, slept: list[float], **policy: float) ->
         policy=DeliverySettings(retry_base_seconds=0.01, retry_cap_seconds=0.02, **policy),  # type: ignore[arg-type]
         ledger=Ledger(s.stores),
         parking=Parking(kafka.producer(s.kafka.config()), s.topics.dlq),
-        batched=True,
+        batched=batched,
         sleep=slept.append,
     )
 
@@ -74,6 +75,34 @@ def test_a_written_ahead_batch_is_sent_again_as_it_was(settings: Settings):
     courier(settings, dest, []).deliver([line(2), line(4)])
     assert dest.sent[0] == (key, ["l-1", "l-2", "l-3"])
     assert dest.sent[1][1] == ["l-4"] and len(dest.sent) == 2
+
+
+class Stopped(BaseException):
+    """The process stopping mid-batch (SIGTERM exits at once, between two requests)."""
+
+
+class StopsAt(Scripted):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def send(self, key: str, items: Sequence[RatedUsageLine]) -> Answer:
+        if len(self.sent) == self.n:
+            raise Stopped
+        return super().send(key, items)
+
+
+def test_one_at_a_time_each_item_is_recorded_as_soon_as_it_is_accepted(settings: Settings):
+    """Alerts go one by one: a stop mid-batch leaves only the alert in flight to go again,
+    not every alert of the batch that was already accepted."""
+    batch = [line(i) for i in range(5)]
+    with pytest.raises(Stopped):
+        courier(settings, StopsAt(3), [], batched=False).deliver(batch)
+    statuses = Ledger(settings.stores).status("erp", [x.line_id for x in batch])
+    assert statuses == ["ok", "ok", "ok", None, None]
+    again = Scripted()
+    courier(settings, again, [], batched=False).deliver(batch)
+    assert again.sent == [("l-3", ["l-3"]), ("l-4", ["l-4"])]
 
 
 def test_what_is_rejected_for_good_is_parked_with_why_and_the_rest_delivered(settings: Settings):

@@ -123,9 +123,8 @@ class Courier(Generic[T]):
         if self.batched:
             self._batched(items, ids, statuses)
             return
-        for x, st in zip(items, statuses, strict=True):
+        for x, i, st in zip(items, ids, statuses, strict=True):
             if st is None or st.startswith(PENDING):
-                i = self.ident(x)
                 outcome = "rejected" if self._send(i, [x]) else "ok"
                 # Recorded at once (one Redis round trip, small beside the request): a stop
                 # leaves at most the alert in flight in doubt, which goes again under the

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,12 +18,13 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 
-from devkit.generator import GenSpec, produce
+from devkit.generator import produce
 from devkit.pipeline import LocalPipeline, wait_until
 from runtime.kafka import read_topic
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter
+from tests.support.events import MONTH_END, hostile
 from tests.support.reference import expected
 from tests.support.usage import counts, read_model
 
@@ -51,17 +52,7 @@ def test_kill_9_every_dataflow_repeatedly_loses_and_doubles_nothing() -> None:
     sent: list[bytes] = []
     with LocalPipeline(env=ENV, partitions=3, recovery=True) as lp:
         s = lp.settings
-        spec = GenSpec(
-            total=40_000,
-            tenants=120,
-            duplicate_pct=2,
-            late_pct=2,
-            malformed_pct=1,
-            seed=seed,
-            start=datetime(2026, 10, 31, 23, 45, tzinfo=UTC),
-            span=timedelta(minutes=30),
-            rate=4_000,
-        )
+        spec = hostile(40_000, 120, seed, MONTH_END + timedelta(minutes=5), timedelta(minutes=30), rate=4_000)
         for name in ("rate", "alerts", "erp"):
             lp.start(name)
         args = (s.kafka.brokers, s.topics.input, spec, load_catalog(s.process.catalog))

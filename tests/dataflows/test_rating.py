@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from bytewax._bytewax import cli_main
 from confluent_kafka import Producer
 
 from dataflows.rating import Bounds, build_flow
-from devkit.generator import GenSpec, produce
+from devkit.generator import produce
 from operators.stats import Stats
 from ops.reconcile import compare, rated_and_acknowledged, recount
 from runtime.kafka import read_topic
@@ -22,6 +21,7 @@ from runtime.settings import Settings, to_env
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine, ThresholdAlert
 from tallyflow.cli import main as tallyflow
+from tests.support.events import hostile
 from tests.support.reference import expected
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,18 +39,8 @@ def run(s: Settings, end_offsets: dict[int, int]) -> tuple[Stats, list[Threshold
 def test_generated_traffic_is_conserved_exact_and_alerted_once(settings: Settings, monkeypatch, capsys):
     """40k events around a month end with duplicates, late, hours-late and malformed ones."""
     cat = load_catalog(settings.process.catalog)
-    spec = GenSpec(
-        total=40_000,
-        tenants=150,
-        duplicate_pct=2,
-        late_pct=2,
-        malformed_pct=1,
-        seed=11,
-        start=datetime(2026, 10, 31, 23, 40, tzinfo=UTC),
-        span=timedelta(minutes=40),
-    )
     sent: list[bytes] = []
-    gen = produce(settings.kafka.brokers, settings.topics.input, spec, cat, record=sent)
+    gen = produce(settings.kafka.brokers, settings.topics.input, hostile(40_000, 150, seed=11), cat, record=sent)
     stats, alerts, lines, dead = run(settings, gen.end_offsets)
 
     # Conservation: every record is accepted, a duplicate or a dead letter; the topics agree.

@@ -3,16 +3,16 @@ of the input topic: after a drained run, equal for every tenant, meter and perio
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from connectors.kafka_source import Backlog
 from connectors.rating import UsagePublisher
-from devkit.generator import GenSpec, produce
+from devkit.generator import produce
 from operators.stats import Stats
 from ops.reconcile import recount
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
+from tests.support.events import hostile
 from tests.support.flows import rated_lines, run_bounded
 from tests.support.usage import read_model
 
@@ -20,17 +20,7 @@ from tests.support.usage import read_model
 def test_read_model_equals_reconcile_for_every_key_after_a_drained_run(settings: Settings) -> None:
     """Traffic around a month end with duplicates, late and malformed events: October's
     period goes final during the run (its last write comes from the engine forgetting it)."""
-    spec = GenSpec(
-        total=20_000,
-        tenants=100,
-        duplicate_pct=2,
-        late_pct=2,
-        malformed_pct=1,
-        seed=7,
-        start=datetime(2026, 10, 31, 23, 40, tzinfo=UTC),
-        span=timedelta(minutes=40),
-    )
-    gen = produce(settings.kafka.brokers, settings.topics.input, spec, load_catalog(settings.process.catalog))
+    gen = produce(settings.kafka.brokers, settings.topics.input, hostile(20_000, 100, seed=7), load_catalog(settings.process.catalog))
     stats = run_bounded(settings, gen.end_offsets)
     source, recounted = recount(settings)
     assert recounted.accepted == stats.accepted > 0

@@ -18,13 +18,14 @@ import msgspec
 from bytewax._bytewax import cli_main
 
 from dataflows.rating import Bounds, build_flow
-from devkit.generator import GenSpec, produce
+from devkit.generator import produce
 from devkit.pipeline import scrape, wait_until
 from devkit.stack import LocalStack, free_port
 from runtime.kafka import read_topic
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from tests.support.events import hostile
 from tests.support.k8s import mounted_files, pod_env, render
 
 STS = "tallyflow-rating"
@@ -119,10 +120,7 @@ def test_statefulset_pods_as_processes_match_one_process_and_survive_a_rescale(
     start = datetime(2026, 11, 2, tzinfo=UTC)
 
     def traffic(seed: int, at: datetime) -> dict[int, int]:
-        spec = GenSpec(
-            total=12_000, tenants=60, duplicate_pct=2, late_pct=2, malformed_pct=1, seed=seed, start=at, span=timedelta(minutes=20)
-        )
-        return produce(s.kafka.brokers, s.topics.input, spec, cat).end_offsets
+        return produce(s.kafka.brokers, s.topics.input, hostile(12_000, 60, seed, at, timedelta(minutes=20)), cat).end_offsets
 
     half = traffic(5, start)
     # Two pods take the first half ...

@@ -1,4 +1,4 @@
-"""Small builders shared by tests: a controlled catalog and CloudEvent bytes."""
+"""Small builders shared by tests: a controlled catalog, CloudEvent bytes, and generated traffic."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from devkit.generator import GenSpec
 from operators.catalog_index import CatalogIndex
 from operators.engine import ShardEngine
 from operators.engine_state import EngineConfig
@@ -17,6 +18,7 @@ from schemas.catalog import parse_catalog
 from schemas.outputs import DeadLetter
 from schemas.records import Accepted
 
+MONTH_END = datetime(2026, 10, 31, 23, 40, tzinfo=UTC)
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 UPGRADE_AT = datetime(2026, 3, 20, 0, 0, tzinfo=UTC)
 
@@ -172,3 +174,11 @@ class Harness:
         out = self.engine.flush_all()
         self.lines += out.lines
         return out
+
+
+def hostile(
+    total: int, tenants: int, seed: int, start: datetime = MONTH_END, span: timedelta = timedelta(minutes=40), rate: float | None = None
+) -> GenSpec:
+    """Generated traffic with 2 % duplicates, 2 % late and 1 % malformed events; by default
+    across a month end, so a period closes during the run."""
+    return GenSpec(total=total, tenants=tenants, duplicate_pct=2, late_pct=2, malformed_pct=1, seed=seed, start=start, span=span, rate=rate)

@@ -84,6 +84,7 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> 
 
 def get_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.alerts:get_flow()"`."""
+    process.refuse_worker_threads("deliver alerts")
     s = load_settings()
     flow = build_flow(s)
     process.started(s, "alerts", ledger=ledger_problem)

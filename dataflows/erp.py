@@ -64,6 +64,7 @@ def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> 
 
 def get_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.erp:get_flow()"`."""
+    process.refuse_worker_threads("deliver erp")
     s = load_settings()
     flow = build_flow(s)
     process.started(s, "erp", ledger=ledger_problem)

@@ -95,6 +95,7 @@ def recovery_configured(argv: list[str] | None = None, env: Mapping[str, str] | 
 
 def get_flow() -> Dataflow:
     """Entry for `python -m bytewax.run "dataflows.rating:get_flow()"`."""
+    process.refuse_worker_threads("rate")
     s = load_settings()
     flow = build_flow(s, snapshots=recovery_configured())
     process.started(s, "rating", STATS, redis=lambda: None if STATS.redis_up else "Redis unreachable; input held")

@@ -32,9 +32,9 @@ Settings come from TALLYFLOW_* variables (and an optional YAML file named by
 TALLYFLOW_CONFIG); `tallyflow config` prints them. See README.md and ARCHITECTURE.md."""
 
 BYTEWAX_HELP = """\
-Any further arguments go to `python -m bytewax.run` unchanged, e.g. -w N (workers; prefer
-processes, one worker each: they share no GIL), -i I -a HOST:PORT,... (a cluster of
-processes), -r DIR -s SECONDS -b SECONDS (recovery; added for you when
+Any further arguments go to `python -m bytewax.run` unchanged: -i I -a HOST:PORT,... (a
+cluster of processes, one worker each: the way to scale; -w N worker threads are refused,
+as threads share the GIL and the dataflow's objects), -r DIR -s SECONDS -b SECONDS (recovery; added for you when
 TALLYFLOW_RECOVERY_DIR is set). In a StatefulSet pod the cluster comes from the pod's
 environment. SIGTERM or Ctrl-C stop it; the next start resumes from the last snapshot."""
 
@@ -60,6 +60,9 @@ def _run_flow(name: str, rest: list[str]) -> int:
     """Replace this process with `python -m bytewax.run` on a flow, so every Bytewax option
     (-w, -i/-a, -r/-s/-b, the StatefulSet environment) works unchanged."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # PID 1 in a pod: stop even before Bytewax runs
+    from runtime.process import one_worker_per_process
+
+    one_worker_per_process(f"tallyflow {'rate' if name == 'rate' else 'deliver ' + name}", rest, os.environ)
     s = load_settings()
     if name == "rate":
         load_catalog(s.process.catalog)  # fail fast, with the field named, before Bytewax starts

@@ -61,3 +61,32 @@ def test_rate_help_is_ours_not_a_dump_of_settings(capsys):
         assert e.code == 0
     out = capsys.readouterr().out
     assert "bytewax.run" in out and "-w N" in out and "{" not in out.split("\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        (["-m", "tallyflow.cli", "rate", "-w", "2"], {}),
+        (["-m", "tallyflow.cli", "deliver", "erp", "--workers-per-process=3"], {}),
+        (["-m", "bytewax.run", "dataflows.rating:get_flow()", "-w2"], {}),
+        (["-m", "bytewax.run", "dataflows.alerts:get_flow()"], {"BYTEWAX_WORKERS_PER_PROCESS": "2"}),
+    ],
+)
+def test_worker_threads_are_refused_with_one_line_naming_processes(argv: list[str], env: dict[str, str]) -> None:
+    """Worker threads of one process share the GIL and every object the dataflow is handed
+    (issue 18: `-w 2` lost events): refused before anything runs, whichever way the flow is started."""
+    p = subprocess.run([sys.executable, *argv], env={**os.environ, **env}, capture_output=True, timeout=60, check=False)
+    lines = [ln for ln in p.stderr.decode().splitlines() if ln.strip()]
+    assert p.returncode == 2, (p.returncode, p.stderr.decode()[-2000:])
+    assert len(lines) == 1 and "not supported" in lines[0] and "-i/-a" in lines[0], lines[:5]
+
+
+def test_worker_threads_are_read_as_bytewax_reads_them() -> None:
+    from runtime.process import worker_threads
+
+    assert worker_threads([], {}) == 1
+    assert worker_threads(["-r", "x", "-w", "4"], {}) == 4
+    assert worker_threads(["-w3"], {}) == 3
+    assert worker_threads(["--workers-per-process=2"], {}) == 2
+    assert worker_threads([], {"BYTEWAX_WORKERS_PER_PROCESS": "5"}) == 5
+    assert worker_threads(["-w", "1"], {"BYTEWAX_WORKERS_PER_PROCESS": "5"}) == 1

@@ -172,9 +172,9 @@ class Validator:
             )
         depth = nesting_depth(payload)
         if depth > lim.max_depth:
-            return self._reject(
-                "too_deep", f"arrays and objects nested {depth} deep; the limit is {lim.max_depth} (TALLYFLOW_MAX_DEPTH)", payload, offset
-            )
+            if payload.lstrip()[:1] == b"[":
+                return self._elements(payload, offset)  # the bound is per event: each element is held to it alone
+            return self._too_deep(depth, payload, offset)
         try:
             decoded = self.decoder.single_or_batch.decode(payload)
         except msgspec.ValidationError as e:
@@ -209,7 +209,12 @@ class Validator:
         if not elements:
             return self._reject("schema", "an empty JSON array holds no events", payload, offset)
         one = self.decoder.one.decode
+        max_depth = self.lim.max_depth
         for i, raw in enumerate(elements):
+            depth = nesting_depth(raw)
+            if depth > max_depth:
+                self._too_deep(depth, raw, offset, i)
+                continue
             try:
                 ev = one(raw)
             except msgspec.ValidationError as e:
@@ -219,6 +224,10 @@ class Validator:
                 self._reject("invalid_json", _not_json(e), raw, offset, i)
                 continue
             self._element(ev, raw, offset, i)
+
+    def _too_deep(self, depth: int, raw: bytes, offset: int, index: int | None = None) -> None:
+        why = f"arrays and objects nested {depth} deep; the limit is {self.lim.max_depth} (TALLYFLOW_MAX_DEPTH)"
+        self._reject("too_deep", why, raw, offset, index, self._identity(raw))  # who it was, if readable
 
     def _element(self, ev: Any, raw: bytes, offset: int, index: int) -> None:
         """One element of an array; a failure of ours on it spares its neighbours."""

@@ -92,6 +92,38 @@ def test_array_message_counts_each_event_and_a_bad_element_does_not_sink_its_nei
     assert h.stats.records_in == 3 and h.stats.conservation_gap() == 0
 
 
+@pytest.mark.parametrize("depth", [33, 40, 5_000])
+def test_a_deep_element_is_judged_alone_and_does_not_sink_its_array(depth):
+    """Issue 18: `[good, <nested deeper than the limit>, good]` was one `too_deep` record and
+    0 accepted. The bound is per event: 2 accepted, 1 dead letter with its index and tenant."""
+    good1 = orjson.loads(ev(at=__import__("datetime").timedelta(seconds=1)))
+    good2 = orjson.loads(ev(at=__import__("datetime").timedelta(seconds=2)))
+    deep_value: object = 1
+    for _ in range(depth):
+        deep_value = [deep_value]
+    deep = {**good1, "id": "deep", "data": {"extra": deep_value}}
+    h = Harness()
+    deep_raw = orjson.dumps(deep) if depth < 500 else _deep_element(depth)
+    h.feed(b"[" + orjson.dumps(good1) + b"," + deep_raw + b"," + orjson.dumps(good2) + b"]")
+    assert h.stats.accepted == 2
+    assert reasons(h) == ["too_deep"] and h.dead[0].index == 1 and "TALLYFLOW_MAX_DEPTH" in h.dead[0].message
+    assert h.stats.records_in == 3 and h.stats.conservation_gap() == 0
+
+
+def _deep_element(depth: int) -> bytes:
+    """An event whose data nests `depth` arrays (deeper than orjson will write)."""
+    head = orjson.dumps(orjson.loads(ev(id="deep")))[:-1]
+    return head + b',"extra":' + b"[" * depth + b"1" + b"]" * depth + b"}"
+
+
+def test_the_depth_bound_is_per_element_of_an_array():
+    """An element exactly at the limit is accepted although the array around it is one deeper."""
+    h = _limited(max_depth=3)
+    at_limit = orjson.loads(ev(etype="storage.snapshot", data={"usage": {"gb": 2}}))  # 3 deep alone
+    h.feed(orjson.dumps([at_limit, at_limit | {"id": "other"}]))
+    assert h.stats.accepted == 2 and not h.dead
+
+
 def test_unknown_fields_and_extra_data_are_ignored():
     body = orjson.loads(ev(etype="llm.tokens", data={"tokens": 4, "model": {"deep": [1, 2]}}))
     body["datacontenttype"] = "application/json"

@@ -3,7 +3,7 @@
 Waiting out an outage is the point: the calling worker blocks, stops pulling from Kafka,
 the backlog waits there as consumer lag, and processing resumes where it stopped when Redis
 answers again. Only transient errors are retried (connection loss, timeouts, a replica
-still loading); anything else (a script error, a wrong type) is a bug or a misconfiguration
+still loading, a script still running); anything else (a script error, a wrong type) is a bug or a misconfiguration
 and propagates with its message.
 """
 
@@ -23,13 +23,23 @@ R = TypeVar("R")
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
+def transient(e: BaseException) -> bool:
+    """Worth waiting out: connection loss, a timeout, a replica loading, or BUSY (a script,
+    perhaps our own retried after a socket timeout, still running: it finishes)."""
+    return isinstance(e, TRANSIENT) or (isinstance(e, redis.ResponseError) and str(e).startswith("BUSY"))
+
+
 def client(url: str) -> redis.Redis:
     """A client with timeouts: a Redis that stops answering is an outage, not a hang."""
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
 
 class Patience:
-    """Retries a Redis call with back-off until it succeeds; `up` is exported as a metric."""
+    """Retries a Redis call with back-off until it succeeds; `up` is exported as a metric.
+
+    A call that timed out may still have happened (a script runs on after the client gave
+    up), so every call made through it must be safe to repeat: reads, idempotent writes, or
+    scripts that recognise their own earlier attempt (state/register.py)."""
 
     def __init__(self, what: str, backoff: Backoff | None = None, on_change: Callable[[bool], None] | None = None) -> None:
         self.what = what
@@ -48,7 +58,9 @@ class Patience:
         while True:
             try:
                 v = fn()
-            except TRANSIENT as e:
+            except redis.RedisError as e:
+                if not transient(e):
+                    raise
                 attempt += 1
                 if self.up:
                     self._set(False)

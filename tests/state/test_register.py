@@ -91,3 +91,78 @@ def test_register_takes_totals_from_before_it_existed_as_emitted(stack: LocalSta
     reg = EmissionRegister(settings.stores)
     out = reg.settle([line(2, "0.20", events=2, revision=0)], [(D(10), D("1.00"), 10)])
     assert [(ln.quantity, ln.amount, ln.event_count, ln.revision) for ln in out.lines] == [(2, D("0.20"), 2, 0)]
+
+
+def test_a_write_retried_after_a_socket_timeout_is_recognised_not_taken_for_another_writer(stack: LocalStack, settings: Settings) -> None:
+    """Issue 18: a script past the client's socket timeout still runs in Redis; the retry must
+    find its own earlier attempt done (not a conflict to read back and re-send as pending)."""
+    import redis
+
+    from operators.delivery import Backoff
+
+    reg = EmissionRegister(settings.stores)
+    real = reg._write_script
+    calls: list[int] = []
+
+    def times_out_after_running(*a: object, **kw: object) -> object:
+        calls.append(1)
+        out = real(*a, **kw)  # type: ignore[arg-type]
+        if len(calls) == 1:
+            raise redis.TimeoutError("Timeout reading from socket")  # it ran; the client did not hear
+        return out
+
+    reg._write_script = times_out_after_running  # type: ignore[assignment]
+    reg.patience.backoff = Backoff(0.01, 0.01)
+    out = reg.settle([line(12, "0.20", events=12)], [(D(12), D("0.20"), 12)])
+    assert len(calls) == 2
+    assert out.resent == 0 and [(ln.quantity, ln.revision) for ln in out.lines] == [(12, 0)]
+    assert reg.totals([reg.key(out.lines[0])]) == {reg.key(out.lines[0]): (D(12), D("0.20"), 12)}
+
+
+def test_a_large_write_is_cut_into_short_script_calls(stack: LocalStack, settings: Settings) -> None:
+    """An idle flush of many tenants at once: no single script holds Redis for all of them."""
+    from state import register
+
+    reg = EmissionRegister(settings.stores)
+    real = reg._write_script
+    sizes: list[int] = []
+
+    def counting(*a: object, **kw: object) -> object:
+        args = kw["args"]
+        assert isinstance(args, list)
+        sizes.append(len(args))
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    reg._write_script = counting  # type: ignore[assignment]
+    n = 2 * register.CHUNK_KEYS + 7
+    lines = [rated_line(line_id=f"x{i}", tenant_id=f"t-{i}", quantity=1, amount="0.01") for i in range(n)]
+    out = reg.settle(lines, [(D(1), D("0.01"), 1)] * n)
+    assert len(out.lines) == n and len(sizes) == 3
+    assert max(sizes) < 12 * register.CHUNK_KEYS + 10  # ~11 arguments per key
+    keys = [reg.key(ln) for ln in lines]
+    assert set(reg.totals(keys).values()) == {(D(1), D("0.01"), 1)}
+    # Read back in chunks too: a restarted process settling all of them finds them all emitted.
+    again = EmissionRegister(settings.stores)
+    assert again.settle(lines, [(D(1), D("0.01"), 1)] * n, read=set(keys)).lines[n:] == []
+
+
+def test_patience_waits_out_a_busy_script_but_not_other_errors() -> None:
+    import pytest
+    import redis
+
+    from operators.delivery import Backoff
+    from runtime.redis import Patience
+
+    p = Patience("test", Backoff(0.001, 0.001))
+    answers: list[Exception | str] = [redis.ResponseError("BUSY Redis is busy running a script."), "ok"]
+
+    def call() -> str:
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    assert p(call) == "ok"
+    answers[:] = [redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")]
+    with pytest.raises(redis.ResponseError):
+        p(call)

@@ -53,6 +53,7 @@ class DedupStore:
         self.prefix = store.key("dd")
         self.patience = Patience("long-horizon dedup", on_change=on_change)
         self.pending: list[Evicted] = []  # evicted, not yet written
+        self.pending_by_tenant: dict[str, list[Evicted]] = {}  # the same, for asking (100,000 tenants: no scan)
         self.pending_ids = 0
         self.cache: OrderedDict[str, dict[int, int]] = OrderedDict()  # key -> {hash: position}
         self.cached_ids = 0
@@ -66,6 +67,8 @@ class DedupStore:
     # -- what leaves memory -----------------------------------------------------------------
     def evicted(self, gone: list[Evicted]) -> None:
         self.pending += gone
+        for g in gone:
+            self.pending_by_tenant.setdefault(g.tenant, []).append(g)
         self.pending_ids += sum(len(g.ids) for g in gone)
         if self.pending_ids >= WRITE_AT_IDS:
             self.drain()
@@ -93,6 +96,7 @@ class DedupStore:
                 self.cached_ids += len(hs)
         self.written_ids += self.pending_ids
         self.pending, self.pending_ids = [], 0
+        self.pending_by_tenant = {}
 
     def _group(self, gone: list[Evicted]) -> dict[str, tuple[array, array]]:  # type: ignore[type-arg]
         """Logs -> per (stripe, hour) key: the hashes and the positions, as packed arrays."""
@@ -130,8 +134,8 @@ class DedupStore:
 
     def _unwritten(self, tenant: str, h: int) -> int | None:
         """The position of `h` in a generation evicted but not written yet, if it is in one."""
-        for g in self.pending:
-            if g.tenant == tenant and h in g.ids:
+        for g in self.pending_by_tenant.get(tenant, ()):
+            if h in g.ids:
                 it = iter(g.log)
                 return int(next(m >> 32 for x, m in zip(it, it, strict=True) if x == h))
         return None

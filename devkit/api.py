@@ -12,13 +12,16 @@ from devkit.pipeline import wait_until
 from devkit.stack import free_port
 from runtime.settings import Settings
 from serving.app import build_app
+from serving.server import Bounds, config
 
 
 @contextmanager
-def serve(s: Settings) -> Iterator[str]:
-    """The API's base URL while the block runs; stopped (in-flight requests finished) after."""
+def serve(s: Settings, bounds: Bounds | None = None) -> Iterator[str]:
+    """The API's base URL while the block runs (as `tallyflow api` runs it: the bounds of
+    `s.api` unless given); stopped (in-flight requests finished) after."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(s), host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    bounds = bounds or Bounds.of(s.api)
+    server = uvicorn.Server(config(build_app(s, bounds=bounds), "127.0.0.1", port, bounds, log_level="warning"))
     thread = threading.Thread(target=server.run, name="tallyflow-api", daemon=True)
     thread.start()
     try:

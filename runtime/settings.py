@@ -151,7 +151,7 @@ class TrytonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`tallyflow api`: HTTP ingest (and, later, usage queries)."""
+    """`tallyflow api`: HTTP ingest, usage queries, the page; and its bounds on slow clients."""
 
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -159,6 +159,11 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_body_bytes: PosInt = 4 * 1024 * 1024  # one request; each event is also bounded by max_message_bytes
     events_per_second: Pos = 50_000.0  # per client token, unless its entry says otherwise
     produce_timeout_seconds: Pos = 5.0  # the broker must acknowledge (acks=all) within this, else 503
+    limit_concurrency: PosInt = 1000  # connections and requests in flight per process; past it uvicorn answers 503
+    keep_alive_seconds: PosInt = 5  # an idle keep-alive connection is closed after this
+    header_timeout_seconds: Pos = 10.0  # a request's line and headers must arrive within this, else the connection is closed
+    max_header_bytes: PosInt = 64 * 1024  # a request's line and headers at most this, else 431 and close
+    body_timeout_seconds: Pos = 60.0  # a posted body must arrive within this, else 408
 
 
 class ProcessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -8,9 +8,11 @@ runs in the thread pool, so the event loop keeps answering probes.
 
     POST /v1/events     application/cloudevents+json (one) or application/cloudevents-batch+json
                         (an array); scope `ingest`. 202 every event on the topic; 400 some
-                        refused (per position, why) and the rest on the topic; 401 no or unknown
-                        token; 403 scope; 413 body too large; 415 content type; 429 over the
-                        client's events/s (Retry-After); 503 the broker did not acknowledge.
+                        refused (per position, why; the first 100 listed) and the rest on the
+                        topic; 401 no or unknown token; 403 scope, or an event for a tenant the
+                        token does not serve (nothing sent); 408 body too slow; 413 body too
+                        large; 415 content type; 429 over the client's events/s (Retry-After);
+                        503 the broker did not acknowledge.
     GET /v1/tenants/{tenant}/usage?period=&meter=
                         the read model (usage, amount, levels) of one billing period; scope `read`.
     GET /v1/tenants/{tenant}/entitlements/{meter}?period=
@@ -19,18 +21,22 @@ runs in the thread pool, so the event loop keeps answering probes.
                         the same for people, as an HTML page (token as the Basic password).
     GET /healthz, /readyz, /metrics, /openapi.json
 
-Queries read only Redis (the read model the rating dataflow writes) and the catalog file.
+Queries read only Redis (the read model the rating dataflow writes) and the catalog file; a
+Redis that does not answer is a 503 with Retry-After (and /readyz says so), never a 500. A
+token bound to tenants (serving/auth.py) gets 403 for any other, before anything is looked up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import html
 import math
 import time
 from collections.abc import AsyncIterator
+from html import escape as html_escape
 
 import msgspec
+import redis
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -38,13 +44,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from operators.deadletters import clip
 from operators.stats import Stats
-from runtime.settings import Settings
+from runtime.settings import Settings, mask_url
 from schemas.usage import ENCODER as USAGE_ENCODER
 from serving.auth import Client, Tokens
-from serving.ingest import BrokerDown, Ingest, Judged, catalog_watch
-from serving.openapi import document
+from serving.ingest import BrokerDown, Ingest, Judged, NotServed, catalog_watch
+from serving.openapi import LISTED_REFUSALS, document
 from serving.page import render
+from serving.server import Bounds
 from serving.usage import BadRequest, NotFound, Queries, Unavailable
 from state.read_model import ReadModelReader
 
@@ -52,6 +60,15 @@ EVENTS = Counter("tallyflow_api_events", "Events posted to the API, by outcome."
 QUERIES = Counter("tallyflow_api_queries", "Usage queries answered, by kind.", ["kind"])
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
+RETRY_AFTER = {"Retry-After": "5"}
+READY_CHECK_SECONDS = 5.0  # /readyz asks Redis (and the broker) at most this often
+# The page is static HTML and CSS: no script, no frame, no form, nothing fetched.
+HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class _Bucket:
@@ -74,46 +91,78 @@ class _Bucket:
         return (need - self.tokens) / self.rate
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode({"error": message}), status, media_type="application/json", headers=headers)
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **more: object) -> Response:
+    return Response(msgspec.json.encode({"error": message, **more}), status, media_type="application/json", headers=headers)
 
 
-def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
+def _html(body: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+    return HTMLResponse(body, status, headers={**HTML_HEADERS, **(headers or {})})
+
+
+class _RedisCheck:
+    """Whether Redis answers, asked at most every READY_CHECK_SECONDS and within 2.5 s, so
+    probes arriving together share one ping and none waits longer than that."""
+
+    def __init__(self, reader: ReadModelReader, url: str) -> None:
+        self.reader, self.url = reader, mask_url(url)
+        self.checked_at = -1e9
+        self.problem: str | None = None
+        self.lock = asyncio.Lock()
+
+    async def __call__(self) -> str | None:
+        async with self.lock:
+            if time.monotonic() - self.checked_at > READY_CHECK_SECONDS:
+                try:
+                    await asyncio.wait_for(self.reader.ping(), 2.5)
+                    self.problem = None
+                except (redis.RedisError, TimeoutError) as e:
+                    self.problem = f"Redis at {self.url} does not answer ({e or type(e).__name__}); usage queries answer 503"
+                self.checked_at = time.monotonic()
+            return self.problem
+
+
+def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None = None) -> Starlette:
+    bounds = bounds or Bounds.of(s.api)
     tokens = Tokens.load(s.api.tokens_file)
     buckets: dict[str, _Bucket] = {}
     state: dict[str, Ingest] = {}
     watch = ingest.watch if ingest else catalog_watch(s, Stats())  # a bad catalog stops start-up here
     reader = ReadModelReader(s.stores)
     queries = Queries(watch, reader)
+    redis_problem = _RedisCheck(reader, s.stores.redis_url)
 
     def the_ingest() -> Ingest:
         if "ingest" not in state:
             state["ingest"] = ingest or Ingest(s, watch)
         return state["ingest"]
 
-    def authorize(request: Request, scope: str, html: bool = False) -> Client | Response:
+    def authorize(request: Request, scope: str, tenant: str | None = None, html: bool = False) -> Client | Response:
+        """The client, or the answer refusing it: before anything is looked up, so a token
+        bound to tenants learns nothing about others (not even whether they exist)."""
         client = tokens.client(request.headers.get("authorization"))
         if client is None:
             if html:  # a browser asks its user for the token (as the password)
-                return HTMLResponse(
-                    "<p>A token with the read scope is needed.</p>", 401, headers={"WWW-Authenticate": 'Basic realm="Tallyflow"'}
-                )
+                return _html("<p>A token with the read scope is needed.</p>", 401, headers={"WWW-Authenticate": 'Basic realm="Tallyflow"'})
             return Response(
                 b'{"error":"a bearer token is required"}', 401, media_type="application/json", headers={"WWW-Authenticate": "Bearer"}
             )
         if scope not in client.scopes:
-            return _error(403, f"this token lacks the {scope} scope")
-        return client
+            why = f"this token lacks the {scope} scope"
+        elif tenant is not None and not client.serves(tenant):
+            why = f"this token does not serve tenant '{clip(tenant)}'"
+        else:
+            return client
+        return _html(f"<p>{html_escape(why)}.</p>", 403) if html else _error(403, why)
 
     def status_of(e: Exception) -> int:
         return 404 if isinstance(e, NotFound) else 503 if isinstance(e, Unavailable) else 400
 
     def refused(e: Exception) -> Response:
         status = status_of(e)
-        return _error(status, str(e), headers={"Retry-After": "5"} if status == 503 else None)
+        return _error(status, str(e), headers=RETRY_AFTER if status == 503 else None)
 
     async def get_usage(request: Request) -> Response:
-        client = authorize(request, "read")
+        client = authorize(request, "read", request.path_params["tenant"])
         if isinstance(client, Response):
             return client
         try:
@@ -126,7 +175,7 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         return Response(USAGE_ENCODER.encode(usage), media_type="application/json")
 
     async def get_entitlement(request: Request) -> Response:
-        client = authorize(request, "read")
+        client = authorize(request, "read", request.path_params["tenant"])
         if isinstance(client, Response):
             return client
         p = request.path_params
@@ -138,19 +187,21 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         return Response(USAGE_ENCODER.encode(ent), media_type="application/json")
 
     async def usage_page(request: Request) -> Response:
-        client = authorize(request, "read", html=True)
+        tenant = request.path_params["tenant"]
+        client = authorize(request, "read", tenant, html=True)
         if isinstance(client, Response):
             return client
-        tenant = request.path_params["tenant"]
         try:
             usage = await queries.usage(tenant, request.query_params.get("period"))
             periods = await queries.periods(tenant)
-        except (NotFound, BadRequest, Unavailable) as e:
-            return HTMLResponse(f"<p>{html.escape(str(e))}</p>", status_of(e))
+        except Unavailable as e:  # JSON with Retry-After, as on every route: a 503 is for machines too
+            return refused(e)
+        except (NotFound, BadRequest) as e:
+            return _html(f"<p>{html_escape(str(e))}</p>", status_of(e))
         if usage.period not in periods:
             periods = sorted([*periods, usage.period], reverse=True)
         QUERIES.labels("page").inc()
-        return HTMLResponse(render(usage, watch.index, periods))
+        return _html(render(usage, watch.index, periods))
 
     async def post_events(request: Request) -> Response:
         client = authorize(request, "ingest")
@@ -163,13 +214,17 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         if declared is not None and declared.isdigit() and int(declared) > s.api.max_body_bytes:
             return _error(413, f"the body is over {s.api.max_body_bytes} bytes; send smaller batches")
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > s.api.max_body_bytes:
-                return _error(413, f"the body is over {s.api.max_body_bytes} bytes; send smaller batches")
+        try:
+            async with asyncio.timeout(bounds.body_seconds):  # a slow client holds a request no longer
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > s.api.max_body_bytes:
+                        return _error(413, f"the body is over {s.api.max_body_bytes} bytes; send smaller batches")
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {bounds.body_seconds:g} s", headers={"Connection": "close"})
         batch = ctype == BATCH or (ctype == "application/json" and body.lstrip()[:1] == b"[")
         ing = the_ingest()
-        parts = ing.split(body, batch)
+        parts = await run_in_threadpool(ing.split, body, batch)  # a deeply nested batch takes a structure scan
         n = len(parts) if isinstance(parts, list) else 1
         bucket = buckets.setdefault(client.name, _Bucket(client.rate_per_second or s.api.events_per_second))
         wait = bucket.take(n)
@@ -181,7 +236,13 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
                 media_type="application/json",
                 headers={"Retry-After": str(max(1, math.ceil(wait)))},
             )
-        judged = parts if isinstance(parts, Judged) else await run_in_threadpool(ing.judge, parts)
+        try:
+            judged = (
+                parts if isinstance(parts, Judged) else await run_in_threadpool(ing.judge, parts, client.serves if client.bound else None)
+            )
+        except NotServed as e:
+            EVENTS.labels("forbidden").inc(n)
+            return _error(403, str(e), index=e.index)
         try:
             await ing.produce(judged.accepted)
         except BrokerDown as e:
@@ -192,18 +253,22 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
         EVENTS.labels("accepted").inc(len(judged.accepted))
         EVENTS.labels("refused").inc(len(judged.refused))
         accepted = sorted(a.offset for a in judged.accepted)
-        refused = [{"index": i, "reason": r, "message": m} for i, (r, m) in sorted(judged.refused.items())]
-        body_out = {"accepted": len(accepted), "accepted_indexes": accepted, "refused": refused}
+        # Listed refusals are capped (a batch of 200,000 bad events would answer megabytes);
+        # every position not in accepted_indexes was refused.
+        listed = sorted(judged.refused.items())[:LISTED_REFUSALS]
+        refused = [{"index": i, "reason": r, "message": m} for i, (r, m) in listed]
+        body_out = {"accepted": len(accepted), "accepted_indexes": accepted, "refused": refused, "refused_count": len(judged.refused)}
         return Response(msgspec.json.encode(body_out), 400 if refused else 202, media_type="application/json")
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        """Not ready while the broker does not answer: a load balancer sends posts elsewhere."""
-        problem = await run_in_threadpool(the_ingest().broker_problem)
-        if problem:
-            return JSONResponse({"status": "not ready", "problems": [problem]}, 503)
+        """Not ready while the broker or Redis does not answer: a load balancer sends requests
+        elsewhere. Each check is cached and bounded (a few seconds at most), so probes never hang."""
+        problems = [p for p in await asyncio.gather(run_in_threadpool(the_ingest().broker_problem), redis_problem()) if p]
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, 503)
         return JSONResponse({"status": "ready"})
 
     async def metrics(_: Request) -> Response:
@@ -219,6 +284,10 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
     async def openapi(_: Request) -> Response:
         return Response(msgspec.json.encode(document()), media_type="application/json")
 
+    async def internal(_: Request, e: Exception) -> Response:
+        """A bug answers JSON without a traceback (Starlette logs it after)."""
+        return _error(500, "internal error; it is logged on the server")
+
     return Starlette(
         routes=[
             Route("/v1/events", post_events, methods=["POST"]),
@@ -231,4 +300,5 @@ def build_app(s: Settings, ingest: Ingest | None = None) -> Starlette:
             Route("/openapi.json", openapi),
         ],
         lifespan=lifespan,
+        exception_handlers={Exception: internal},
     )

@@ -2,9 +2,12 @@
 
     clients:
       - {name: billing-svc, token: "s3cret", scopes: [ingest, read], rate_per_second: 20000}
+      - {name: portal-eu, token: "s3cret2", scopes: [read], tenants: [t-0001, "eu-*"]}
 
-Tokens are kept only as SHA-256 digests, so a lookup compares digests (no timing leak on
-the token itself) and a memory dump holds no usable token.
+`tenants` binds a token to the tenants it serves (exact ids; an entry ending in `*` is a
+prefix), so a token can be handed to a customer-facing page; without it a token serves every
+tenant. Tokens are kept only as SHA-256 digests, so a lookup compares digests (no timing leak
+on the token itself) and a memory dump holds no usable token.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class ClientEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     token: str
     scopes: list[Scope]
     rate_per_second: float | None = None
+    tenants: list[str] | None = None  # None: every tenant
 
 
 class TokenFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -37,6 +41,36 @@ class Client(msgspec.Struct, frozen=True):
     name: str
     scopes: frozenset[str]
     rate_per_second: float | None
+    tenants: frozenset[str] | None = None  # exact ids; None: every tenant
+    prefixes: tuple[str, ...] = ()
+
+    def serves(self, tenant_id: str) -> bool:
+        if self.tenants is None:
+            return True
+        return tenant_id in self.tenants or tenant_id.startswith(self.prefixes)
+
+    @property
+    def bound(self) -> bool:
+        """Bound to some tenants (a request naming another is refused)."""
+        return self.tenants is not None
+
+
+def _tenants(entries: list[str] | None, where: str) -> tuple[frozenset[str] | None, tuple[str, ...]]:
+    """Exact ids and prefixes (`eu-*`); a `*` elsewhere would read as a pattern it is not."""
+    if entries is None:
+        return None, ()
+    if not entries:
+        raise ConfigError(f"{where}: an empty list serves no tenant; list tenant ids or prefixes like eu-*, or omit it for every tenant")
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for e in entries:
+        if not e or "*" in e[:-1]:
+            raise ConfigError(f"{where}: '{e}' is not a tenant id or a prefix; write an exact id, or a prefix ending in one *")
+        if e.endswith("*"):
+            prefixes.append(e[:-1])
+        else:
+            exact.add(e)
+    return frozenset(exact), tuple(prefixes)
 
 
 def digest(token: str) -> str:
@@ -59,12 +93,13 @@ class Tokens:
                 f"TALLYFLOW_API_TOKENS_FILE={path}: {e}; expected `clients: [{{name, token, scopes: [ingest, read]}}]`"
             ) from None
         out: dict[str, Client] = {}
-        for c in parsed.clients:
+        for i, c in enumerate(parsed.clients):
             if len(c.token) < 16:
                 raise ConfigError(
                     f"TALLYFLOW_API_TOKENS_FILE={path}: the token of {c.name} is shorter than 16 characters; use a long random one"
                 )
-            out[digest(c.token)] = Client(c.name, frozenset(c.scopes), c.rate_per_second)
+            exact, prefixes = _tenants(c.tenants, f"TALLYFLOW_API_TOKENS_FILE={path}: clients[{i}].tenants ({c.name})")
+            out[digest(c.token)] = Client(c.name, frozenset(c.scopes), c.rate_per_second, exact, prefixes)
         return cls(out)
 
     def client(self, authorization: str | None) -> Client | None:

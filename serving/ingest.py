@@ -4,7 +4,9 @@ topic keyed by tenant, answered only after the broker acknowledged them (acks=al
 A batch is split into its events first, so one bad event costs only itself: the answer
 lists, by position, which events were accepted (and are on the topic) and which were
 refused and why. The validator is the same code the rating dataflow runs, so an event the
-API accepts is one rating will accept (barring a catalog change in between).
+API accepts is one rating will accept (barring a catalog change in between). Structure
+nested beyond the limit is cut out and refused here, without recursion, before anything
+recursive (the batch decoder, the validator) reads it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,8 @@ import msgspec
 from confluent_kafka import KafkaError, KafkaException
 
 from operators.catalog_index import CatalogIndex
+from operators.deadletters import clip
+from operators.jsonscan import array_elements, nesting_depth
 from operators.periods import iso
 from operators.stats import Stats
 from operators.validate import Validator
@@ -30,6 +35,21 @@ from schemas.outputs import DeadLetter
 from schemas.records import Accepted
 
 _EVENTS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+class _Subject(msgspec.Struct):
+    subject: str | None = None
+
+
+_ONE_SUBJECT = msgspec.json.Decoder(_Subject)
+_SUBJECT = msgspec.json.Decoder(_Subject | list[msgspec.Raw])
+
+
+def _subject(raw: msgspec.Raw) -> str | None:
+    try:
+        return _ONE_SUBJECT.decode(raw).subject
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
 
 
 class _Msg:
@@ -58,6 +78,14 @@ class Judged:
 
 class BrokerDown(Exception):
     """The broker did not acknowledge in time: nothing can be promised (503)."""
+
+
+class NotServed(Exception):
+    """403: the event at `index` is for a tenant the token does not serve; nothing produced."""
+
+    def __init__(self, index: int, tenant: str) -> None:
+        super().__init__(f"this token does not serve tenant '{clip(tenant)}' (the event at index {index}); nothing was sent")
+        self.index = index
 
 
 def catalog_watch(s: Settings, stats: Stats) -> CatalogWatch:
@@ -93,25 +121,71 @@ class Ingest:
     @staticmethod
     def split(body: bytes, batch: bool) -> list[bytes] | Judged:
         """The body's events (one C-speed pass, so a client's rate is checked before any is
-        validated); a body that is not even an array of JSON values is one refusal."""
+        validated); a body that is not even an array of JSON values is one refusal. An
+        element nested deeper than the decoder recurses is cut out by structure instead (no
+        recursion), for `judge` to refuse it alone."""
         if not batch:
             return [body]
         try:
             return [bytes(r) for r in _EVENTS.decode(body)]
         except msgspec.DecodeError as e:
             return Judged(refused={0: ("invalid_json", f"a batch must be a JSON array of CloudEvents: {e}")})
+        except RecursionError:
+            parts = array_elements(body)
+            if parts is None:
+                return Judged(refused={0: ("invalid_json", "a batch must be a JSON array of CloudEvents; this one is unreadable")})
+            return parts
 
-    def judge(self, parts: list[bytes]) -> Judged:
-        """Each event by the rating dataflow's validator, by position."""
-        out = Judged()
+    def judge(self, parts: list[bytes], serves: Callable[[str], bool] | None = None) -> Judged:
+        """Each event by the rating dataflow's validator, by position. An event nested beyond
+        the limit is refused here, unread. With `serves` (a token bound to some tenants), an
+        event for any other tenant raises `NotServed` before anything is produced: read from
+        the envelope before validation (so refusals tell nothing about other tenants) and
+        checked again on what the validator accepted (however the event was shaped)."""
+        out = Judged(refused=self._too_deep(parts))
+        if serves is not None:
+            for i, tenant in self._subjects(parts, out.refused):
+                if not serves(tenant):
+                    raise NotServed(i, tenant)
         dead: list[DeadLetter] = []
         now = int(time.time() * 1000)
+        msgs = [_Msg(p, i) for i, p in enumerate(parts) if i not in out.refused]
         with self.lock:
             self.watch.poll()
-            self.validator.parse_batch([_Msg(p, i) for i, p in enumerate(parts)], "http", 0, iso(now), out.accepted, dead, now)
+            self.validator.parse_batch(msgs, "http", 0, iso(now), out.accepted, dead, now)
         for d in dead:
             out.refused[d.offset] = (d.reason, d.message)
+        if serves is not None:
+            for a in sorted(out.accepted, key=lambda a: a.offset):
+                if not serves(a.tenant_id):
+                    raise NotServed(a.offset, a.tenant_id)
         return out
+
+    def _too_deep(self, parts: list[bytes]) -> dict[int, tuple[str, str]]:
+        """The events nested beyond `max_depth`, by position. Counting brackets is C-speed and
+        bounds the depth from above, so only a suspect event is scanned."""
+        limit = self.s.limits.max_depth
+        out: dict[int, tuple[str, str]] = {}
+        for i, p in enumerate(parts):
+            if p.count(b"[") + p.count(b"{") > limit and (depth := nesting_depth(p)) > limit:
+                out[i] = ("too_deep", f"arrays and objects nested {depth} deep; the limit is {limit} (TALLYFLOW_MAX_DEPTH)")
+        return out
+
+    @staticmethod
+    def _subjects(parts: list[bytes], skip: dict[int, tuple[str, str]]) -> Iterator[tuple[int, str]]:
+        """(position, subject) of every event naming one, an array posted at one position
+        (which the validator reads as a batch) included; an event naming none is left for
+        the validator to refuse."""
+        for i, p in enumerate(parts):
+            if i in skip:
+                continue
+            try:
+                one = _SUBJECT.decode(p)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                continue
+            for subject in [one.subject] if isinstance(one, _Subject) else map(_subject, one):
+                if subject is not None:
+                    yield i, subject
 
     async def produce(self, accepted: list[Accepted]) -> None:
         """Hand the events to the broker and wait for their acknowledgements, and only theirs:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from schemas.events import CloudEvent
 from schemas.usage import Entitlement, TenantUsage
+
+LISTED_REFUSALS = 100  # a 400 lists the first refusals by position; `refused_count` counts all
 
 
 class Refusal(msgspec.Struct):
@@ -18,12 +20,18 @@ class Refusal(msgspec.Struct):
 
 class IngestAnswer(msgspec.Struct):
     accepted: int
-    accepted_indexes: list[int]
-    refused: list[Refusal]
+    accepted_indexes: Annotated[list[int], msgspec.Meta(description="every accepted position; every other one was refused")]
+    refused: Annotated[list[Refusal], msgspec.Meta(description=f"the first {LISTED_REFUSALS} refusals by position, with why")]
+    refused_count: Annotated[int, msgspec.Meta(description="all refusals, listed or not")]
 
 
 class Error(msgspec.Struct):
     error: str
+
+
+class Forbidden(msgspec.Struct):
+    error: str
+    index: Annotated[int | None, msgspec.Meta(description="the first event for a tenant the token does not serve")] = None
 
 
 def _json(ref: str) -> dict[str, Any]:
@@ -32,9 +40,11 @@ def _json(ref: str) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [IngestAnswer, Error, CloudEvent, TenantUsage, Entitlement], ref_template="#/components/schemas/{name}"
+        [IngestAnswer, Error, Forbidden, CloudEvent, TenantUsage, Entitlement], ref_template="#/components/schemas/{name}"
     )
     err = {"content": _json("Error")}
+    page = {"content": {"text/html": {"schema": {"type": "string"}}}}
+    retry = {"headers": {"Retry-After": {"description": "seconds to wait before asking again", "schema": {"type": "integer"}}}}
     tenant = {"name": "tenant", "in": "path", "required": True, "schema": {"type": "string"}}
     period = {
         "name": "period",
@@ -45,9 +55,10 @@ def document() -> dict[str, Any]:
     }
     read = {
         "401": {"description": "no or unknown bearer token", **err},
-        "403": {"description": "the token lacks the read scope", **err},
+        "403": {"description": "the token lacks the read scope, or does not serve this tenant", **err},
         "400": {"description": "a malformed period", **err},
         "404": {"description": "no such tenant, or the meter is not in its plan", **err},
+        "503": {"description": "the usage store does not answer, or the catalog is behind the usage; ask again", **err, **retry},
     }
     return {
         "openapi": "3.1.0",
@@ -81,11 +92,16 @@ def document() -> dict[str, Any]:
                             "content": _json("IngestAnswer"),
                         },
                         "401": {"description": "no or unknown bearer token", **err},
-                        "403": {"description": "the token lacks the ingest scope", **err},
+                        "403": {
+                            "description": "the token lacks the ingest scope, or an event (the first at `index`) is for a tenant "
+                            "the token does not serve; nothing was sent",
+                            "content": _json("Forbidden"),
+                        },
+                        "408": {"description": "the body did not arrive in time", **err},
                         "413": {"description": "body over the size limit", **err},
                         "415": {"description": "not a CloudEvents content type", **err},
-                        "429": {"description": "over the client's events per second; see Retry-After", **err},
-                        "503": {"description": "the broker did not acknowledge; send again", **err},
+                        "429": {"description": "over the client's events per second", **err, **retry},
+                        "503": {"description": "the broker did not acknowledge; send again", **err, **retry},
                     },
                 }
             },
@@ -118,11 +134,22 @@ def document() -> dict[str, Any]:
                     "summary": "The usage page for people (HTML); the token may come as the password of HTTP Basic",
                     "parameters": [tenant, period],
                     "security": [{"bearer": []}, {"basic": []}],
-                    "responses": {"200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}, **read},
+                    # People get HTML, even refused; a 503 is JSON with Retry-After, as everywhere.
+                    "responses": {
+                        "200": {"description": "the page", **page},
+                        **{status: {"description": r["description"], **page} for status, r in read.items() if status != "503"},
+                        "503": read["503"],
+                    },
                 }
             },
             "/healthz": {"get": {"summary": "the process is alive", "security": [], "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "ready for traffic", "security": [], "responses": {"200": {"description": "ready"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "ready for traffic: the broker and Redis answer",
+                    "security": [],
+                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready; `problems` says why"}},
+                }
+            },
             "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "metrics"}}}},
         },
     }

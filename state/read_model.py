@@ -99,21 +99,32 @@ def documents(store: StoreSettings) -> Iterator[tuple[int, UsageFacts]]:
 
 
 class ReadModelReader:
-    """For the API: asyncio, so a request waits on Redis without a thread."""
+    """For the API: asyncio, so a request waits on Redis without a thread. A Redis that does
+    not answer raises `runtime.redis.TRANSIENT` within seconds (one immediate retry, for a
+    pooled connection a restarted Redis closed), never after the client's default back-off:
+    a request or a probe is answered, not held."""
 
     def __init__(self, store: StoreSettings) -> None:
-        self.r = redis.asyncio.Redis.from_url(store.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.r = redis.asyncio.Redis.from_url(store.redis_url, socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
         self.prefix = store.key("usage")
 
     async def get(self, tenant_id: str, period: str) -> bytes | None:
         v = await self.r.hget(key(self.prefix, tenant_id, period), "doc")  # type: ignore[misc]
         return v if isinstance(v, bytes) or v is None else v.encode()
 
-    async def periods(self, tenant_id: str) -> list[str]:
-        """Periods with usage, newest first (a scan of the tenant's keys: for people, not hot paths)."""
-        head = key(self.prefix, tenant_id, "")
-        found = [k.decode()[len(head) :] async for k in self.r.scan_iter(match=_glob(head) + "*", count=1000)]
-        return sorted(found, reverse=True)
+    async def existing(self, tenant_id: str, periods: list[str]) -> list[str]:
+        """Those of `periods` with a document, in the order given: exact keys, one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for p in periods:
+            pipe.exists(key(self.prefix, tenant_id, p))
+        found = await pipe.execute()
+        return [p for p, n in zip(periods, found, strict=True) if n]
+
+    async def ping(self) -> None:
+        await self.r.ping()  # type: ignore[misc]
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -134,12 +134,13 @@ def _api(a: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import build_app
+    from serving.server import Bounds, config
 
     s = load_settings()
-    app = build_app(s)
+    bounds = Bounds.of(s.api)
+    app = build_app(s, bounds=bounds)
     tune_gc()  # the catalog is long-lived: freeze it, so collections do not pause requests rescanning it
-    # No access log: it would hold nothing useful that /metrics lacks, and tokens stay out of logs.
-    uvicorn.run(app, host=a.host or s.api.host, port=a.port or s.api.port, access_log=False, log_level="info")
+    uvicorn.Server(config(app, a.host or s.api.host, a.port or s.api.port, bounds, log_level="info")).run()
     return 0
 
 

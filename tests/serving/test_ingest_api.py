@@ -36,7 +36,7 @@ def test_one_event_is_on_the_topic_keyed_by_tenant_when_202_comes_back(api: Call
     c = api()
     body = ev("bolt", id="http-1")
     r = c.post("/v1/events", content=body, headers=bearer(INGEST))
-    assert r.status_code == 202 and r.json() == {"accepted": 1, "accepted_indexes": [0], "refused": []}
+    assert r.status_code == 202 and r.json() == {"accepted": 1, "accepted_indexes": [0], "refused": [], "refused_count": 0}
     # Acknowledged means on the topic: readable at once, no waiting.
     assert read_topic(small.kafka.brokers, small.topics.input) == [body]
 

@@ -169,6 +169,8 @@ def _migrate(state: dict[str, TenantState]) -> dict[str, TenantState]:
         for mp in t.periods.values():
             if not hasattr(mp, "crossed"):  # from before the read model: crossing times unknown
                 mp.crossed, mp.last_ms = {}, -(2**62)
+        if not hasattr(t, "records"):  # from before the read model's guard counted records
+            t.records = 0
     return state
 
 

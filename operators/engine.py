@@ -153,6 +153,7 @@ class ShardEngine:
                 t = tenants.get(tid)
                 if t is None:
                     t = tenants[tid] = TenantState(tid, GenerationalDedup(cfg.dedup_horizon_ms))
+                t.records += 1
                 ts = ev.ts_ms
                 if ev.pricing_version != pv:
                     pv = ev.pricing_version

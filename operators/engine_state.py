@@ -124,6 +124,7 @@ class TenantState:
     sustained: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     next_due: int = -(2**62)  # watermark at which windows, periods or dedup need attention
     hot: dict[str, Slot] = field(default_factory=dict)  # per meter: the slot the last event used
+    records: int = 0  # input records of the tenant that reached the engine, however judged (the read model's guard)
 
 
 @dataclass(slots=True)

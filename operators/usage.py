@@ -7,10 +7,12 @@ are immutable, so the derivation cannot drift from what was billed, and the writ
 cheap (it runs for every touched tenant, every interval).
 
 Built from absolute period-to-date state, never from deltas, so writing it again after a
-crash replay writes the same values; `events` (accepted events in the period, which only
-grows along the input) lets the store refuse a write older than the one it holds. Once the
-input is drained every window is closed, and `quantity` and `amount` are exactly what
-`tallyflow reconcile` recounts (the sum of the period's rated lines).
+crash replay writes the same values; `records` (the tenant's input records that reached
+rating, however each was judged: a position along the input) lets the store refuse a write
+from further back than the one it holds, and take the replay's state once the replay is as
+far, even where it judged differently. Once the input is drained every window is closed,
+and `quantity` and `amount` are exactly what `tallyflow reconcile` recounts (the sum of the
+period's rated lines).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def facts(
         p = mp.period
         doc = docs.get(p.key)
         if doc is None:
-            doc = docs[p.key] = UsageFacts(t.tenant_id, p.key, p.kind, p.start_ms, p.end_ms, t.watermark, as_of_ms, 0, [])
+            doc = docs[p.key] = UsageFacts(t.tenant_id, p.key, p.kind, p.start_ms, p.end_ms, t.watermark, as_of_ms, 0, [], t.records)
         live_by, closed_by = mp.live, mp.closed
         versions: list[VersionFacts] = []
         for pv in live_by if closed_by.keys() <= live_by.keys() else sorted({*live_by, *closed_by}):

@@ -44,8 +44,12 @@ class UsageFacts(msgspec.Struct, array_like=True, gc=False):
     end_ms: int
     watermark_ms: int
     as_of_ms: int
-    events: int  # accepted events in the period (all meters): grows along the input, so a replay never goes back
+    events: int  # accepted events in the period (all meters)
     meters: list[MeterFacts]
+    # The tenant's input records that reached rating so far (accepted, duplicates, too late):
+    # a position along the input, whatever each was judged, so the store's guard against
+    # older states. 0 in documents written before it existed.
+    records: int = 0
 
 
 class LevelCrossed(msgspec.Struct, kw_only=True, gc=False):

@@ -1,11 +1,15 @@
 """The read model in Redis: one hash per tenant and billing period, `<prefix>:usage:<tenant>:<period>`,
-holding the `UsageFacts` of it (`doc`, compact JSON) and its accepted-event count (`n`).
+holding the `UsageFacts` of it (`doc`, compact JSON), its accepted-event count (`n`, for
+tools) and the tenant's input records it was built from (`r`).
 
-The rating dataflow writes it at most once per interval per touched tenant, all of a
-write's documents in one script call. A write carrying fewer events than the one stored is
-refused: after a crash the replay re-derives older states first, and the API must not show
-usage going back while it catches up (it rewrites the same values when it gets there).
-Keys expire `read_model_days` after their period ends.
+The rating dataflow writes it at most once per interval per touched tenant, in script calls
+of at most CHUNK documents. A write built from fewer records than the stored one is refused:
+after a crash the replay re-derives older states first, and the API must not show usage
+going back while it catches up. At as many records it is taken, also where the replay
+judged an event otherwise than the process that died (the guard counts input, not
+outcomes): the last word is the state that saw the whole input. A document without `r`
+(written before it existed) is taken over by the first write. Keys expire `read_model_days`
+after their period ends.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ from runtime.redis import Patience, client
 from runtime.settings import StoreSettings
 from schemas.usage import ENCODER, USAGE_FACTS, UsageFacts
 
-# ARGV: {key, n, doc, expire-at (unix s)}...
+# ARGV: {key, records, events, doc, expire-at (unix s)}...
 _WRITE = """
-for i = 1, #ARGV, 4 do
-  local k, n = ARGV[i], tonumber(ARGV[i + 1])
-  local cur = redis.call('HGET', k, 'n')
-  if (not cur) or tonumber(cur) <= n then
-    redis.call('HSET', k, 'n', ARGV[i + 1], 'doc', ARGV[i + 2])
-    redis.call('EXPIREAT', k, ARGV[i + 3])
+for i = 1, #ARGV, 5 do
+  local k = ARGV[i]
+  local cur = redis.call('HGET', k, 'r')
+  if (not cur) or tonumber(cur) <= tonumber(ARGV[i + 1]) then
+    redis.call('HSET', k, 'r', ARGV[i + 1], 'n', ARGV[i + 2], 'doc', ARGV[i + 3])
+    redis.call('EXPIREAT', k, ARGV[i + 4])
   end
 end
 return 0
@@ -62,9 +66,10 @@ class ReadModelWriter:
     def write(self, docs: Iterable[UsageFacts]) -> None:
         args: list[str | bytes | int] = []
         for doc in docs:
-            args += [key(self.prefix, doc.tenant_id, doc.period), doc.events, ENCODER.encode(doc), doc.end_ms // 1000 + self.keep_s]
-        for i in range(0, len(args), 4 * CHUNK):
-            part = args[i : i + 4 * CHUNK]
+            k = key(self.prefix, doc.tenant_id, doc.period)
+            args += [k, doc.records, doc.events, ENCODER.encode(doc), doc.end_ms // 1000 + self.keep_s]
+        for i in range(0, len(args), 5 * CHUNK):
+            part = args[i : i + 5 * CHUNK]
             self.patience(partial(self._write, args=part))
 
     def submit(self, docs: list[UsageFacts]) -> None:

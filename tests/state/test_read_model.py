@@ -1,5 +1,6 @@
-"""The read model's store against a real redis-server: a write carrying fewer events than the
-stored document (an older state re-derived by a crash replay) is refused; equal or more wins."""
+"""The read model's store against a real redis-server: a write built from fewer input records
+than the stored document (an older state re-derived by a crash replay) is refused; as many
+or more wins, whatever its figures."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from state.read_model import ReadModelReader, ReadModelWriter
 END_MS = int(time.time() * 1000) + 86_400_000
 
 
-def doc(events: int, watermark_ms: int = 1_793_354_400_000) -> UsageFacts:
-    return UsageFacts("acme", "2026-11", "month", 1_793_491_200_000 - 30 * 86_400_000, END_MS, watermark_ms, watermark_ms, events, [])
+def doc(events: int, watermark_ms: int = 1_793_354_400_000, records: int | None = None) -> UsageFacts:
+    start = 1_793_491_200_000 - 30 * 86_400_000
+    return UsageFacts(
+        "acme", "2026-11", "month", start, END_MS, watermark_ms, watermark_ms, events, [], events if records is None else records
+    )
 
 
 def stored(s: Settings) -> UsageFacts | None:
@@ -36,7 +40,7 @@ def periods(s: Settings) -> list[str]:
     async def get() -> list[str]:
         r = ReadModelReader(s.stores)
         try:
-            return await r.periods("acme")
+            return await r.existing("acme", ["2026-12", "2026-11", "2026-10"])
         finally:
             await r.close()
 
@@ -55,7 +59,24 @@ def test_an_older_state_never_overwrites_a_newer_one(stack: LocalStack, settings
     w.flush()
     got = stored(settings)
     assert got is not None and got.events == 12
+    # Issue 18: the process that died had accepted an event its replay judges otherwise (a
+    # wrong state at a higher event count). Once the replay has read as much input, its state
+    # is the one kept, though it has fewer events.
+    w.write([doc(11, records=12)])
+    got = stored(settings)
+    assert got is not None and (got.events, got.records) == (11, 12)
+    w.write([doc(13, records=11)])  # further back along the input: refused whatever its figures
+    got = stored(settings)
+    assert got is not None and got.events == 11
     # Kept for read_model_days after the period's end.
     ttl = redis.Redis.from_url(settings.stores.redis_url).ttl(f"{settings.stores.key('usage')}:acme:2026-11")
     assert abs(ttl - (END_MS / 1000 - time.time() + settings.stores.read_model_days * 86_400)) < 60
     assert periods(settings) == ["2026-11"]
+
+
+def test_a_document_from_before_the_records_guard_is_taken_over(stack: LocalStack, settings: Settings) -> None:
+    k = f"{settings.stores.key('usage')}:acme:2026-11"
+    redis.Redis.from_url(settings.stores.redis_url).hset(k, mapping={"n": 500, "doc": b"[]"})
+    ReadModelWriter(settings.stores).write([doc(3)])
+    got = stored(settings)
+    assert got is not None and got.events == 3

@@ -38,12 +38,11 @@ from operators.settlement import Totals
 from operators.sharding import Sharder
 from operators.stats import Stats
 from operators.usage import LevelsCache, facts
-from operators.validate import Validator
+from operators.validate import Item, Validator
 from runtime.catalog_watch import CatalogWatch
 from runtime.settings import EngineSettings, KafkaSettings, Topics
 from schemas.events import InputLimits
 from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
-from schemas.records import Accepted
 from schemas.usage import UsageFacts
 from sinks.kafka import KafkaOutbox, Record
 from state.dedup_store import DedupStore
@@ -66,9 +65,10 @@ class ShardOut:
         return bool(self.records or self.lines)
 
 
-# What intake sends a shard: its accepted events, and encoded dead letters that merely ride
-# along (so the flow needs no branch/merge steps, each a per-item Python call).
-ShardItem = tuple[list[Accepted], list[Record]]
+# What intake sends a shard: the events of one topic partition for it (judged in the shard's
+# one pass), where they were read, and encoded dead letters that merely ride along (so the
+# flow needs no branch/merge steps, each a per-item Python call).
+ShardItem = tuple[list[Item], str, int, list[Record]]
 
 
 class Encoder:
@@ -110,13 +110,12 @@ class Encoder:
 
 
 class Intake:
-    """Per consumed batch: validate, then group accepted events by shard; dead letters ride
-    with one of the items. A reloaded catalog is swapped in between batches."""
+    """Per consumed batch: decode, and group the events by their tenant's shard (each shard
+    judges its own, in one pass); dead letters ride with one of the items. A reloaded catalog
+    is swapped in between batches."""
 
-    def __init__(
-        self, watch: CatalogWatch, limits: InputLimits, stats: Stats, enc: Encoder, shards: int, accept: Callable[[Accepted], bool] | None
-    ) -> None:
-        self.watch, self.limits, self.stats, self.enc, self.accept = watch, limits, stats, enc, accept
+    def __init__(self, watch: CatalogWatch, limits: InputLimits, stats: Stats, enc: Encoder, shards: int) -> None:
+        self.watch, self.limits, self.stats, self.enc = watch, limits, stats, enc
         self.validator = Validator(watch.index, stats, limits)
         self.sharder = Sharder(shards)
         watch.listeners.append(self._reloaded)
@@ -126,22 +125,18 @@ class Intake:
 
     def __call__(self, msgs: list[Message]) -> list[tuple[str, ShardItem]]:
         self.watch.poll()
+        if not msgs:
+            return []
         now_ms = int(time.time() * 1000)
-        accepted: list[Accepted] = []
-        dead: list[DeadLetter] = []
-        if msgs:
-            m0 = msgs[0]  # a source item holds one partition's messages
-            self.validator.parse_batch(msgs, m0.topic() or "", m0.partition() or 0, iso(now_ms), accepted, dead, now_ms)
-        if self.accept is not None:
-            kept = [a for a in accepted if self.accept(a)]
-            self.stats.records_in -= len(accepted) - len(kept)  # outside the replay: not its input
-            accepted = kept
-        items: list[tuple[str, ShardItem]] = [(k, (batch, [])) for k, batch in self.sharder.group(accepted).items()]
+        m0 = msgs[0]  # a source item holds one partition's messages
+        topic, partition = m0.topic() or "", m0.partition() or 0
+        groups, dead = self.validator.route(msgs, topic, partition, iso(now_ms), now_ms, self.sharder)
+        items: list[tuple[str, ShardItem]] = [(k, (batch, topic, partition, [])) for k, batch in groups.items()]
         if dead:
             if items:
-                items[0][1][1].extend(self.enc.dead(dead))
+                items[0][1][3].extend(self.enc.dead(dead))
             else:
-                items.append((self.sharder(dead[0].tenant_id or ""), ([], self.enc.dead(dead))))
+                items.append((self.sharder(dead[0].tenant_id or ""), ([], topic, partition, self.enc.dead(dead))))
         return items
 
 
@@ -323,27 +318,32 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
     @classmethod
     def builder(
         cls,
-        watch: CatalogWatch,
+        intake: Intake,
         engine: EngineSettings,
         stats: Stats,
         enc: Encoder,
         snapshots: bool,
         store: DedupStore | None,
         usage: UsagePublisher | None = None,
+        accept: Callable[[str, str, int], bool] | None = None,
     ) -> Callable[[bytes | None], ShardLogic]:
-        """Bytewax's `build_logic`: one engine per shard, resumed from its snapshot."""
+        """Bytewax's `build_logic`: one engine per shard, resumed from its snapshot, judging
+        with the intake's validator (swapped with it when the catalog is reloaded). `accept`:
+        see `ShardEngine.accept`."""
         cfg = engine.config()
         engines: list[ShardEngine] = []
+        watch = intake.watch
 
         def reloaded(idx: CatalogIndex) -> None:
             for eng in engines:
-                eng.cat = idx
+                eng.judge = intake.validator
 
-        watch.listeners.append(reloaded)
+        watch.listeners.append(reloaded)  # after the intake's own: its new validator is ready
 
         def build(resume: bytes | None) -> ShardLogic:
             state: dict[str, TenantState] | None = _migrate(_Unpickler(io.BytesIO(resume)).load()) if resume else None
-            engine = ShardEngine.resume(watch.index, cfg, stats, state, store)
+            engine = ShardEngine.resume(intake.validator, cfg, stats, state, store)
+            engine.accept = accept
             engines.append(engine)
             return cls(engine, enc, snapshots, store, usage)
 
@@ -375,10 +375,10 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
         now = self._now = max(time.time(), self._now + 1e-6)
         received = iso(int(now * 1000))
         res = ShardOut()
-        for batch, passthrough in values:
+        for batch, topic, partition, passthrough in values:
             res.records.extend(passthrough)
             if batch:
-                self._take(self.engine.process(batch, now, received), res)
+                self._take(self.engine.process(batch, topic, partition, now, received), res)
                 if self.usage is not None:
                     self.dirty |= self.engine.last_touched
         self._publish(res, now)

@@ -24,7 +24,6 @@ from runtime import process
 from runtime.catalog_watch import CatalogWatch
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
-from schemas.records import Accepted
 from state.dedup_store import DedupStore
 from state.read_model import ReadModelWriter
 from state.register import EmissionRegister
@@ -48,7 +47,7 @@ class Replay:
     of the periods and tenants it re-rates, and no alerts or dead letters (already sent)."""
 
     register: EmissionRegister
-    accept: Callable[[Accepted], bool]
+    accept: Callable[[str, str, int], bool]  # (tenant, pricing version, event time ms): re-rated
 
 
 def build_flow(
@@ -67,7 +66,7 @@ def build_flow(
     )
     watch = CatalogWatch(s.process.catalog, catalog, s.process.catalog_reload_seconds, stats)
     enc = Encoder(s.topics, s.kafka.output_max_bytes(), s.limits.max_subject_length, alerts=replay is None, dead_letters=replay is None)
-    intake = Intake(watch, s.limits, stats, enc, s.engine.shards, replay.accept if replay else None)
+    intake = Intake(watch, s.limits, stats, enc, s.engine.shards)
 
     flow = Dataflow("tallyflow-rating")
     source = KafkaBatchSource(
@@ -79,7 +78,9 @@ def build_flow(
         start_offsets=bounds.start_offsets if bounds else None,
     )
     keyed = op.flat_map("validate", op.input("events", flow, source), intake)
-    rated = op.stateful_batch("rate", keyed, ShardLogic.builder(watch, s.engine, stats, enc, snapshots, store, usage))
+    rated = op.stateful_batch(
+        "rate", keyed, ShardLogic.builder(intake, s.engine, stats, enc, snapshots, store, usage, replay.accept if replay else None)
+    )
     op.output("kafka", rated, RatingSink(s.kafka, s.topics, register, stats))
     return flow
 

@@ -20,8 +20,7 @@ from operators.validate import Validator
 from runtime import kafka
 from runtime.settings import Settings
 from schemas.catalog import load_catalog
-from schemas.outputs import ENCODER, DeadLetter
-from schemas.records import Accepted
+from schemas.outputs import ENCODER
 
 
 def run(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
@@ -63,18 +62,16 @@ def run(s: Settings, end_offsets: Mapping[int, int]) -> Stats:
             p, off = m.partition(), m.offset()
             if m.error() is None and p is not None and off is not None:
                 by_part.setdefault(p, []).append(m)
-        accepted: list[Accepted] = []
-        dead: list[DeadLetter] = []
         for p, vals in by_part.items():
-            validator.parse_batch(vals, s.topics.input, p, received, accepted, dead, int(now * 1000))
+            groups, dead = validator.route(vals, s.topics.input, p, received, int(now * 1000), sharder)
             if (vals[-1].offset() or 0) + 1 >= remaining.get(p, 0):
                 remaining.pop(p, None)
-        emit(s.topics.dlq, dead)
-        for shard, batch in sharder.group(accepted).items():
-            eng = engines.get(shard)
-            if eng is None:
-                eng = engines[shard] = ShardEngine(cat, cfg, stats)
-            emit_out(eng.process(batch, now, received))
+            emit(s.topics.dlq, dead)
+            for shard, batch in groups.items():
+                eng = engines.get(shard)
+                if eng is None:
+                    eng = engines[shard] = ShardEngine(validator, cfg, stats)
+                emit_out(eng.process(batch, s.topics.input, p, now, received))
         producer.poll(0)
     for eng in engines.values():
         emit_out(eng.flush_all())

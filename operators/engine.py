@@ -13,26 +13,63 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
+
+from xxhash import xxh3_64_intdigest
 
 from operators import thresholds
 from operators.aggregate import AGGREGATIONS
 from operators.catalog_index import CatalogIndex, PlanMeterIndex
-from operators.deadletters import dead_letter, internal_error
-from operators.dedup import Evicted, GenerationalDedup
+from operators.deadletters import internal_error
+from operators.dedup import Evicted, GenerationalDedup, event_hash, position
 from operators.engine_state import Backstop, EngineConfig, MeterPeriod, Out, Slot, TenantState, WindowAcc
 from operators.periods import Period, PeriodCache, iso
 from operators.stats import Stats
+from operators.validate import Item, Reject, Validator, event_ms
 from operators.windows import Windows
-from schemas.records import Accepted
+
+# An event that waits for the long-horizon store: the item, its dedup hash and event time.
+Waiting = tuple[Any, bytes, int, int, "int | None", int, int]
+
+
+class _Pass:
+    """One pass over a batch: where it was read, where outcomes go, and (the first pass, when
+    a store backs memory) the tenants and events that wait for the store's answer."""
+
+    __slots__ = ("asking", "deferred", "due", "now", "out", "partition", "paused", "received", "seen", "topic", "touched")
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        now: float,
+        received: str,
+        out: Out,
+        due: dict[str, TenantState],
+        touched: set[str],
+        *,
+        asking: bool,
+        seen: set[int] | None = None,
+    ) -> None:
+        self.topic, self.partition, self.now, self.received = topic, partition, now, received
+        self.out, self.due, self.touched = out, due, touched
+        self.asking, self.seen = asking, seen
+        self.paused: set[str] = set()
+        self.deferred: list[Waiting] = []
 
 
 class ShardEngine:
-    def __init__(self, catalog: CatalogIndex, cfg: EngineConfig, stats: Stats, backstop: Backstop | None = None) -> None:
-        self.windows = Windows(catalog, cfg, stats)
-        self.cat = catalog
+    def __init__(self, judge: Validator, cfg: EngineConfig, stats: Stats, backstop: Backstop | None = None) -> None:
+        """`judge`: the validator that decoded the events (its catalog is the engine's; a
+        worker's engines and its intake share one)."""
+        self.windows = Windows(judge.cat, cfg, stats)
+        self._judge = judge
         self.cfg = cfg
         self.stats = stats
         self.backstop = backstop
+        # The events this engine rates, by (tenant, pricing version, event time ms); the
+        # others are not its input (a replay of some periods and tenants). None: all.
+        self.accept: Callable[[str, str, int], bool] | None = None
         self.tenants: dict[str, TenantState] = {}
         self._periods = PeriodCache()
         # Idle detection without scanning tenants: per batch, its wall time and the tenants
@@ -47,10 +84,15 @@ class ShardEngine:
     def cat(self) -> CatalogIndex:
         return self.windows.cat
 
-    @cat.setter
-    def cat(self, catalog: CatalogIndex) -> None:
-        """A reloaded catalog, swapped in between batches."""
-        self.windows.cat = catalog
+    @property
+    def judge(self) -> Validator:
+        return self._judge
+
+    @judge.setter
+    def judge(self, judge: Validator) -> None:
+        """A reloaded catalog's validator (and so its catalog), swapped in between batches."""
+        self._judge = judge
+        self.windows.cat = judge.cat
 
     # -- recovery ----------------------------------------------------------------------
     def state(self) -> dict[str, TenantState]:
@@ -59,9 +101,9 @@ class ShardEngine:
 
     @classmethod
     def resume(
-        cls, catalog: CatalogIndex, cfg: EngineConfig, stats: Stats, state: dict[str, TenantState] | None, backstop: Backstop | None = None
+        cls, judge: Validator, cfg: EngineConfig, stats: Stats, state: dict[str, TenantState] | None, backstop: Backstop | None = None
     ) -> ShardEngine:
-        eng = cls(catalog, cfg, stats, backstop)
+        eng = cls(judge, cfg, stats, backstop)
         if state:
             eng.tenants = state
             # Wall times of another process mean nothing here: idle counts from now.
@@ -72,50 +114,42 @@ class ShardEngine:
         return eng
 
     # -- hot path ----------------------------------------------------------------------
-    def _ask_backstop(self, batch: list[Accepted], backstop: Backstop) -> None:
-        """Mark events memory cannot judge: a copy that memory no longer holds is at least a
-        horizon older than its tenant's watermark, and a tenant new to this process (a
-        restart without recovery state) has no memory at all."""
-        horizon, tenants = self.cfg.dedup_horizon_ms, self.tenants
-        ask = []
-        for ev in batch:
-            t = tenants.get(ev.tenant_id)
-            if t is None or (ev.ts_ms <= t.watermark - horizon and ev.h not in t.dedup.cur and ev.h not in t.dedup.prev):
-                ask.append(ev)
-        if ask:
-            for i in backstop.duplicates(ask):
-                ask[i].seen = True
-
-    def process(self, batch: list[Accepted], now: float, received_at: str) -> Out:
-        """Apply a shard's sub-batch. A failure of ours on one event (a bug: every bound was
-        checked by the validator) dead-letters that event as `internal_error` and the batch
-        goes on after it; one try per batch, not per event."""
+    def process(self, items: list[Item], topic: str, partition: int, now: float, received_at: str) -> Out:
+        """Judge and apply a shard's events of one topic partition, in one pass. A failure
+        of ours on one event (a bug: the message's bounds were checked at intake) dead-letters
+        that event as `internal_error` and the batch goes on after it; one try per batch, not
+        per event. Events memory cannot judge as duplicates (a tenant new to this process,
+        or one older than the dedup horizon and not in memory) wait, with every later event
+        of their tenant, for one question to the long-horizon store after the pass; then
+        they are applied in order."""
         out = Out()
-        backstop = self.backstop
-        if backstop is not None:
-            self._ask_backstop(batch, backstop)
         due: dict[str, TenantState] = {}
         touched: set[str] = set()
         self._touched.append((now, touched))
         self.last_touched = touched
-        start = 0
-        while start < len(batch):
-            failed = self._apply(batch, start, now, received_at, out, due, touched)
-            if failed is None:
-                break
-            i, exc = failed
-            ev = batch[i]
-            why = internal_error(exc, "rating an event", tenant_id=ev.tenant_id, offset=ev.offset)
-            self.stats.dead["internal_error"] += 1
-            out.dead.append(
-                dead_letter(
-                    "internal_error", why, ev.payload, ev.topic, ev.partition, ev.offset, received_at, ev.index, ev.event_id, ev.tenant_id
-                )
-            )
-            start = i + 1
+        first = _Pass(topic, partition, now, received_at, out, due, touched, asking=self.backstop is not None)
+        self._run(items, first)
+        if first.deferred and self.backstop is not None:
+            waiting = first.deferred
+            questions = [(ev.subject, h, ts, position(partition, off, idx)) for ev, _, off, _, idx, h, ts in waiting]
+            again = _Pass(topic, partition, now, received_at, out, due, touched, asking=False, seen=self.backstop.duplicates(questions))
+            self._run([(ev, raw, off, mx, idx) for ev, raw, off, mx, idx, _, _ in waiting], again)
         for t in due.values():
             self._guard_tenant(t, self._maintain, out)
         return out
+
+    def _run(self, items: list[Item], p: _Pass) -> None:
+        start = 0
+        while start < len(items):
+            failed = self._apply(items, start, p)
+            if failed is None:
+                break
+            i, exc = failed
+            ev, raw, off, _, idx = items[i]
+            why = internal_error(exc, "rating an event", tenant_id=getattr(ev, "subject", None), offset=off)
+            self.stats.dead["internal_error"] += 1
+            p.out.dead.append(self.judge.dead_letter("internal_error", why, raw, p.topic, p.partition, off, p.received, idx, ev))
+            start = i + 1
 
     def _guard_tenant(self, t: TenantState, fn: Callable[[TenantState, Out], None], out: Out) -> None:
         """Tenant-level work (closing windows, rating): a failure of ours stays with its tenant."""
@@ -124,57 +158,68 @@ class ShardEngine:
         except Exception as e:
             internal_error(e, f"maintaining tenant {t.tenant_id}", tenant_id=t.tenant_id)
 
-    def _apply(
-        self,
-        batch: list[Accepted],
-        start: int,
-        now: float,
-        received_at: str,
-        out: Out,
-        due: dict[str, TenantState],
-        touched: set[str],
-    ) -> tuple[int, Exception] | None:
-        """The hot loop from `start`; returns the index and error of an event that failed."""
+    def _apply(self, items: list[Item], start: int, p: _Pass) -> tuple[int, Exception] | None:
+        """The hot loop from `start`; returns the index and error of an event that failed.
+
+        One long function on purpose: judging, dedup, windows and thresholds of an event in
+        one pass, with the catalog's and the batch's lookups in locals, is what keeps Python
+        near its own limit here (a call or a record per step costs as much as the step)."""
         cfg = self.cfg
-        W, grace = cfg.window_ms, cfg.grace_ms
-        tenants, plans = self.tenants, self.cat.plans_by_version
+        W, grace, horizon = cfg.window_ms, cfg.grace_ms, cfg.dedup_horizon_ms
+        tenants = self.tenants
+        judge, accept = self.judge.judge, self.accept
+        out, due, touched, now = p.out, p.due, p.touched, p.now
+        asking, seen, paused, deferred = p.asking, p.seen, p.paused, p.deferred
+        part = p.partition
         # The current period and pricing version change rarely within a batch: keep them
         # in locals and recompute only when an event falls outside.
         p_start = p_end = final = 0
         p_kind = ""
         period: Period | None = None
-        pv = ""
-        plan = None
         accepted = duplicates = 0
-        ev = batch[start]
+        i = start
         try:
-            for ev in batch[start:] if start else batch:
-                tid = ev.tenant_id
+            for i in range(start, len(items)):
+                ev, raw, off, mx, idx = items[i]
+                tid = ev.subject
+                if paused and tid in paused:  # an earlier event of its tenant waits for the store: so does it
+                    deferred.append((ev, raw, off, mx, idx, event_hash(tid, ev.source, ev.id), event_ms(ev)))
+                    continue
+                try:
+                    plan, ts, values = judge(ev, mx)
+                except Reject as r:
+                    self.stats.dead[r.reason] += 1
+                    out.dead.append(self.judge.dead_letter(r.reason, r.message, raw, p.topic, part, off, p.received, idx, ev))
+                    continue
+                if accept is not None and not accept(tid, plan.pricing_version, ts):
+                    self.stats.records_in -= 1  # not this run's input
+                    continue
+                h = xxh3_64_intdigest(f"{tid}\x1f{ev.source}\x1f{ev.id}".encode())  # dedup.event_hash
                 t = tenants.get(tid)
+                if asking and (t is None or (ts <= t.watermark - horizon and h not in t.dedup.cur and h not in t.dedup.prev)):
+                    paused.add(tid)  # memory cannot judge it: the store is asked after the pass
+                    deferred.append((ev, raw, off, mx, idx, h, ts))
+                    continue
                 if t is None:
-                    t = tenants[tid] = TenantState(tid, GenerationalDedup(cfg.dedup_horizon_ms))
+                    t = tenants[tid] = TenantState(tid, GenerationalDedup(horizon))
                 t.records += 1
-                ts = ev.ts_ms
-                if ev.pricing_version != pv:
-                    pv = ev.pricing_version
-                    plan = plans[pv]
-                assert plan is not None
+                pv = plan.pricing_version
                 if not (p_start <= ts < p_end) or p_kind != plan.billing_period:
                     period = self._periods.get(ts, plan.billing_period)
                     p_start, p_end, p_kind, final = period.start_ms, period.end_ms, period.kind, period.end_ms + grace
                 assert period is not None
                 if final <= t.watermark:
-                    self._too_late(t, ev, period, received_at, out)
+                    self._too_late(t, ev, ts, period, raw, p, off, idx)
                     continue
                 d = t.dedup
-                h = ev.h
-                if h in d.cur or h in d.prev or ev.seen:
+                if h in d.cur or h in d.prev or (seen is not None and i in seen):
                     duplicates += 1
                     continue
                 d.cur.add(h)
                 log = d.cur_log
                 log.append(h)
-                log.append(ev.m)
+                pos = (off * 1_000_003 + part * 65_537 + (0xFFFF if idx is None else idx)) & 0xFFFFFFFF  # dedup.position
+                log.append((pos << 32) | (ts // 3_600_000))  # dedup.meta
                 if t.last_wall != now:
                     t.last_wall = now
                     touched.add(tid)
@@ -187,7 +232,7 @@ class ShardEngine:
                     ws = p_start
                 # A hot slot is valid while its window start and pricing version match: a
                 # window start names one period, and closing windows clears the slots.
-                for slug, v in ev.values:
+                for slug, v in values:
                     slot = t.hot.get(slug)
                     if slot is None or slot.ws != ws or slot.pv != pv:
                         slot = self._slot(t, plan.meters[slug], period, pv, ws)
@@ -206,7 +251,7 @@ class ShardEngine:
                         acc.agg.add(v, ts)
                     mp = slot.mp
                     if live >= mp.next_limit:
-                        thresholds.fire(self.cat, self.stats, t, mp, plan.meters[slug], pv, ev, out)
+                        thresholds.fire(self.cat, self.stats, t, mp, plan.meters[slug], pv, ts, ev.id, out)
                     acc.count += 1
                     if ts < acc.first_ms:
                         acc.first_ms = ts
@@ -214,7 +259,7 @@ class ShardEngine:
                         acc.last_ms = ts
                 accepted += 1  # last: an event that failed above is not counted as accepted
         except Exception as e:
-            return next(i for i in range(start, len(batch)) if batch[i] is ev), e
+            return i, e
         finally:
             self.stats.accepted += accepted
             self.stats.duplicates += duplicates
@@ -264,13 +309,11 @@ class ShardEngine:
         due.append(t.dedup.next_rotation())
         t.next_due = min(due)
 
-    def _too_late(self, t: TenantState, ev: Accepted, period: Period, received_at: str, out: Out) -> None:
+    def _too_late(self, t: TenantState, ev: Any, ts: int, period: Period, raw: bytes, p: _Pass, off: int, idx: int | None) -> None:
         self.stats.dead["too_late"] += 1
         final = period.end_ms + self.cfg.grace_ms
-        why = f"event time {iso(ev.ts_ms)} is in period {period.key}, final since {iso(final)}; tenant watermark is {iso(t.watermark)}"
-        out.dead.append(
-            dead_letter("too_late", why, ev.payload, ev.topic, ev.partition, ev.offset, received_at, ev.index, ev.event_id, t.tenant_id)
-        )
+        why = f"event time {iso(ts)} is in period {period.key}, final since {iso(final)}; tenant watermark is {iso(t.watermark)}"
+        p.out.dead.append(self.judge.dead_letter("too_late", why, raw, p.topic, p.partition, off, p.received, idx, ev))
 
     # -- windows --------------------------------------------------------------------------
     def flush_idle(self, now: float) -> Out:

@@ -15,9 +15,9 @@ from operators.aggregate import Agg
 from operators.dedup import Evicted, GenerationalDedup
 from operators.periods import Period
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
-from schemas.records import Accepted
 
 INF = Decimal("Infinity")
+Question = tuple[str, int, int, int]  # to the long-horizon dedup store: tenant, hash, event time ms, read position
 
 
 class Backstop(Protocol):
@@ -25,9 +25,10 @@ class Backstop(Protocol):
     handed every generation that leaves memory, and asked only about events memory cannot
     judge."""
 
-    def duplicates(self, events: Sequence[Accepted]) -> set[int]:
-        """Indices of events it holds from another position (the same position is the same
-        message read again, not a duplicate)."""
+    def duplicates(self, questions: Sequence[Question]) -> set[int]:
+        """Indices of the questions (tenant, dedup hash, event time ms, read position) whose
+        id it holds from another position (the same position is the same message read again,
+        not a duplicate)."""
         ...
 
     def evicted(self, gone: list[Evicted]) -> None:

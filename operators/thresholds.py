@@ -13,7 +13,6 @@ from operators.ids import stable_id
 from operators.periods import iso
 from operators.stats import Stats
 from schemas.outputs import ThresholdAlert
-from schemas.records import Accepted
 
 
 def next_limit(mp: MeterPeriod, pmi: PlanMeterIndex, pv: str) -> Decimal:
@@ -23,12 +22,15 @@ def next_limit(mp: MeterPeriod, pmi: PlanMeterIndex, pv: str) -> Decimal:
     return INF
 
 
-def fire(cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: PlanMeterIndex, pv: str, ev: Accepted, out: Out) -> None:
+def fire(
+    cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: PlanMeterIndex, pv: str, ts_ms: int, event_id: str, out: Out
+) -> None:
     """Fire every level that the usage under `pv` has reached, lowest first, once per period
     and version. Levels come from the plan in force at the event and are measured on the
     usage that version rates against its `included` (SPEC §2.2): after an upgrade the new
     plan's levels fire when the usage since the change reaches them, and late events dated
-    before it count toward the old version's levels."""
+    before it count toward the old version's levels. `ts_ms` and `event_id`: the event that
+    reached them (the crossing time and the alert's correlation id)."""
     usage = mp.usage(pv)
     for lv in pmi.levels:
         if lv.limit > usage:
@@ -36,7 +38,7 @@ def fire(cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: 
         if (pv, lv.name) in mp.fired:
             continue
         mp.fired.add((pv, lv.name))
-        mp.crossed[(pv, lv.name)] = ev.ts_ms
+        mp.crossed[(pv, lv.name)] = ts_ms
         n = lv.threshold.sustained_periods
         if n is not None and not _sustained(t, pmi.slug, lv, mp.period.idx, n):
             continue
@@ -52,8 +54,8 @@ def fire(cat: CatalogIndex, stats: Stats, t: TenantState, mp: MeterPeriod, pmi: 
                 level=lv.name,
                 limit=lv.limit,
                 usage=Decimal(usage),
-                crossed_at=iso(ev.ts_ms),
-                correlation_id=ev.event_id,
+                crossed_at=iso(ts_ms),
+                correlation_id=event_id,
                 plan_id=pmi.plan.id,
                 plan_version=pmi.plan.version,
                 detected_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 from xxhash import xxh3_64_intdigest
 
-from operators.catalog_index import CatalogIndex
+from operators.catalog_index import CatalogIndex, PlanIndex
 from operators.deadletters import clip, dead_letter, internal_error
 from operators.jsonscan import array_elements, nesting_depth
 from operators.stats import Stats
@@ -29,8 +29,8 @@ from schemas.outputs import DeadLetter, DeadLetterReason
 from schemas.records import Accepted
 
 
-class _Reject(Exception):
-    """A judgement on one event; caught once in `_one`, where the dead letter is written."""
+class Reject(Exception):
+    """A judgement on one event: it becomes a dead letter with this reason and message."""
 
     def __init__(self, reason: DeadLetterReason, message: str) -> None:
         self.reason, self.message = reason, message
@@ -38,6 +38,11 @@ class _Reject(Exception):
 
 # (meter slug, reads the quantity from the event or None for COUNT, is a quantity)
 Reader = tuple[str, Callable[[Any], Any] | None, bool]
+# An event on its way to the engine that owns its tenant, as read (nothing built per event
+# beyond this tuple): the decoded envelope, its bytes, its offset, the latest event time it
+# may carry (ms: its message's Kafka timestamp or the clock, plus the allowed skew), and its
+# position in a JSON array (None for a message of one event).
+Item = tuple[Any, bytes, int, int, "int | None"]
 
 
 def _classify(e: msgspec.ValidationError) -> DeadLetterReason:
@@ -55,8 +60,30 @@ def _ms(ts: float) -> int:
     return int(ts * 1000 + 0.0005)
 
 
+def event_ms(ev: Any) -> int:
+    """A decoded event's time as epoch milliseconds."""
+    return _ms(ev.time.timestamp())
+
+
+class _Batch:
+    """What judging one batch needs beside the messages: where they were read, and where
+    outcomes go (`emit` takes a decoded event; dead letters are appended to `dead`)."""
+
+    __slots__ = ("dead", "emit", "max_ms", "partition", "received", "topic")
+
+    def __init__(
+        self, topic: str, partition: int, received: str, dead: list[DeadLetter], emit: Callable[[Any, bytes, int, int | None], None]
+    ) -> None:
+        self.topic, self.partition, self.received, self.dead, self.emit = topic, partition, received, dead, emit
+        self.max_ms = 0
+
+
 class Validator:
-    """Stateless per message: decode, check bounds and schema, resolve tenant, plan, meters."""
+    """Decodes messages and judges events against the catalog and the bounds. Holds only the
+    catalog's tables: what one batch needs travels with the call, so a validator can be
+    shared. `route` is the dataflow's intake (decode, then hand each event to its tenant's
+    engine, which judges it in its one pass: `judge`); `parse_batch` judges at once, into
+    `Accepted` records (the HTTP ingest, tools)."""
 
     def __init__(self, catalog: CatalogIndex, stats: Stats, limits: InputLimits | None = None) -> None:
         self.cat = catalog
@@ -88,13 +115,105 @@ class Validator:
         self._skew_ms = int(lim.max_future_seconds * 1000)
         self._max_q = lim.max_quantity
         self._min_exp = -lim.max_quantity_decimals
-        # The batch being judged (set by parse_batch; saves passing them to every call).
-        self._topic, self._partition, self._received = "", 0, ""
-        self._accepted: list[Accepted] = []
-        self._dead: list[DeadLetter] = []
-        self._max_ms = 0
+
+    # -- one decoded event ----------------------------------------------------------------
+    def judge(self, ev: Any, max_ms: int) -> tuple[PlanIndex, int, list[tuple[str, Any]]]:
+        """The plan in force, the event time (epoch ms) and the meter values of a decoded
+        event, or `Reject`. Called once per event on the hot path (the engine's pass)."""
+        tenant = self._tenants.get(ev.subject)
+        if tenant is None:
+            raise Reject("unknown_tenant", f"tenant '{clip(ev.subject)}' is not in the catalog")
+        ts_ms = _ms(ev.time.timestamp())
+        if ts_ms < self._min_ms:
+            raise Reject("bad_time", f"event time {ev.time.isoformat()} is before {self.lim.min_event_time.date()}, the earliest accepted")
+        if ts_ms > max_ms:
+            raise Reject(
+                "future_time",
+                f"event time {ev.time.isoformat()} is more than {self.lim.max_future_seconds:g}s ahead of the clock "
+                "(TALLYFLOW_MAX_FUTURE_SECONDS); fix the producer's clock, then re-drive it",
+            )
+        plan = tenant.only_plan or tenant.plan_at(ts_ms)
+        if plan is None or (tenant.until_ms is not None and ts_ms >= tenant.until_ms):
+            raise Reject("unknown_tenant", f"tenant '{ev.subject}' has no contract in force at {ev.time.isoformat()}")
+        readers = self._plan_readers[plan.pricing_version][type(ev)]
+        if not readers:
+            raise Reject("unknown_meter", f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'")
+        values: list[tuple[str, Any]] = []
+        for slug, read, is_qty in readers:
+            if read is None:
+                values.append((slug, 1))
+                continue
+            v = read(ev)
+            if is_qty and type(v) is Decimal:
+                self._check_decimal(slug, v)
+            values.append((slug, v))
+        return plan, ts_ms, values
+
+    def _check_decimal(self, slug: str, v: Decimal) -> None:
+        """Decimal quantities: finite, non-negative, within the limits of exact rating."""
+        if not v.is_finite() or v < 0:
+            raise Reject("bad_quantity", f"meter '{slug}' needs a finite non-negative quantity, got {clip(str(v))}")
+        if v > self._max_q:
+            raise Reject("bad_quantity", f"meter '{slug}': {clip(str(v))} is over the limit of {self._max_q} (TALLYFLOW_MAX_QUANTITY)")
+        exp = v.normalize().as_tuple().exponent
+        if isinstance(exp, int) and exp < self._min_exp:
+            raise Reject(
+                "bad_quantity",
+                f"meter '{slug}': {clip(str(v))} has more than {-self._min_exp} decimal places (TALLYFLOW_MAX_QUANTITY_DECIMALS)",
+            )
 
     # -- batches ------------------------------------------------------------------------
+    def route(
+        self, messages: Iterable[Any], topic: str, partition: int, received_at: str, now_ms: int, shard_of: Callable[[str], str]
+    ) -> tuple[dict[str, list[Item]], list[DeadLetter]]:
+        """The dataflow's intake: decode the messages of one topic partition and hand each
+        event, unjudged, to its tenant's shard (judging needs the engine's state anyway, and
+        judging there saves building a record per event). What cannot be decoded, or breaks a
+        bound of the message, is a dead letter here. Counts every event as a record in."""
+        groups: dict[str, list[Item]] = {}
+        dead: list[DeadLetter] = []
+
+        def emit(ev: Any, raw: bytes, offset: int, index: int | None) -> None:
+            item = (ev, raw, offset, b.max_ms, index)
+            k = shard_of(ev.subject)
+            g = groups.get(k)
+            if g is None:
+                groups[k] = [item]
+            else:
+                g.append(item)
+
+        b = _Batch(topic, partition, received_at, dead, emit)
+        decode = self.decoder.single_or_batch.decode
+        max_bytes, skew = self.lim.max_message_bytes, self._skew_ms
+        it = iter(messages)
+        value: bytes | None = None
+        offset = 0
+        while True:
+            try:
+                # The hot loop: one typed decode (C) and one append per message of one event.
+                for m in it:
+                    value, offset = m.value(), m.offset()
+                    ts = m.timestamp()[1]
+                    b.max_ms = mx = (ts if 0 < ts < now_ms else now_ms) + skew
+                    if value is None or len(value) > max_bytes:
+                        self._guarded(b, value, offset)
+                        continue
+                    ev = decode(value)
+                    if type(ev) is list:
+                        self._guarded(b, value, offset)
+                        continue
+                    k = shard_of(ev.subject)
+                    g = groups.get(k)
+                    if g is None:
+                        groups[k] = [(ev, value, offset, mx, None)]
+                    else:
+                        g.append((ev, value, offset, mx, None))
+                break
+            except Exception:  # this message alone goes the slow way; the batch goes on after it
+                self._guarded(b, value, offset)
+        self.stats.records_in += sum(len(g) for g in groups.values())  # dead letters count themselves in _reject
+        return groups, dead
+
     def parse_batch(
         self,
         messages: Iterable[Any],
@@ -112,59 +231,83 @@ class Validator:
         reading was.
 
         The nesting bound is checked wherever Tallyflow parses structure it does not know
-        (arrays, messages the typed decoder refuses); inside an event the typed decoder
-        reads, what it does not read is skipped without being built, at any depth its own
-        recursion limit allows (deeper: `too_deep`)."""
-        self._topic, self._partition, self._received = topic, partition, received_at
-        self._accepted, self._dead = accepted, dead
-        decode = self.decoder.single_or_batch.decode
-        one = self._one
-        max_bytes, skew = self.lim.max_message_bytes, self._skew_ms
+        (arrays, messages the typed decoder refuses), per event; inside an event the typed
+        decoder reads, what it does not read is skipped without being built, at any depth
+        its own recursion limit allows (deeper: `too_deep`)."""
         n0 = len(accepted)
-        it = iter(messages)
-        value: bytes | None = None
-        offset = 0
-        while True:
+
+        def emit(ev: Any, raw: bytes, offset: int, index: int | None) -> None:
             try:
-                for m in it:
-                    value, offset = m.value(), m.offset()
-                    ts = m.timestamp()[1]
-                    self._max_ms = (ts if 0 < ts < now_ms else now_ms) + skew
-                    if value is None or len(value) > max_bytes:
-                        self._slow(value, offset)
-                        continue
-                    decoded = decode(value)
-                    if type(decoded) is list:
-                        self._slow(value, offset)
-                    else:
-                        one(decoded, value, offset, None)
-                break
-            except Exception:  # this message alone goes the slow way; the batch goes on after it
-                self._guarded(value, offset)
+                plan, ts_ms, values = self.judge(ev, b.max_ms)
+            except Reject as r:
+                return self._reject(b, r.reason, r.message, raw, offset, index, ev)
+            subject = ev.subject
+            pos = (offset * 1_000_003 + partition * 65_537 + (0xFFFF if index is None else index)) & 0xFFFFFFFF  # dedup.position
+            accepted.append(
+                Accepted(
+                    subject,
+                    plan.pricing_version,
+                    xxh3_64_intdigest(f"{subject}\x1f{ev.source}\x1f{ev.id}".encode()),  # dedup.event_hash
+                    (pos << 32) | (ts_ms // 3_600_000),  # dedup.meta
+                    ev.id,
+                    ts_ms,
+                    values,
+                    raw,
+                    topic,
+                    partition,
+                    offset,
+                    index,
+                )
+            )
+
+        b = _Batch(topic, partition, received_at, dead, emit)
+        decode = self.decoder.single_or_batch.decode
+        max_bytes, skew = self.lim.max_message_bytes, self._skew_ms
+        for m in messages:
+            value, offset = m.value(), m.offset()
+            ts = m.timestamp()[1]
+            b.max_ms = (ts if 0 < ts < now_ms else now_ms) + skew
+            try:
+                ev = decode(value) if value is not None and len(value) <= max_bytes else None
+            except Exception:
+                ev = None
+            if ev is None or type(ev) is list:
+                self._guarded(b, value, offset)
+            else:
+                self._element(b, ev, value or b"", offset, None)
         self.stats.records_in += len(accepted) - n0  # dead letters count themselves in _reject
 
-    def _guarded(self, value: bytes | None, offset: int) -> None:
-        """The slow path for one message, with a failure of ours dead-lettering it alone."""
-        n_acc, n_dead = len(self._accepted), len(self._dead)
+    def _guarded(self, b: _Batch, value: bytes | None, offset: int) -> None:
+        """The slow path for one message, with a failure of ours dead-lettering it alone:
+        what it emitted is kept only once the whole message was judged."""
+        n_dead = len(b.dead)
+        emitted: list[tuple[Any, bytes, int, int | None]] = []
+        emit = b.emit
+        b.emit = lambda ev, raw, off, index: emitted.append((ev, raw, off, index))
         try:
-            self._slow(value, offset)
+            self._slow(b, value, offset)
         except Exception as e:
-            del self._accepted[n_acc:]  # nothing half-judged stays
-            for d in self._dead[n_dead:]:
+            for d in b.dead[n_dead:]:
                 self._uncount(d)
-            del self._dead[n_dead:]
-            why = internal_error(e, "validating an event", topic=self._topic, partition=self._partition, offset=offset)
-            self._reject("internal_error", why, value or b"", offset)
+            del b.dead[n_dead:]  # nothing half-judged stays
+            emitted.clear()
+            why = internal_error(e, "validating an event", topic=b.topic, partition=b.partition, offset=offset)
+            self._reject(b, "internal_error", why, value or b"", offset)
+        finally:
+            b.emit = emit
+        for ev, raw, off, index in emitted:
+            self._element(b, ev, raw, off, index)
 
     # -- the slow path ------------------------------------------------------------------
-    def _slow(self, value: bytes | None, offset: int) -> None:
+    def _slow(self, b: _Batch, value: bytes | None, offset: int) -> None:
         """Everything the fast path leaves: limits, arrays, and messages that failed to decode."""
         payload = value or b""
         if not payload:
-            return self._reject("invalid_json", "empty message (a tombstone?)", payload, offset)
+            return self._reject(b, "invalid_json", "empty message (a tombstone?)", payload, offset)
         lim = self.lim
         if len(payload) > lim.max_message_bytes:
             return self._reject(
+                b,
                 "too_large",
                 f"message of {len(payload):,} bytes is over the limit of {lim.max_message_bytes:,} (TALLYFLOW_MAX_MESSAGE_BYTES)",
                 payload,
@@ -173,30 +316,30 @@ class Validator:
         depth = nesting_depth(payload)
         if depth > lim.max_depth:
             if payload.lstrip()[:1] == b"[":
-                return self._elements(payload, offset)  # the bound is per event: each element is held to it alone
-            return self._too_deep(depth, payload, offset)
+                return self._elements(b, payload, offset)  # the bound is per event: each element is held to it alone
+            return self._too_deep(b, depth, payload, offset)
         try:
             decoded = self.decoder.single_or_batch.decode(payload)
         except msgspec.ValidationError as e:
             if payload.lstrip()[:1] == b"[":
-                return self._elements(payload, offset)
-            return self._reject(_classify(e), str(e), payload, offset, None, self._identity(payload))
+                return self._elements(b, payload, offset)
+            return self._reject(b, _classify(e), str(e), payload, offset, None, self._identity(payload))
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             if payload.lstrip()[:1] == b"[":
-                return self._elements(payload, offset)
-            return self._reject("invalid_json", _not_json(e), payload, offset)
+                return self._elements(b, payload, offset)
+            return self._reject(b, "invalid_json", _not_json(e), payload, offset)
         except RecursionError:
-            return self._reject("too_deep", "nested deeper than the decoder can follow", payload, offset)
+            return self._reject(b, "too_deep", "nested deeper than the decoder can follow", payload, offset)
         if isinstance(decoded, list):
             if not decoded:
-                return self._reject("schema", "an empty JSON array holds no events", payload, offset)
+                return self._reject(b, "schema", "an empty JSON array holds no events", payload, offset)
             for i, ev in enumerate(decoded):
                 # Elements share the message as payload; `index` says which one a dead letter is.
-                self._element(ev, payload, offset, i)
+                b.emit(ev, payload, offset, i)
         else:
-            self._one(decoded, payload, offset, None)
+            b.emit(decoded, payload, offset, None)
 
-    def _elements(self, payload: bytes, offset: int) -> None:
+    def _elements(self, b: _Batch, payload: bytes, offset: int) -> None:
         """An array with a bad element: judge each element on its own."""
         why = ""
         try:
@@ -205,37 +348,38 @@ class Validator:
             why = _not_json(e)
             elements = array_elements(payload)  # an element with bad UTF-8 or escapes: cut out by structure
         if elements is None:
-            return self._reject("invalid_json", f"{why or 'not JSON'}; not a readable JSON array", payload, offset)
+            return self._reject(b, "invalid_json", f"{why or 'not JSON'}; not a readable JSON array", payload, offset)
         if not elements:
-            return self._reject("schema", "an empty JSON array holds no events", payload, offset)
+            return self._reject(b, "schema", "an empty JSON array holds no events", payload, offset)
         one = self.decoder.one.decode
         max_depth = self.lim.max_depth
         for i, raw in enumerate(elements):
             depth = nesting_depth(raw)
             if depth > max_depth:
-                self._too_deep(depth, raw, offset, i)
+                self._too_deep(b, depth, raw, offset, i)
                 continue
             try:
                 ev = one(raw)
             except msgspec.ValidationError as e:
-                self._reject(_classify(e), str(e), raw, offset, i, self._identity(raw))
+                self._reject(b, _classify(e), str(e), raw, offset, i, self._identity(raw))
                 continue
             except (msgspec.DecodeError, UnicodeDecodeError) as e:
-                self._reject("invalid_json", _not_json(e), raw, offset, i)
+                self._reject(b, "invalid_json", _not_json(e), raw, offset, i)
                 continue
-            self._element(ev, raw, offset, i)
+            b.emit(ev, raw, offset, i)
 
-    def _too_deep(self, depth: int, raw: bytes, offset: int, index: int | None = None) -> None:
+    def _too_deep(self, b: _Batch, depth: int, raw: bytes, offset: int, index: int | None = None) -> None:
         why = f"arrays and objects nested {depth} deep; the limit is {self.lim.max_depth} (TALLYFLOW_MAX_DEPTH)"
-        self._reject("too_deep", why, raw, offset, index, self._identity(raw))  # who it was, if readable
+        self._reject(b, "too_deep", why, raw, offset, index, self._identity(raw))  # who it was, if readable
 
-    def _element(self, ev: Any, raw: bytes, offset: int, index: int) -> None:
-        """One element of an array; a failure of ours on it spares its neighbours."""
+    def _element(self, b: _Batch, ev: Any, raw: bytes, offset: int, index: int | None) -> None:
+        """One decoded event of a message judged the slow way; a failure of ours on it
+        spares its neighbours."""
         try:
-            self._one(ev, raw, offset, index)
+            b.emit(ev, raw, offset, index)
         except Exception as e:
-            why = internal_error(e, "validating an event", topic=self._topic, partition=self._partition, offset=offset, index=index)
-            self._reject("internal_error", why, raw, offset, index, ev)
+            why = internal_error(e, "validating an event", topic=b.topic, partition=b.partition, offset=offset, index=index)
+            self._reject(b, "internal_error", why, raw, offset, index, ev)
 
     def _identity(self, raw: bytes) -> Identity:
         """Tenant and event id of an event that failed validation, when its envelope says."""
@@ -244,94 +388,43 @@ class Validator:
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return Identity()
 
-    def _reject(self, reason: DeadLetterReason, message: str, raw: bytes, offset: int, index: int | None = None, who: Any = None) -> None:
+    def _reject(
+        self, b: _Batch, reason: DeadLetterReason, message: str, raw: bytes, offset: int, index: int | None = None, who: Any = None
+    ) -> None:
         self.stats.records_in += 1
         self.stats.dead[reason] += 1
+        b.dead.append(self.dead_letter(reason, message, raw, b.topic, b.partition, offset, b.received, index, who))
+
+    @staticmethod
+    def dead_letter(
+        reason: DeadLetterReason,
+        message: str,
+        raw: bytes,
+        topic: str,
+        partition: int,
+        offset: int,
+        received: str,
+        index: int | None = None,
+        who: Any = None,
+    ) -> DeadLetter:
+        """A dead letter naming the tenant and event id when `who` (an envelope) says them."""
         subject, event_id = (getattr(who, "subject", None), getattr(who, "id", None)) if who is not None else (None, None)
-        self._dead.append(
-            dead_letter(
-                reason,
-                message,
-                raw,
-                self._topic,
-                self._partition,
-                offset,
-                self._received,
-                index,
-                event_id if isinstance(event_id, str) else None,
-                subject if isinstance(subject, str) else None,
-            )
+        return dead_letter(
+            reason,
+            message,
+            raw,
+            topic,
+            partition,
+            offset,
+            received,
+            index,
+            event_id if isinstance(event_id, str) else None,
+            subject if isinstance(subject, str) else None,
         )
 
     def _uncount(self, d: DeadLetter) -> None:
         self.stats.records_in -= 1
         self.stats.dead[d.reason] -= 1
-
-    # -- one event ----------------------------------------------------------------------
-    def _one(self, ev: Any, raw: bytes, offset: int, index: int | None) -> None:
-        try:
-            tenant = self._tenants.get(ev.subject)
-            if tenant is None:
-                raise _Reject("unknown_tenant", f"tenant '{clip(ev.subject)}' is not in the catalog")
-            ts_ms = _ms(ev.time.timestamp())
-            if ts_ms < self._min_ms:
-                raise _Reject(
-                    "bad_time", f"event time {ev.time.isoformat()} is before {self.lim.min_event_time.date()}, the earliest accepted"
-                )
-            if ts_ms > self._max_ms:
-                raise _Reject(
-                    "future_time",
-                    f"event time {ev.time.isoformat()} is more than {self.lim.max_future_seconds:g}s ahead of the clock "
-                    "(TALLYFLOW_MAX_FUTURE_SECONDS); fix the producer's clock, then re-drive it",
-                )
-            plan = tenant.only_plan or tenant.plan_at(ts_ms)
-            if plan is None or (tenant.until_ms is not None and ts_ms >= tenant.until_ms):
-                raise _Reject("unknown_tenant", f"tenant '{ev.subject}' has no contract in force at {ev.time.isoformat()}")
-            readers = self._plan_readers[plan.pricing_version][type(ev)]
-            if not readers:
-                raise _Reject("unknown_meter", f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'")
-            values: list[tuple[str, Any]] = []
-            for slug, read, is_qty in readers:
-                if read is None:
-                    values.append((slug, 1))
-                    continue
-                v = read(ev)
-                if is_qty and type(v) is Decimal:
-                    self._check_decimal(slug, v)
-                values.append((slug, v))
-        except _Reject as r:
-            return self._reject(r.reason, r.message, raw, offset, index, ev)
-        subject = ev.subject
-        pos = (offset * 1_000_003 + self._partition * 65_537 + (0xFFFF if index is None else index)) & 0xFFFFFFFF  # dedup.position
-        self._accepted.append(
-            Accepted(
-                subject,
-                plan.pricing_version,
-                xxh3_64_intdigest(f"{subject}\x1f{ev.source}\x1f{ev.id}".encode()),  # dedup.event_hash
-                (pos << 32) | (ts_ms // 3_600_000),  # dedup.meta
-                ev.id,
-                ts_ms,
-                values,
-                raw,
-                self._topic,
-                self._partition,
-                offset,
-                index,
-            )
-        )
-
-    def _check_decimal(self, slug: str, v: Decimal) -> None:
-        """Decimal quantities: finite, non-negative, within the limits of exact rating."""
-        if not v.is_finite() or v < 0:
-            raise _Reject("bad_quantity", f"meter '{slug}' needs a finite non-negative quantity, got {clip(str(v))}")
-        if v > self._max_q:
-            raise _Reject("bad_quantity", f"meter '{slug}': {clip(str(v))} is over the limit of {self._max_q} (TALLYFLOW_MAX_QUANTITY)")
-        exp = v.normalize().as_tuple().exponent
-        if isinstance(exp, int) and exp < self._min_exp:
-            raise _Reject(
-                "bad_quantity",
-                f"meter '{slug}': {clip(str(v))} has more than {-self._min_exp} decimal places (TALLYFLOW_MAX_QUANTITY_DECIMALS)",
-            )
 
 
 def _not_json(e: Exception) -> str:

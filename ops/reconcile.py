@@ -31,8 +31,7 @@ from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
-from schemas.outputs import DeadLetter, RatedUsageLine
-from schemas.records import Accepted
+from schemas.outputs import RatedUsageLine
 
 Key = tuple[str, str, str]  # tenant, meter, period
 SOURCES = ("source", "rated", "erp")
@@ -61,15 +60,13 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
     stats = Stats()
     catalog = CatalogIndex.build(load_catalog(s.process.catalog))
     validator = Validator(catalog, stats, s.limits)
-    engine = ShardEngine(catalog, s.engine.config(), stats)  # one engine: every tenant, no sharding needed
+    engine = ShardEngine(validator, s.engine.config(), stats)  # one engine: every tenant, no sharding needed
     totals = Totals()
     now = time.time()
     received = iso(int(now * 1000))
     for p, chunk in _batches(s):
-        accepted: list[Accepted] = []
-        dead: list[DeadLetter] = []
-        validator.parse_batch(chunk, s.topics.input, p, received, accepted, dead, int(now * 1000))
-        for ln in engine.process(accepted, now, received).lines:
+        groups, _ = validator.route(chunk, s.topics.input, p, received, int(now * 1000), lambda _: "")
+        for ln in engine.process(groups.get("", []), s.topics.input, p, now, received).lines:
             totals.add(ln)
     for ln in engine.flush_all().lines:
         totals.add(ln)

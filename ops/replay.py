@@ -40,7 +40,6 @@ from runtime.kafka import log_ends
 from runtime.settings import ConfigError, Settings, StoreSettings, load_settings
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, RatedUsageLine
-from schemas.records import Accepted
 from state.register import EmissionRegister, Settled
 
 Key = tuple[str, str, str, str]  # tenant, meter, period, pricing version
@@ -76,14 +75,14 @@ class _Recorder(EmissionRegister):
         return Settled()
 
 
-def _filter(cat: CatalogIndex, periods: set[str], tenants: set[str]) -> Callable[[Accepted], bool]:
+def _filter(cat: CatalogIndex, periods: set[str], tenants: set[str]) -> Callable[[str, str, int], bool]:
     cache = PeriodCache()
 
-    def accept(a: Accepted) -> bool:
-        if tenants and a.tenant_id not in tenants:
+    def accept(tenant_id: str, pricing_version: str, ts_ms: int) -> bool:
+        if tenants and tenant_id not in tenants:
             return False
-        kind = cat.plans_by_version[a.pricing_version].billing_period
-        return cache.get(a.ts_ms, kind).key in periods
+        kind = cat.plans_by_version[pricing_version].billing_period
+        return cache.get(ts_ms, kind).key in periods
 
     return accept
 

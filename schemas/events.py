@@ -9,6 +9,7 @@ letter. `InputLimits` are the bounds every event is held to before it can change
 
 from __future__ import annotations
 
+import copyreg
 import inspect
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -76,8 +77,24 @@ class Identity(msgspec.Struct, gc=False):
     id: str | None = None
 
 
+def _revive(raw: bytes) -> Any:
+    """An event that crossed to this process (a worker of another process owns its tenant),
+    decoded by this process's latest decoder: its classes are made here, not importable."""
+    return _LATEST[-1].one.decode(raw)
+
+
+def _reduce(ev: Any) -> tuple[Any, tuple[bytes]]:
+    return _revive, (msgspec.json.encode(ev),)
+
+
+_LATEST: list[EventDecoder] = []
+
+
 class EventDecoder:
-    """Decoders for one catalog's event types: a single event or a JSON array of them."""
+    """Decoders for one catalog's event types: a single event or a JSON array of them.
+
+    The event classes are generated, so they cannot be pickled by name: one that Bytewax
+    sends to another process travels as its JSON and is decoded there again (`_revive`)."""
 
     def __init__(self, fields_by_type: Mapping[str, Sequence[tuple[str, Any]]], limits: InputLimits | None = None) -> None:
         """`fields_by_type`: event type -> (dotted path in `data`, value type) it must carry."""
@@ -105,6 +122,9 @@ class EventDecoder:
         self.one = msgspec.json.Decoder(union)
         self.raw_array = msgspec.json.Decoder(list[msgspec.Raw])
         self.identity = msgspec.json.Decoder(Identity)
+        for cls in variants:
+            copyreg.pickle(cls, _reduce)
+        _LATEST[:] = [self]
 
 
 def quantity_type(limits: InputLimits) -> Any:

@@ -30,10 +30,10 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from operators.dedup import HOUR_MS, Evicted, position
+from operators.dedup import HOUR_MS, Evicted
+from operators.engine_state import Question
 from runtime.redis import Patience, client
 from runtime.settings import StoreSettings
-from schemas.records import Accepted
 
 log = logging.getLogger(__name__)
 DAY_S = 86_400
@@ -115,20 +115,20 @@ class DedupStore:
         return groups
 
     # -- asking ----------------------------------------------------------------------------
-    def duplicates(self, events: Sequence[Accepted]) -> set[int]:
-        """Indices of `events` held from another position; waits, without pulling input,
-        while Redis is unreachable."""
-        if not events:
+    def duplicates(self, questions: Sequence[Question]) -> set[int]:
+        """Indices of the questions (tenant, hash, event time ms, position) whose id is held
+        from another position; waits, without pulling input, while Redis is unreachable."""
+        if not questions:
             return set()
-        keys = {self.key(_stripe(e.tenant_id, e.h), e.ts_ms // HOUR_MS) for e in events}
+        keys = {self.key(_stripe(tenant, h), ts // HOUR_MS) for tenant, h, ts, _ in questions}
         self._fetch([k for k in keys if k not in self.cache])
         dups: set[int] = set()
-        for i, e in enumerate(events):
-            held = self._unwritten(e.tenant_id, e.h)
+        for i, (tenant, h, ts, pos) in enumerate(questions):
+            held = self._unwritten(tenant, h)
             if held is None:
-                entries = self.cache.get(self.key(_stripe(e.tenant_id, e.h), e.ts_ms // HOUR_MS))
-                held = entries.get(e.h) if entries is not None else None
-            if held is not None and held != position(e.partition, e.offset, e.index):
+                entries = self.cache.get(self.key(_stripe(tenant, h), ts // HOUR_MS))
+                held = entries.get(h) if entries is not None else None
+            if held is not None and held != pos:
                 dups.add(i)
         return dups
 

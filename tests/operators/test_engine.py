@@ -60,7 +60,7 @@ def test_no_alert_is_fired_again_after_a_restart_from_a_snapshot():
     h = Harness()
     h.feed(*[ev(at=i * S) for i in range(9)])
     snap = pickle.dumps(h.engine.state())
-    restored = ShardEngine.resume(h.index, h.cfg, h.stats, pickle.loads(snap))
+    restored = ShardEngine.resume(h.validator, h.cfg, h.stats, pickle.loads(snap))
     h.engine = restored
     out = h.feed(*[ev(at=(20 + i) * S) for i in range(2)])  # 11 calls: past 80 % again, and 100 %
     assert [a.level for a in out.alerts] == ["100%"]

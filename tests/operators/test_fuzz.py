@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import timedelta
 
 import orjson
+import pytest
 
 from operators.deadletters import encode_fitted
 from schemas.outputs import ENCODER
@@ -106,10 +107,10 @@ def test_mutated_messages_are_each_judged_and_none_escapes():
             batch.append(mutate(rng, msg, corpus) if rng.random() < 0.7 else msg)
         first = h.offset
         n_dead = len(h.dead)
-        accepted = h.accept(*batch)
-        judged |= {a.offset for a in accepted} | {d.offset for d in h.dead[n_dead:]}
+        items = h.route(*batch)
+        judged |= {it[2] for it in items} | {d.offset for d in h.dead[n_dead:]}
         assert judged >= set(range(first, first + BATCH)), "a message left no outcome"
-        out = h.engine.process(accepted, 1000.0 + start, "now")
+        out = h.engine.process(items, "usage.events", 0, 1000.0 + start, "now")
         h.dead += out.dead
         for a in out.alerts:
             assert len(ENCODER.encode(a)) < 4096
@@ -149,20 +150,25 @@ def test_a_bug_on_one_event_dead_letters_it_alone(monkeypatch):
     assert h.stats.conservation_gap() == 0
 
 
-def test_a_bug_in_validation_dead_letters_that_message_alone(monkeypatch):
+@pytest.mark.parametrize("path", ["engine", "parse_batch"])
+def test_a_bug_in_validation_dead_letters_that_message_alone(monkeypatch, path):
+    """In the engine's pass (the dataflow) and when judging at once (the HTTP ingest)."""
     h = Harness()
     values = [ev("acme"), ev("bolt"), ev("acme")]
-    real = h.validator._one
+    real = h.validator.judge
 
-    def flaky(e, raw, offset, index):
+    def flaky(e, max_ms):
         if e.subject == "bolt":
             raise KeyError("simulated bug")
-        return real(e, raw, offset, index)
+        return real(e, max_ms)
 
-    monkeypatch.setattr(h.validator, "_one", flaky)
-    acc = h.accept(*values)
-    assert [a.tenant_id for a in acc] == ["acme", "acme"]
-    assert [d.reason for d in h.dead] == ["internal_error"] and h.dead[0].offset == 1
+    monkeypatch.setattr(h.validator, "judge", flaky)
+    if path == "engine":
+        h.feed(*values)
+        assert h.stats.accepted == 2 and h.stats.conservation_gap() == 0
+    else:
+        assert [a.tenant_id for a in h.accept(*values)] == ["acme", "acme"]
+    assert [d.reason for d in h.dead] == ["internal_error"] and h.dead[0].offset == 1 and "simulated bug" in h.dead[0].message
     assert h.stats.records_in == 3
 
 

@@ -141,7 +141,7 @@ def test_a_snapshot_from_before_per_version_live_totals_resumes_with_them_rebuil
     assert {k: {pv: agg.value() for pv, agg in mp.live.items()} for k, mp in t.periods.items()} == expected
     assert {k: mp.fired for k, mp in t.periods.items()} == fired
     assert t.hot == {}
-    h.engine = ShardEngine.resume(h.index, h.cfg, h.stats, state)
+    h.engine = ShardEngine.resume(h.validator, h.cfg, h.stats, state)
     out = h.feed(*calls(5, BEFORE, "late", first=1995))  # basic reaches 2,000 with these, not before
     assert [(a.plan_id, a.level, a.usage) for a in out.alerts] == [("basic", "100%", 2000)]
     out = h.feed(*calls(498, UPGRADE_AT, "n", first=1501))

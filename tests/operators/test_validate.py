@@ -152,7 +152,7 @@ def test_any_byte_string_ends_accepted_or_dead_never_raises(values):
 
 def _limited(**kw):
     h = Harness()
-    h.validator = Validator(h.index, h.stats, InputLimits(**kw))
+    h.validator = h.engine.judge = Validator(h.index, h.stats, InputLimits(**kw))
     return h
 
 

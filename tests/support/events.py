@@ -13,7 +13,7 @@ from operators.catalog_index import CatalogIndex
 from operators.engine import ShardEngine
 from operators.engine_state import EngineConfig
 from operators.stats import Stats
-from operators.validate import Validator
+from operators.validate import Item, Validator
 from schemas.catalog import parse_catalog
 from schemas.outputs import DeadLetter
 from schemas.records import Accepted
@@ -149,7 +149,7 @@ class Harness:
         self.index = CatalogIndex.build(parse_catalog(catalog or CATALOG))
         self.validator = Validator(self.index, self.stats)
         self.cfg = cfg or EngineConfig(idle_timeout_s=30)
-        self.engine = ShardEngine(self.index, self.cfg, self.stats)
+        self.engine = ShardEngine(self.validator, self.cfg, self.stats)
         self.offset = 0
         self.now_ms = int(datetime(2026, 11, 30, tzinfo=UTC).timestamp() * 1000)  # the wall clock for future_time
         self.alerts: list[Any] = []
@@ -163,8 +163,18 @@ class Harness:
         self.offset += len(values)
         return acc
 
+    def route(self, *values: bytes) -> list[Item]:
+        """The dataflow's intake: the events, decoded, for the engine to judge (dead letters
+        of undecodable messages go to `dead`)."""
+        batch = [Msg(v, self.offset + i) for i, v in enumerate(values)]
+        groups, dead = self.validator.route(batch, "usage.events", 0, "now", self.now_ms, lambda _: "")
+        self.dead += dead
+        self.offset += len(values)
+        return groups.get("", [])
+
     def feed(self, *values: bytes, now: float = 1000.0) -> Any:
-        out = self.engine.process(self.accept(*values), now, "now")
+        """As the dataflow does it: route, then judge and apply in the engine's one pass."""
+        out = self.engine.process(self.route(*values), "usage.events", 0, now, "now")
         self.alerts += out.alerts
         self.lines += out.lines
         self.dead += out.dead

@@ -409,6 +409,12 @@ class ShardLogic(StatefulBatchLogic[ShardItem, ShardOut, bytes]):
             return b""
         if self.store is not None:
             self.store.drain()  # a snapshot must not remember an id the store does not
+        if self.usage is not None:
+            # Nor a state the read model does not show: the dirty marks (and `final`) are not
+            # in the snapshot, so a restart from it would never write them.
+            if self.dirty or self.final:
+                self.usage.round(time.time(), force=True)
+            self.usage.flush()
         # A pickle is an immutable copy and several times cheaper than deepcopy.
         return pickle.dumps(self.engine.state(), protocol=pickle.HIGHEST_PROTOCOL)
 

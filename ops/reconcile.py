@@ -2,7 +2,8 @@
 
 * source totals — recounted from the input topic with the rating rules (validation,
   dedup, lateness, pricing) in one plain pass, outside any dataflow;
-* rated totals — the sum of `usage.rated` (originals and corrections);
+* rated totals — the sum of `usage.rated` (originals and corrections; a line id on the topic
+  twice counts once, its first copy, as at the ERP; copies that differ are reported);
 * ERP-acknowledged totals — the rated lines the delivery ledger records as accepted.
 
 Prints a table of the differences (or a one-line OK) and exits 1 when anything differs.
@@ -73,14 +74,21 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
     return totals, stats
 
 
-def rated_and_acknowledged(s: Settings, with_erp: bool) -> tuple[Totals, Totals | None]:
+def rated_and_acknowledged(s: Settings, with_erp: bool, conflicts: list[str] | None = None) -> tuple[Totals, Totals | None]:
+    """`conflicts` collects the line ids found on the topic with different contents (a crash
+    replay must re-send a line byte for byte; the ERP took the first copy, so it counts)."""
     rated = Totals()
     # A line id can be on the topic more than once (a crash replay produces it again, with
-    # the same content); it counts once, as it does at the ERP.
+    # the same content); it counts once, as it does at the ERP: the first copy.
     unique: dict[str, RatedUsageLine] = {}
+    first: dict[str, bytes] = {}
     for v in read_topic(s.kafka.config(), s.topics.rated):
         ln = msgspec.json.decode(v, type=RatedUsageLine)
-        unique[ln.line_id] = ln
+        seen = first.setdefault(ln.line_id, v)
+        if seen is v:
+            unique[ln.line_id] = ln
+        elif seen != v and conflicts is not None and ln.line_id not in conflicts:
+            conflicts.append(ln.line_id)
     lines = list(unique.values())
     for ln in lines:
         rated.add(ln)
@@ -128,7 +136,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = load_settings()
     source, stats = recount(s)
-    rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp)
+    conflicts: list[str] = []
+    rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp, conflicts=conflicts)
     totals = {"source": source, "rated": rated, **({"erp": erp} if erp is not None else {})}
     rows = compare(totals)
     summary = {
@@ -138,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         "dead_letters": sum(stats.dead.values()),
         "keys": len(source.quantity),
         "differences": len(rows),
+        "conflicting_copies": conflicts[:100],  # line ids on usage.rated more than once with different contents
         "amount": {
             name: {
                 cur: str(sum((a for k, a in t.amount.items() if t.currency[k] == cur), Decimal(0)))
@@ -153,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{summary['keys']:,} tenant/meter/period totals from {stats.records_in:,} input records; compared: {', '.join(cols)}")
         for name, by_cur in summary["amount"].items():  # type: ignore[attr-defined]
             print(f"  {name:<7} " + ", ".join(f"{cur} {Decimal(v):,}" for cur, v in by_cur.items()))
-        if not rows:
+        if conflicts:
+            print(f"{len(conflicts)} line id(s) on {s.topics.rated} with different copies (the first counts): {', '.join(conflicts[:5])}")
+        if not rows and not conflicts:
             print("OK: every tenant, meter and period agrees")
         else:
             print(f"{len(rows)} difference(s):")
@@ -161,4 +173,4 @@ def run(args: argparse.Namespace) -> int:
             print("  " + " | ".join(head))
             for r in rows[:200]:
                 print("  " + " | ".join(str(r[h]) for h in head))
-    return 1 if rows else 0
+    return 1 if rows or conflicts else 0

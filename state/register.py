@@ -201,7 +201,10 @@ class EmissionRegister:
             state[k] = _entry(now)
             hist[k] = set(past)
             if not dry_run:
-                out.lines += sorted((_LINE.decode(v) for v in pend), key=lambda ln: ln.line_id)
+                # Sent again as the very bytes the dead process produced (and wrote here).
+                for ln, v in sorted(((_LINE.decode(v), bytes(v)) for v in pend), key=lambda p: p[0].line_id):
+                    out.lines.append(ln)
+                    out.bodies[ln.line_id] = v
         out.resent = len(out.lines)
         return state, hist, fresh
 
@@ -247,7 +250,12 @@ class EmissionRegister:
         kept = [ln for ln in out.lines[out.resent :] if self.key(ln) not in conflicts]
         merged = Settled(out.lines[: out.resent] + sub.lines[: sub.resent] + kept + sub.lines[sub.resent :], out.resent + sub.resent)
         merged.confirm = out.confirm
-        merged.bodies = {**out.bodies, **sub.bodies}
+        # Only the bodies of lines that go out: the first attempt's lines of conflicting keys were
+        # settled against a wrong state, and one of them may share its id (same window, revision
+        # and sequence) with a pending line the other writer left, which goes out again.
+        keep = {ln.line_id for ln in out.lines[: out.resent]} | {ln.line_id for ln in kept}
+        merged.bodies = {i: b for i, b in out.bodies.items() if i in keep}
+        merged.bodies.update(sub.bodies)
         for k, ids in sub.confirm.items():
             merged.confirm.setdefault(k, []).extend(ids)
         return merged

@@ -26,22 +26,33 @@ T = TypeVar("T")
 
 class _CourierPartition(StatelessSinkPartition[Any], Generic[T]):
     """Decodes each item into a batch and gives it to every courier at once (each has its
-    own rate limit and order; none waits for another)."""
+    own rate limit and order; none waits for another). Items sent one per request (alerts)
+    go to each courier in one call, so its window of requests in flight spans all the items
+    Bytewax handed over, not one Kafka batch at a time; ERP batches stay as they were formed."""
 
     def __init__(self, couriers: list[Courier[T]], decode: Callable[[Any], list[T]], label: str) -> None:
         self.couriers, self.decode = couriers, decode
-        self.pool = ThreadPoolExecutor(len(couriers), thread_name_prefix=f"{label}-delivery") if len(couriers) > 1 else None
+        # The first courier works in the worker's own thread, the others beside it.
+        self.pool = ThreadPoolExecutor(len(couriers) - 1, thread_name_prefix=f"{label}-delivery") if len(couriers) > 1 else None
         self.batch = BATCH_SIZE.labels(label, "deliver")
+        self.merge = not any(c.batched for c in couriers)
 
     def write_batch(self, items: list[Any]) -> None:
-        for item in items:
-            batch = self.decode(item)
-            self.batch.observe(len(batch))
+        batches = [self.decode(item) for item in items]
+        for b in batches:
+            self.batch.observe(len(b))
+        if self.merge and len(batches) > 1:
+            batches = [[x for b in batches for x in b]]
+        for batch in batches:
             if self.pool is None:
                 self.couriers[0].deliver(batch)
             else:
-                for f in [self.pool.submit(c.deliver, batch) for c in self.couriers]:
-                    f.result()
+                others = [self.pool.submit(c.deliver, batch) for c in self.couriers[1:]]
+                try:
+                    self.couriers[0].deliver(batch)
+                finally:
+                    for f in others:
+                        f.result()
 
     def close(self) -> None:
         if self.pool is not None:

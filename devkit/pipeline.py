@@ -41,10 +41,15 @@ def wait_until(pred: Callable[[], T | None], timeout: float, what: str) -> T:
         time.sleep(0.1)  # polling interval of a condition wait
 
 
+# One client for every scrape: `httpx.get` builds a client (and its TLS context) per call,
+# ~20 ms of CPU, which the demo's pacer and polling loops would spend several times a second.
+_HTTP = httpx.Client(timeout=2)
+
+
 def scrape(port: int) -> dict[str, float]:
     """A local /metrics as {"name{label=value}": number}; empty while nothing listens."""
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        text = _HTTP.get(f"http://127.0.0.1:{port}/metrics").text
     except httpx.TransportError:
         return {}
     out: dict[str, float] = {}

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import islice
 from typing import Any
 
 from sinks.success import secret_bytes
@@ -43,12 +44,23 @@ class Fault:
 
 @dataclass
 class Endpoint:
+    """What one endpoint received. Counts and totals are kept as requests arrive, so `GET
+    /api/state` costs the same with 100 or 100,000 items (polled while a backlog drains, it
+    must not take the lock the requests need for long)."""
+
     accepted: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> item (+ received_at)
     duplicates: list[str] = field(default_factory=list)  # ids that arrived again under a new key
     responses: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # idempotency key -> response
     requests: list[tuple[float, int]] = field(default_factory=list)  # (time, status)
+    by_status: dict[str, int] = field(default_factory=dict)  # status -> requests
+    totals: dict[str, dict[str, Decimal]] = field(default_factory=dict)  # ERP: tenant -> currency -> amount accepted
     replays: int = 0
     inflight: int = 0  # requests being handled right now
+    peak_inflight: int = 0  # the most handled at once
+
+    def answered(self, status: int) -> None:
+        self.requests.append((time.time(), status))
+        self.by_status[str(status)] = self.by_status.get(str(status), 0) + 1
 
 
 WEBHOOK_TOLERANCE_S = 300  # Standard Webhooks: refuse timestamps further off (replays)
@@ -104,26 +116,16 @@ class SandboxState:
                     "duplicates": len(ep.duplicates),
                     "replayed_keys": ep.replays,
                     "inflight": ep.inflight,
+                    "peak_inflight": ep.peak_inflight,
                     "requests": len(ep.requests),
-                    "by_status": _count(s for _, s in ep.requests),
-                    "last": list(ep.accepted.values())[-5:],
+                    "by_status": dict(ep.by_status),
+                    "last": list(islice(reversed(ep.accepted.values()), 5))[::-1],
                 }
                 if name == "erp":
-                    totals: dict[str, dict[str, str]] = {}
-                    for ln in ep.accepted.values():
-                        t = totals.setdefault(ln["tenant_id"], {})
-                        t[ln["currency"]] = str(Decimal(t.get(ln["currency"], "0")) + Decimal(ln["amount"]))
-                    d["totals_per_tenant"] = totals
-                    d["lines_per_request"] = round(len(ep.accepted) / max(1, sum(1 for _, s in ep.requests if s == 200)), 1)
+                    d["totals_per_tenant"] = {t: {c: str(a) for c, a in by.items()} for t, by in ep.totals.items()}
+                    d["lines_per_request"] = round(len(ep.accepted) / max(1, ep.by_status.get("200", 0)), 1)
                 out[name] = d
             return out
-
-
-def _count(it: Any) -> dict[str, int]:
-    c: dict[str, int] = {}
-    for x in it:
-        c[str(x)] = c.get(str(x), 0) + 1
-    return c
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -201,15 +203,17 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if target is None:
             return self._json(404, {"error": "not found"})
+        ep = st.endpoints[target]
         with st.lock:
-            st.endpoints[target].inflight += 1
+            ep.inflight += 1
+            ep.peak_inflight = max(ep.peak_inflight, ep.inflight)
         try:
             status, resp, hdrs = self._handle(target, body)
         finally:
             with st.lock:
-                st.endpoints[target].inflight -= 1
+                ep.inflight -= 1
         with st.lock:
-            st.endpoints[target].requests.append((time.time(), status))
+            ep.answered(status)
         self._send(status, resp, headers=hdrs)
 
     def _handle(self, target: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
@@ -264,6 +268,9 @@ class _Handler(BaseHTTPRequestHandler):
                     ep.duplicates.append(iid)
                 else:
                     ep.accepted[iid] = {**it, "received_at": now}
+                    if target == "erp":
+                        by = ep.totals.setdefault(it["tenant_id"], {})
+                        by[it["currency"]] = by.get(it["currency"], Decimal(0)) + Decimal(it["amount"])
             resp = json.dumps({"accepted": len(items)}).encode()
             if key:
                 ep.responses[key] = (200, resp)
@@ -272,6 +279,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver listens with a backlog of 5: a courier opening its window of connections
+    # at once would overflow it, and a dropped SYN is retried after a whole second.
+    request_queue_size = 128
     state: SandboxState
 
 
@@ -339,7 +349,8 @@ def _page(s: dict[str, Any]) -> str:
     for name in TARGETS:
         d = s[name]
         responses = ", ".join(f"{k}: {v}" for k, v in sorted(d["by_status"].items()))
-        counts.append([name, d["accepted"], d["duplicates"], d["requests"], d["replayed_keys"], d["inflight"], responses])
+        inflight = f"{d['inflight']} (at most {d['peak_inflight']})"
+        counts.append([name, d["accepted"], d["duplicates"], d["requests"], d["replayed_keys"], inflight, responses])
     parts = [_table(["endpoint", "accepted", "received twice", "requests", "replayed keys", "in flight", "responses"], counts)]
     for name in TARGETS:
         cols = _COLUMNS[name]

@@ -113,6 +113,9 @@ class DeliverySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     retry_after_cap_seconds: Pos = 300.0  # the longest Retry-After a destination may impose
     breaker_threshold: PosInt = 5
     breaker_reset_seconds: Pos = 5.0
+    # Alert requests in flight per destination: enough to reach 100 requests/s against a
+    # remote answering in 150 ms; a stop leaves at most this many in doubt (re-sent, same key).
+    alert_max_in_flight: PosInt = 16
 
 
 DestinationKind = Literal["http", "tryton"]

@@ -10,6 +10,8 @@ every adapter; an adapter is only the translation to one remote API.
 To add a destination (say NetSuite's REST API with its idempotency header): a class with
 `name`, `send(key, items) -> Answer` and `close()`; `key` is stable for the same items
 (a batch's or an alert's idempotency key), so a re-send after a crash is recognisable.
+Alerts are sent from several threads at once: `send` must be thread-safe, or the class sets
+`max_in_flight = 1` (the courier then sends one request at a time).
 """
 
 from __future__ import annotations

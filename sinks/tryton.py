@@ -161,6 +161,7 @@ class TrytonCrm(_TrytonDestination):
     """A threshold alert becomes a lead for the party of its `crm_account_id`, once per alert id."""
 
     name = "crm"
+    max_in_flight = 1  # one session whose re-login is not shared safely, and Tryton on SQLite serialises writers
 
     def send(self, key: str, items: Sequence[ThresholdAlert]) -> Answer:
         return self._ingest("model.sale.opportunity.tallyflow_ingest", [a.alert_id for a in items], items)

@@ -290,3 +290,42 @@ def test_lines_pending_under_an_expired_intent_are_sent_afresh(dsettings, sandbo
     flows("erp", dsettings)
     wait_until(lambda: len(erp.accepted) == 120, 60, "every line, including the in-doubt ones")
     assert erp.duplicates == []
+
+
+def test_alerts_go_concurrently_up_to_the_rate_limit_and_never_above_it(dsettings, sandbox, flows):
+    """A CRM answering in 150 ms: one request at a time would deliver ~6 alerts/s; with
+    requests in flight at once the limit (20/s) is what paces them, and it still holds."""
+    s = dsettings.replace(crm_rate_per_second=20.0, alert_max_in_flight=8)
+    crm, success = sandbox.state.endpoints["crm"], sandbox.state.endpoints["success"]
+    sandbox.fault("crm", "latency", latency_ms=150)
+    flows("alerts", s)
+    batch = alerts(40)
+    produce(s, s.topics.alerts, batch)
+    wait_until(lambda: len(crm.accepted) == 40 and len(success.accepted) == 40, 30, "all alerts at CRM and success tool")
+    assert 1 < crm.peak_inflight <= 8, f"{crm.peak_inflight} CRM requests in flight at most (window 8)"
+    times = sorted(t for t, _ in crm.requests)
+    assert times[-1] - times[0] < 3.5, f"40 alerts took {times[-1] - times[0]:.1f}s: one at a time takes 6 s"
+    for i, t in enumerate(times):
+        in_one_second = sum(1 for u in times[i:] if u - t < 1.0)
+        assert in_one_second <= 21, f"{in_one_second} CRM requests within 1s (limit 20/s, burst 1)"
+    assert crm.duplicates == [] and success.duplicates == [] and len(crm.requests) == 40
+
+
+def test_alert_delivery_killed_with_a_window_in_flight_delivers_each_alert_once(dsettings, sandbox, flows):
+    """kill -9 while four CRM requests are in flight: the CRM takes them, the ledger never
+    hears; the next process re-sends at most that window, under the same keys, recognised."""
+    s = dsettings.replace(alert_max_in_flight=4)
+    crm, success = sandbox.state.endpoints["crm"], sandbox.state.endpoints["success"]
+    sandbox.fault("crm", "latency", latency_ms=1500)
+    batch = alerts(30)
+    produce(s, s.topics.alerts, batch)
+    first = flows("alerts", s)
+    wait_until(lambda: crm.inflight >= 4, 30, "a window of CRM requests in flight")
+    first.kill9()
+    wait_until(lambda: crm.inflight == 0, 10, "the in-flight requests to complete")
+    sandbox.clear_faults()
+    flows("alerts", s)  # re-reads the topic from the beginning
+    wait_until(lambda: len(crm.accepted) == 30 and len(success.accepted) == 30, 30, "every alert")
+    assert crm.duplicates == [] and success.duplicates == []
+    assert 1 <= crm.replays <= 4, f"{crm.replays} CRM requests re-sent: the window was 4"
+    assert len(crm.requests) - crm.replays == 30

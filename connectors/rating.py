@@ -166,6 +166,12 @@ def _migrate(state: dict[str, TenantState]) -> dict[str, TenantState]:
                 mp.crossed, mp.last_ms = {}, -(2**62)
         if not hasattr(t, "records"):  # from before the read model's guard counted records
             t.records = 0
+        if not hasattr(t, "spend"):  # from before spend thresholds
+            t.spend = {}
+        for mp in t.periods.values():
+            if not hasattr(mp, "cells"):  # from before matrix pricing
+                mp.cells = {}
+        t.hot.clear()  # a cache; its slots may be of an earlier layout
     return state
 
 

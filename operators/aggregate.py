@@ -6,6 +6,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
+AVG_PLACES = 9  # an AVG is billed to 9 decimal places, HALF_UP (SPEC §9.3)
+
 
 class Agg(Protocol):
     def add(self, v: Any, ts_ms: int) -> None: ...
@@ -46,6 +48,56 @@ class MaxAgg:
 
     def value(self) -> int | Decimal:
         return self.v
+
+
+class AvgAgg:
+    """AVG: the mean of the values. Keeps the exact sum and count (not a running mean) so
+    windows merge into the period's mean exactly; the mean is rounded once, on reading."""
+
+    __slots__ = ("n", "s")
+
+    def __init__(self) -> None:
+        self.s: int | Decimal = 0
+        self.n = 0
+
+    def add(self, v: int | Decimal, ts_ms: int) -> None:
+        self.s += v
+        self.n += 1
+
+    def merge(self, other: AvgAgg) -> None:
+        self.s += other.s
+        self.n += other.n
+
+    def value(self) -> Decimal:
+        """sum / count to 9 decimal places, HALF_UP, in integers: exact whatever the count or
+        the Decimal context (no double rounding through a finite-precision quotient)."""
+        if not self.n:
+            return Decimal(0)
+        num, den = Decimal(self.s).as_integer_ratio()
+        den *= self.n
+        q, r = divmod(num * 10**AVG_PLACES, den)
+        return Decimal(q + (2 * r >= den)).scaleb(-AVG_PLACES)
+
+
+class MinAgg:
+    """MIN: the smallest value. Empty is None (not 0), so merging an empty window keeps the
+    minimum; reads as 0 when nothing was added, like the other aggregations."""
+
+    __slots__ = ("v",)
+
+    def __init__(self) -> None:
+        self.v: int | Decimal | None = None
+
+    def add(self, v: int | Decimal, ts_ms: int) -> None:
+        if self.v is None or v < self.v:
+            self.v = v
+
+    def merge(self, other: MinAgg) -> None:
+        if other.v is not None:
+            self.add(other.v, 0)
+
+    def value(self) -> int | Decimal:
+        return 0 if self.v is None else self.v
 
 
 class UniqueAgg:
@@ -90,4 +142,6 @@ AGGREGATIONS: dict[str, Callable[[], Agg]] = {
     "MAX": MaxAgg,
     "UNIQUE_COUNT": UniqueAgg,
     "LATEST": LatestAgg,
+    "AVG": AvgAgg,
+    "MIN": MinAgg,
 }

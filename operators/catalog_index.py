@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from operators.pricing import Rater
-from schemas.catalog import Catalog, CatalogError, Meter, Plan, PlanMeter, Tenant, Threshold
+from operators.aggregate import AGGREGATIONS, Agg
+from operators.fees import FeeSumAgg
+from operators.pricing import FeeRater, Rater, cell_price
+from schemas.catalog import Catalog, CatalogError, Matrix, Meter, Percentage, PerUnit, Plan, PlanMeter, SpendThreshold, Tenant, Threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,18 +31,59 @@ class MeterSpec:
     unique_path: tuple[str, ...] | None
 
 
+class _PerCell:
+    """The meter-level rater of a matrix meter: there is none, each cell is priced alone."""
+
+    included = Decimal(0)
+
+    def charge(self, cumulative: Decimal | int) -> Decimal:
+        raise TypeError("a matrix meter is priced per cell (PlanMeterIndex.amount with the cell)")
+
+
+Cell = tuple[str, ...]  # a matrix meter's dimension values, in the meter's order ("" when missing)
+
+
 @dataclass(slots=True)
 class PlanMeterIndex:
     slug: str
     aggregation: str
     plan: Plan
     meter: PlanMeter
-    rater: Rater
+    rater: Rater | FeeRater | _PerCell
     levels: list[Level]  # ascending by limit: crossings fire in level order
     hard_limit: Decimal | None = None  # usage at which access closes (None: soft, overage billed)
+    dimensions: tuple[str, ...] = ()  # the meter's dimension paths (matrix pricing reads them)
+    matrix: Matrix | None = None
+    fee_model: Percentage | None = None
+    summed: bool = False  # SUM or COUNT without fees: the engine adds inline
+    cells: dict[Cell, Rater | None] = field(default_factory=dict)  # a matrix meter's cells priced so far
 
     def level(self, name: str) -> Level | None:
         return next((lv for lv in self.levels if lv.name == name), None)
+
+    def new_agg(self) -> Agg:
+        """An empty aggregate of this plan meter (a percentage meter's sums its fees too)."""
+        return FeeSumAgg(self.fee_model) if self.fee_model is not None else AGGREGATIONS[self.aggregation]()
+
+    def cell_rater(self, cell: Cell) -> Rater | None:
+        """The rater of one cell of a matrix meter: its first matching rule's unit price, or
+        the default; None when neither prices it (the event is `unpriced_dimension`)."""
+        r = self.cells.get(cell, False)
+        if r is False:
+            assert self.matrix is not None
+            unit = cell_price(self.matrix, dict(zip(self.dimensions, cell, strict=True)))
+            r = self.cells[cell] = None if unit is None else Rater(PerUnit(unit_price=unit), Decimal(0), self.plan.currency)
+        return r  # type: ignore[return-value]
+
+    def amount(self, agg: Agg, cell: Cell | None = None) -> Decimal:
+        """The rounded charge of a period-to-date aggregate (of one cell, for a matrix meter)."""
+        if self.fee_model is not None:
+            return self.rater.charge(agg.fee)  # type: ignore[attr-defined]
+        if cell is not None:
+            r = self.cell_rater(cell)
+            assert r is not None  # judged priceable before it was aggregated
+            return r.charge(agg.value())
+        return self.rater.charge(agg.value())
 
 
 @dataclass(slots=True)
@@ -49,6 +92,8 @@ class PlanIndex:
     pricing_version: str
     meters: dict[str, PlanMeterIndex]
     billing_period: str
+    spend: list[SpendThreshold] = field(default_factory=list)  # ascending by amount
+    matrix: bool = False  # some meter is priced by cell (the engine caps a tenant's cells)
 
 
 @dataclass(slots=True)
@@ -112,16 +157,31 @@ def _plan_index(plan: Plan, meters_by_slug: dict[str, Meter]) -> PlanIndex:
             (Level(th.level, th.absolute if th.absolute is not None else pm.included * (th.fraction or 0), th) for th in pm.thresholds),
             key=lambda lv: lv.limit,
         )
+        meter = meters_by_slug[slug]
+        model = pm.price
+        rater: Rater | FeeRater | _PerCell
+        if isinstance(model, Matrix):
+            rater = _PerCell()
+        elif isinstance(model, Percentage):
+            rater = FeeRater(plan.currency)
+        else:
+            rater = Rater(model, pm.included, plan.currency)
+        fee_model = model if isinstance(model, Percentage) else None
         meters[slug] = PlanMeterIndex(
             slug=slug,
-            aggregation=meters_by_slug[slug].aggregation,
+            aggregation=meter.aggregation,
             plan=plan,
             meter=pm,
-            rater=Rater(pm.price, pm.included, plan.currency),
+            rater=rater,
             levels=levels,
             hard_limit=None if pm.hard_limit is None else pm.hard_limit.absolute or pm.included * (pm.hard_limit.fraction or 0),
+            dimensions=tuple(meter.dimensions) if isinstance(model, Matrix) else (),
+            matrix=model if isinstance(model, Matrix) else None,
+            fee_model=fee_model,
+            summed=meter.aggregation in ("SUM", "COUNT") and fee_model is None,
         )
-    return PlanIndex(plan, plan.pricing_version, meters, plan.billing_period)
+    spend = sorted(plan.spend_thresholds, key=lambda st: st.amount)
+    return PlanIndex(plan, plan.pricing_version, meters, plan.billing_period, spend, any(m.matrix is not None for m in meters.values()))
 
 
 def successor(old: CatalogIndex, new: Catalog) -> CatalogIndex:

@@ -13,21 +13,22 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 from xxhash import xxh3_64_intdigest
 
 from operators import thresholds
-from operators.aggregate import AGGREGATIONS
-from operators.catalog_index import CatalogIndex, PlanMeterIndex
+from operators.catalog_index import CatalogIndex, Cell, PlanIndex, PlanMeterIndex
 from operators.deadletters import internal_error
 from operators.dedup import Evicted, GenerationalDedup, event_hash, position
-from operators.engine_state import Backstop, EngineConfig, MeterPeriod, Out, Slot, TenantState, WindowAcc
+from operators.engine_state import Backstop, CellTotals, EngineConfig, MeterPeriod, Out, Slot, Spend, TenantState, WindowAcc, WKey
 from operators.periods import Period, PeriodCache, iso
 from operators.stats import Stats
-from operators.validate import Item, Reject, Validator, event_ms
+from operators.validate import Item, Reject, Validator, Value, event_ms
 from operators.windows import Windows
 
+ZERO = Decimal(0)
 # An event that waits for the long-horizon store: the item, its dedup hash and event time.
 Waiting = tuple[Any, bytes, int, int, "int | None", int, int]
 
@@ -215,6 +216,11 @@ class ShardEngine:
                 if h in d.cur or h in d.prev or (seen is not None and i in seen):
                     duplicates += 1
                     continue
+                if plan.matrix and self._too_many_cells(t, plan, period, values):
+                    self.stats.dead["too_many_cells"] += 1
+                    why = self._cells_message(plan, period, values)
+                    out.dead.append(self.judge.dead_letter("too_many_cells", why, raw, p.topic, part, off, p.received, idx, ev))
+                    continue
                 d.cur.add(h)
                 log = d.cur_log
                 log.append(h)
@@ -232,23 +238,28 @@ class ShardEngine:
                     ws = p_start
                 # A hot slot is valid while its window start and pricing version match: a
                 # window start names one period, and closing windows clears the slots.
-                for slug, v in values:
-                    slot = t.hot.get(slug)
+                for slug, v, cell in values:
+                    slot = t.hot.get(slug if cell is None else (slug, cell))
                     if slot is None or slot.ws != ws or slot.pv != pv:
-                        slot = self._slot(t, plan.meters[slug], period, pv, ws)
+                        slot = self._slot(t, plan.meters[slug], period, pv, ws, cell)
                         if slot.late:
                             due[tid] = t  # its correction goes out with this batch
                     # Thresholds measure the usage under the event's pricing version (the
-                    # slot's), as rating does: next_limit is that version's (levels_of).
+                    # slot's), as rating does: next_limit is that version's (levels_of). A
+                    # matrix meter's thresholds measure its total over all cells.
                     lagg = slot.live
                     acc = slot.acc
                     if slot.summed:
                         live = lagg.v = lagg.v + v  # type: ignore[attr-defined]
                         acc.agg.v += v  # type: ignore[attr-defined]
+                        if slot.cell_live is not None:
+                            slot.cell_live.v += v  # type: ignore[attr-defined]
                     else:
                         lagg.add(v, ts)
                         live = lagg.value()
                         acc.agg.add(v, ts)
+                        if slot.cell_live is not None:
+                            slot.cell_live.add(v, ts)
                     mp = slot.mp
                     if live >= mp.next_limit:
                         thresholds.fire(self.cat, self.stats, t, mp, plan.meters[slug], pv, ts, ev.id, out)
@@ -257,6 +268,8 @@ class ShardEngine:
                         acc.first_ms = ts
                     if ts > acc.last_ms:
                         acc.last_ms = ts
+                if plan.spend:
+                    self._spend(t, plan, period, values, ts, ev.id, out)
                 accepted += 1  # last: an event that failed above is not counted as accepted
         except Exception as e:
             return i, e
@@ -265,7 +278,7 @@ class ShardEngine:
             self.stats.duplicates += duplicates
         return None
 
-    def _slot(self, t: TenantState, pmi: PlanMeterIndex, period: Period, pv: str, ws: int) -> Slot:
+    def _slot(self, t: TenantState, pmi: PlanMeterIndex, period: Period, pv: str, ws: int, cell: Cell | None = None) -> Slot:
         """Find or open the window (and period state) an event belongs to; cache it as hot."""
         mk = (pmi.slug, period.idx)
         mp = t.periods.get(mk)
@@ -274,7 +287,15 @@ class ShardEngine:
             t.next_due = min(t.next_due, period.end_ms + self.cfg.grace_ms)
         live = mp.live.get(pv)
         if live is None:
-            live = mp.live[pv] = AGGREGATIONS[pmi.aggregation]()
+            live = mp.live[pv] = pmi.new_agg()
+        cell_live = None
+        if cell is not None:
+            ct = mp.cells.get(cell)
+            if ct is None:
+                ct = mp.cells[cell] = CellTotals()
+            cell_live = ct.live.get(pv)
+            if cell_live is None:
+                cell_live = ct.live[pv] = pmi.new_agg()
         if mp.levels_of != pv:
             # Events of another version (late ones dated before a plan change) switch the
             # period to that version's levels; fired levels are kept per version.
@@ -282,16 +303,60 @@ class ShardEngine:
             mp.next_limit = thresholds.next_limit(mp, pmi, pv)
         we = min(ws - ws % self.cfg.window_ms + self.cfg.window_ms, period.end_ms)
         late = we <= t.closed_through
-        wk = (pmi.slug, period.idx, pv, ws)
+        wk: WKey = (pmi.slug, period.idx, pv, ws) if cell is None else (pmi.slug, period.idx, pv, ws, cell)
         windows = t.pending if late else t.open
         acc = windows.get(wk)
         if acc is None:
-            acc = windows[wk] = WindowAcc(AGGREGATIONS[pmi.aggregation](), ws, we)
+            acc = windows[wk] = WindowAcc(pmi.new_agg(), ws, we)
             if not late:
                 self.stats.open_windows += 1
                 t.next_due = min(t.next_due, we + self.cfg.allowed_lateness_ms)
-        slot = t.hot[pmi.slug] = Slot(pv, ws, late, pmi.aggregation in ("SUM", "COUNT"), mp, acc, live)
+        slot = t.hot[pmi.slug if cell is None else (pmi.slug, cell)] = Slot(pv, ws, late, pmi.summed, mp, acc, live, cell_live)
         return slot
+
+    def _too_many_cells(self, t: TenantState, plan: PlanIndex, period: Period, values: list[Value]) -> bool:
+        """Whether an event would open a cell past its meter's `max_cells` in this tenant's
+        period (counted across pricing versions; SPEC §9.8)."""
+        for slug, _, cell in values:
+            if cell is None:
+                continue
+            mp = t.periods.get((slug, period.idx))
+            cells = mp.cells if mp is not None else {}
+            matrix = plan.meters[slug].matrix
+            if cell not in cells and matrix is not None and len(cells) >= matrix.max_cells:
+                return True
+        return False
+
+    def _cells_message(self, plan: PlanIndex, period: Period, values: list[Value]) -> str:
+        slug = next(s for s, _, c in values if c is not None)
+        matrix = plan.meters[slug].matrix
+        n = matrix.max_cells if matrix is not None else 0
+        return (
+            f"meter '{slug}' already has {n} distinct cells in period {period.key} for this tenant (max_cells of plan "
+            f"'{plan.pricing_version}'); raise max_cells or fix the producer's dimension values, then re-drive it"
+        )
+
+    def _spend(self, t: TenantState, plan: PlanIndex, period: Period, values: list[Value], ts: int, event_id: str, out: Out) -> None:
+        """The period's running gross after an accepted event, across meters and pricing
+        versions (money is money): each spend threshold it reaches fires once, by this event."""
+        sp = t.spend.get(period.key)
+        if sp is None:
+            sp = t.spend[period.key] = Spend()
+        pv = plan.pricing_version
+        for slug, _, cell in values:
+            pmi = plan.meters[slug]
+            mp = t.periods[(slug, period.idx)]
+            agg = mp.live[pv] if cell is None else mp.cells[cell].live[pv]
+            charge = pmi.amount(agg, cell)
+            key = (slug, pv, cell)
+            sp.gross += charge - sp.charges.get(key, ZERO)
+            sp.charges[key] = charge
+        for st in plan.spend:
+            if st.amount > sp.gross:
+                break
+            if st.level not in sp.fired:
+                sp.fired.add(st.level)
+                thresholds.fire_spend(self.cat, self.stats, t, plan, period, st, sp.gross, ts, event_id, out)
 
     def _maintain(self, t: TenantState, out: Out) -> None:
         """Work due when a tenant's watermark passes a window end or a period's grace."""
@@ -302,6 +367,10 @@ class ShardEngine:
         if t.pending:
             self.windows.corrections(t, out)
         self.windows.finalize_periods(t, out)
+        if t.spend:  # a forgotten period's running gross goes with it
+            live = {mp.period.key for mp in t.periods.values()}
+            for key in [k for k in t.spend if k not in live]:
+                del t.spend[key]
         t.hot.clear()
         lateness = self.cfg.allowed_lateness_ms
         due = [w.end_ms + lateness for w in t.open.values()]

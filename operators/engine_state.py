@@ -70,6 +70,16 @@ class WindowAcc:
 
 
 @dataclass(slots=True)
+class CellTotals:
+    """One cell of a matrix meter in a period, per pricing version: live (every accepted
+    event, for spend and the read model) and closed totals (rated), and closed events."""
+
+    live: dict[str, Agg] = field(default_factory=dict)
+    closed: dict[str, Agg] = field(default_factory=dict)
+    closed_events: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class MeterPeriod:
     """Period-to-date state of one tenant meter, per pricing version: live totals (every
     accepted event, open and closed windows alike) for thresholds, closed totals for rating.
@@ -88,6 +98,9 @@ class MeterPeriod:
     # crossed (event time), and the last event time of the windows closed so far.
     crossed: dict[tuple[str, str], int] = field(default_factory=dict)  # (pricing version, level) -> ms
     last_ms: int = -(2**62)
+    # A matrix meter's cells (SPEC §9.1): `live` and `closed` above hold the meter's total
+    # over all cells (thresholds measure it); each cell is rated on its own totals.
+    cells: dict[tuple[str, ...], CellTotals] = field(default_factory=dict)
 
     def usage(self, pv: str) -> int | Decimal:
         """Period-to-date usage under pricing version `pv` (what its levels are measured on)."""
@@ -97,19 +110,32 @@ class MeterPeriod:
 
 @dataclass(slots=True)
 class Slot:
-    """Where a meter's recent events went; consecutive events of a tenant mostly share it."""
+    """Where a meter's (or a matrix meter's cell's) recent events went; consecutive events
+    of a tenant mostly share it."""
 
     pv: str
     ws: int
     late: bool
-    summed: bool  # SUM or COUNT: updated inline on the hot path
+    summed: bool  # SUM or COUNT without fees: updated inline on the hot path
     mp: MeterPeriod
     acc: WindowAcc
     live: Agg  # mp.live[pv], held here so the hot path needs no lookup for it
+    cell_live: Agg | None = None  # a matrix cell's live total under pv
 
 
-# window key: (meter slug, period idx, pricing version, window start)
-WKey = tuple[str, int, str, int]
+@dataclass(slots=True)
+class Spend:
+    """A tenant's running gross in one billing period, for plan spend thresholds (SPEC
+    §9.4): the current charge of each (meter, pricing version, cell) and their sum."""
+
+    charges: dict[tuple[str, str, tuple[str, ...] | None], Decimal] = field(default_factory=dict)
+    gross: Decimal = Decimal(0)
+    fired: set[str] = field(default_factory=set)  # levels fired (spend:<amount>)
+
+
+# window key: (meter slug, period idx, pricing version, window start), and a matrix meter's
+# cell as a fifth element (a plain meter's keys stay as they were, snapshots included)
+WKey = tuple[Any, ...]
 
 
 @dataclass(slots=True)
@@ -124,8 +150,9 @@ class TenantState:
     pending: dict[WKey, WindowAcc] = field(default_factory=dict)
     sustained: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     next_due: int = -(2**62)  # watermark at which windows, periods or dedup need attention
-    hot: dict[str, Slot] = field(default_factory=dict)  # per meter: the slot the last event used
+    hot: dict[Any, Slot] = field(default_factory=dict)  # per meter (or matrix cell): the slot the last event used
     records: int = 0  # input records of the tenant that reached the engine, however judged (the read model's guard)
+    spend: dict[str, Spend] = field(default_factory=dict)  # per billing period key, for plans with spend thresholds
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from decimal import Decimal
 
 import msgspec
 
-from operators.ids import stable_id
+from operators.windows import line_id
 from schemas.outputs import RatedUsageLine
 
 ZERO = Decimal(0)
@@ -95,7 +95,7 @@ def settle(
         out.lines.append(
             msgspec.structs.replace(
                 ln,
-                line_id=stable_id("line", ln.tenant_id, ln.meter, ln.window_start, ln.pricing_version, rev, e.seq),
+                line_id=line_id(ln.tenant_id, ln.meter, ln.window_start, ln.pricing_version, rev, ln.cell, e.seq),
                 quantity=dq,
                 amount=da,
                 event_count=dn,

@@ -7,12 +7,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from operators.catalog_index import CatalogIndex, Level, PlanMeterIndex
+from operators.catalog_index import CatalogIndex, Level, PlanIndex, PlanMeterIndex
 from operators.engine_state import INF, MeterPeriod, Out, TenantState
 from operators.ids import stable_id
-from operators.periods import iso
+from operators.periods import Period, iso
 from operators.stats import Stats
+from schemas.catalog import SpendThreshold
 from schemas.outputs import ThresholdAlert
+
+SPEND_METER = "*"  # the `meter` of a spend alert: the period's money over all meters
 
 
 def next_limit(mp: MeterPeriod, pmi: PlanMeterIndex, pv: str) -> Decimal:
@@ -73,3 +76,39 @@ def _sustained(t: TenantState, slug: str, lv: Level, idx: int, n: int) -> bool:
     for old in [p for p in hist if p <= idx - n]:
         hist.discard(old)
     return all(idx - k in hist for k in range(n))
+
+
+def fire_spend(
+    cat: CatalogIndex,
+    stats: Stats,
+    t: TenantState,
+    plan: PlanIndex,
+    period: Period,
+    st: SpendThreshold,
+    gross: Decimal,
+    ts_ms: int,
+    event_id: str,
+    out: Out,
+) -> None:
+    """A spend threshold reached by the period's running gross (SPEC §9.4): one alert per
+    tenant, period and amount, on no one meter (`meter` is `*`), by the event that crossed it."""
+    stats.alerts[st.level] += 1
+    tenant = cat.tenants[t.tenant_id].tenant
+    out.alerts.append(
+        ThresholdAlert(
+            alert_id=stable_id("alert", t.tenant_id, SPEND_METER, period.key, st.level),
+            tenant_id=t.tenant_id,
+            crm_account_id=tenant.crm_account_id,
+            meter=SPEND_METER,
+            period=period.key,
+            level=st.level,
+            limit=st.amount,
+            usage=gross,
+            crossed_at=iso(ts_ms),
+            correlation_id=event_id,
+            plan_id=plan.plan.id,
+            plan_version=plan.plan.version,
+            detected_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            destinations=list(st.notify),
+        )
+    )

@@ -26,6 +26,8 @@ from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
 from operators.engine_state import MeterPeriod, TenantState
 from operators.periods import Period, iso
 from schemas.usage import (
+    CellFacts,
+    CellUsage,
     Entitlement,
     LevelCrossed,
     LevelFacts,
@@ -92,10 +94,15 @@ def facts(
     touched tenant at every write, in the worker: quantities and counts only, no pricing and
     no catalog (`derive` does that where the figures are read)."""
     events: dict[tuple[str, int, str], int] = {}  # in open and pending windows, per pricing version
+    cell_events: dict[tuple[str, int, str, tuple[str, ...]], int] = {}  # the same per matrix cell
     last: dict[tuple[str, int], int] = {}
     for windows in (t.open, t.pending):
-        for (slug, idx, pv, _), acc in windows.items():
+        for k, acc in windows.items():
+            slug, idx, pv = k[0], k[1], k[2]
             events[(slug, idx, pv)] = events.get((slug, idx, pv), 0) + acc.count
+            if len(k) > 4:
+                ck = (slug, idx, pv, k[4])
+                cell_events[ck] = cell_events.get(ck, 0) + acc.count
             if acc.last_ms > last.get((slug, idx), NEVER):
                 last[(slug, idx)] = acc.last_ms
     docs: dict[str, UsageFacts] = {}
@@ -110,7 +117,11 @@ def facts(
             live, closed = live_by.get(pv), closed_by.get(pv)
             n = mp.closed_events.get(pv, 0) + events.get((slug, idx, pv), 0)
             q = ZERO if live is None else Decimal(live.value())
-            versions.append(VersionFacts(pv, q, ZERO if closed is None else Decimal(closed.value()), n))
+            vf = VersionFacts(pv, q, ZERO if closed is None else Decimal(closed.value()), n)
+            fee = getattr(live, "fee", None)
+            if fee is not None:  # a percentage meter: its amount is its fees', not its quantity's
+                vf.fee, vf.rated_fee = fee, getattr(closed, "fee", ZERO)
+            versions.append(vf)
             doc.events += n
         if not versions:
             continue
@@ -124,7 +135,18 @@ def facts(
             if levels_cache is not None:
                 levels_cache[(t.tenant_id, slug, idx)] = (len(mp.fired), levels)
         last_ms = max(mp.last_ms, last.get((slug, idx), NEVER))
-        doc.meters.append(MeterFacts(slug, last_ms if last_ms > NEVER else None, versions, levels))
+        cells = [
+            CellFacts(
+                list(cell),
+                pv,
+                Decimal(live.value()),
+                Decimal(ct.closed[pv].value()) if pv in ct.closed else ZERO,
+                ct.closed_events.get(pv, 0) + cell_events.get((slug, idx, pv, cell), 0),
+            )
+            for cell, ct in mp.cells.items()
+            for pv, live in ct.live.items()
+        ]
+        doc.meters.append(MeterFacts(slug, last_ms if last_ms > NEVER else None, versions, levels, cells))
     return list(docs.values())
 
 
@@ -144,8 +166,13 @@ def derive(cat: CatalogIndex, f: UsageFacts) -> TenantUsage:
             if pi is None:
                 raise UnknownVersion(f"pricing version {v.pricing_version} is not in the catalog loaded here")
             pmi = pi.meters[m.meter]
-            a = pmi.rater.charge(v.quantity)
-            ar = a if v.rated_quantity == v.quantity else pmi.rater.charge(v.rated_quantity)
+            if pmi.matrix is not None:  # priced cell by cell, below
+                a = ar = ZERO
+            elif v.fee is not None:  # percentage: the rounded fees
+                a, ar = pmi.rater.charge(v.fee), pmi.rater.charge(v.rated_fee or ZERO)
+            else:
+                a = pmi.rater.charge(v.quantity)
+                ar = a if v.rated_quantity == v.quantity else pmi.rater.charge(v.rated_quantity)
             quantity, amount, rated = quantity + v.quantity, amount + a, rated + ar
             versions.append(
                 VersionUsage(
@@ -157,6 +184,24 @@ def derive(cat: CatalogIndex, f: UsageFacts) -> TenantUsage:
                     amount=a,
                     amount_rated=ar,
                     events=v.events,
+                )
+            )
+        cells: list[CellUsage] = []
+        for c in m.cells:
+            pmi = plans[c.pricing_version].meters[m.meter]
+            cell = tuple(c.cell)
+            rater = pmi.cell_rater(cell)
+            if rater is None:  # priced when it was accepted: a catalog that lost its price is a stale one
+                raise UnknownVersion(f"pricing version {c.pricing_version} no longer prices cell {cell} of {m.meter}")
+            ca, car = rater.charge(c.quantity), rater.charge(c.rated_quantity)
+            amount, rated = amount + ca, rated + car
+            for vu in versions:
+                if vu.pricing_version == c.pricing_version:
+                    vu.amount, vu.amount_rated = vu.amount + ca, vu.amount_rated + car
+            dims = dict(zip(pmi.dimensions, cell, strict=True))
+            cells.append(
+                CellUsage(
+                    dimensions=dims, pricing_version=c.pricing_version, quantity=c.quantity, amount=ca, amount_rated=car, events=c.events
                 )
             )
         if plan is not None and m.meter in plan.meters:
@@ -182,6 +227,7 @@ def derive(cat: CatalogIndex, f: UsageFacts) -> TenantUsage:
             last_event_time=None if m.last_ms is None else iso(m.last_ms),
             levels=levels,
             versions=versions,
+            cells=cells,
         )
     return TenantUsage(
         tenant_id=f.tenant_id,
@@ -222,6 +268,7 @@ def meter_usage(
     last_event_time: str | None = None,
     levels: list[LevelCrossed] | None = None,
     versions: list[VersionUsage] | None = None,
+    cells: list[CellUsage] | None = None,
 ) -> MeterUsage:
     """A meter's figures, the entitlement ones measured under `pmi` (the version `pv` in force)."""
     remaining, overage, has_access = access(pmi, used)
@@ -242,6 +289,7 @@ def meter_usage(
         last_event_time=last_event_time,
         levels=levels or [],
         versions=versions or [],
+        cells=cells or [],
     )
 
 

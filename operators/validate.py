@@ -20,11 +20,11 @@ from typing import Any
 import msgspec
 from xxhash import xxh3_64_intdigest
 
-from operators.catalog_index import CatalogIndex, PlanIndex
+from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
 from operators.deadletters import clip, dead_letter, internal_error
 from operators.jsonscan import array_elements, nesting_depth
 from operators.stats import Stats
-from schemas.events import EventDecoder, Identity, InputLimits, quantity_type, unique_type
+from schemas.events import EventDecoder, Identity, InputLimits, dimension_type, quantity_type, unique_type
 from schemas.outputs import DeadLetter, DeadLetterReason
 from schemas.records import Accepted
 
@@ -36,8 +36,14 @@ class Reject(Exception):
         self.reason, self.message = reason, message
 
 
-# (meter slug, reads the quantity from the event or None for COUNT, is a quantity)
-Reader = tuple[str, Callable[[Any], Any] | None, bool]
+# (meter slug, reads the quantity from the event or None for COUNT, is a quantity, reads the
+# dimension values or None)
+Reader = tuple[str, Callable[[Any], Any] | None, bool, Callable[[Any], Any] | None]
+# Under one pricing version: a reader, and the plan meter when it prices by cell (matrix).
+PlanReader = tuple[str, Callable[[Any], Any] | None, bool, Callable[[Any], Any] | None, "PlanMeterIndex | None"]
+# A meter value of an event: (meter slug, quantity or unique value, matrix cell or None).
+Value = tuple[str, Any, "tuple[str, ...] | None"]
+MAX_CELL_CACHE = 10_000  # priced cells remembered per plan meter (hostile dimension values cannot grow it)
 # An event on its way to the engine that owns its tenant, as read (nothing built per event
 # beyond this tuple): the decoded envelope, its bytes, its offset, the latest event time it
 # may carry (ms: its message's Kafka timestamp or the clock, plus the allowed skew), and its
@@ -89,26 +95,37 @@ class Validator:
         self.cat = catalog
         self.stats = stats
         self.lim = lim = limits or InputLimits()
-        fields: dict[str, list[tuple[str, Any]]] = {}
+        fields: dict[str, list[tuple[Any, ...]]] = {}
         readers: dict[str, list[Reader]] = {}
-        qty, uniq = quantity_type(lim), unique_type(lim)
+        qty, uniq, dim = quantity_type(lim), unique_type(lim), dimension_type()
         for etype, specs in catalog.meters_by_type.items():
             fields[etype], readers[etype] = [], []
             for spec in specs:
                 m = spec.meter
+                dims = list(m.dimensions)
+                fields[etype] += [(d, dim, "") for d in dims if (d, dim, "") not in fields[etype]]  # a missing value is ""
+                dims_get = _dims_getter(dims) if dims else None
                 if m.aggregation == "COUNT":
-                    readers[etype].append((m.slug, None, True))
+                    readers[etype].append((m.slug, None, True, dims_get))
                     continue
                 path, typ = (m.unique_path, uniq) if m.aggregation == "UNIQUE_COUNT" else (m.value_path, qty)
                 assert path is not None
                 fields[etype].append((path, typ))
-                readers[etype].append((m.slug, operator.attrgetter(f"data.{path}"), typ is qty))
+                readers[etype].append((m.slug, operator.attrgetter(f"data.{path}"), typ is qty, dims_get))
         self.decoder = EventDecoder(fields, lim)
         self.readers = {cls: readers[etype] for cls, etype in self.decoder.classes.items()}
         self._tenants = catalog.tenants
-        # Per pricing version and event class: the readers of the meters that plan prices.
-        self._plan_readers: dict[str, dict[type, list[Reader]]] = {
-            pv: {cls: [r for r in rs if r[0] in plan.meters] for cls, rs in self.readers.items()}
+        # Per pricing version and event class: the readers of the meters that plan prices,
+        # with the plan meter when it prices by cell (the dimensions are read only then).
+        self._plan_readers: dict[str, dict[type, list[PlanReader]]] = {
+            pv: {
+                cls: [
+                    (slug, read, is_qty, dims_get, plan.meters[slug] if plan.meters[slug].matrix is not None else None)
+                    for slug, read, is_qty, dims_get in rs
+                    if slug in plan.meters
+                ]
+                for cls, rs in self.readers.items()
+            }
             for pv, plan in catalog.plans_by_version.items()
         }
         self._min_ms = _ms(lim.min_event_time.timestamp())
@@ -117,7 +134,7 @@ class Validator:
         self._min_exp = -lim.max_quantity_decimals
 
     # -- one decoded event ----------------------------------------------------------------
-    def judge(self, ev: Any, max_ms: int) -> tuple[PlanIndex, int, list[tuple[str, Any]]]:
+    def judge(self, ev: Any, max_ms: int) -> tuple[PlanIndex, int, list[Value]]:
         """The plan in force, the event time (epoch ms) and the meter values of a decoded
         event, or `Reject`. Called once per event on the hot path (the engine's pass)."""
         tenant = self._tenants.get(ev.subject)
@@ -138,15 +155,26 @@ class Validator:
         readers = self._plan_readers[plan.pricing_version][type(ev)]
         if not readers:
             raise Reject("unknown_meter", f"plan '{plan.pricing_version}' prices no meter of type '{self.decoder.classes[type(ev)]}'")
-        values: list[tuple[str, Any]] = []
-        for slug, read, is_qty in readers:
-            if read is None:
-                values.append((slug, 1))
-                continue
-            v = read(ev)
+        values: list[Value] = []
+        for slug, read, is_qty, dims_get, by_cell in readers:
+            v = 1 if read is None else read(ev)
             if is_qty and type(v) is Decimal:
                 self._check_decimal(slug, v)
-            values.append((slug, v))
+            if by_cell is None:
+                values.append((slug, v, None))
+                continue
+            assert dims_get is not None
+            cell = dims_get(ev)
+            if len(by_cell.cells) > MAX_CELL_CACHE:
+                by_cell.cells.clear()
+            if by_cell.cell_rater(cell) is None:
+                dims = ", ".join(f"{d}={c!r}" for d, c in zip(by_cell.dimensions, cell, strict=True))
+                raise Reject(
+                    "unpriced_dimension",
+                    f"meter '{slug}' of plan '{plan.pricing_version}' has no price for {clip(dims)}: add a cell for it or a "
+                    "default_unit_price in the catalog, then re-drive it",
+                )
+            values.append((slug, v, cell))
         return plan, ts_ms, values
 
     def _check_decimal(self, slug: str, v: Decimal) -> None:
@@ -425,6 +453,14 @@ class Validator:
     def _uncount(self, d: DeadLetter) -> None:
         self.stats.records_in -= 1
         self.stats.dead[d.reason] -= 1
+
+
+def _dims_getter(paths: list[str]) -> Callable[[Any], tuple[str, ...]]:
+    """Reads a meter's dimension values, as a tuple in the meter's order."""
+    get: Callable[[Any], Any] = operator.attrgetter(*(f"data.{p}" for p in paths))
+    if len(paths) == 1:
+        return lambda ev: (get(ev),)
+    return get
 
 
 def _not_json(e: Exception) -> str:

@@ -7,8 +7,9 @@ message naming the field and what to do about it.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,9 +20,23 @@ from schemas.errors import TallyflowError
 
 Slug = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 NonNeg = Decimal  # msgspec cannot bound Decimals; check_catalog does
-Aggregation = Literal["SUM", "COUNT", "MAX", "UNIQUE_COUNT", "LATEST"]
+Aggregation = Literal["SUM", "COUNT", "MAX", "UNIQUE_COUNT", "LATEST", "AVG", "MIN"]
 BillingPeriod = Literal["month", "day"]
+Notify = Literal["crm", "success"]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_DIMENSIONS = 3
+MAX_DIMENSION_VALUE = 64  # characters of one dimension value (a cell's `when` value too)
+# A data path: dot-separated identifiers (the event decoder makes each one a struct field).
+_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+# ISO 4217 currencies whose minor unit is not 1/100. Here, below `operators`, because the
+# catalog checks amounts against it and pricing rounds to it: one table for both.
+_MINOR_UNITS = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3}
+
+
+def quantum(currency: str) -> Decimal:
+    """The currency's minor unit (0.01 for most, 1 for JPY, 0.001 for BHD): what money rounds to."""
+    return Decimal(1).scaleb(-_MINOR_UNITS.get(currency, 2))
 
 
 class CatalogError(TallyflowError):
@@ -34,6 +49,8 @@ class Meter(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     aggregation: Aggregation
     value_path: str | None = None
     unique_path: str | None = None
+    # Data paths whose string values split the meter into cells (SPEC §9.1); SUM/COUNT only.
+    dimensions: list[str] = []
 
 
 class Tier(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -59,7 +76,33 @@ class Package(msgspec.Struct, tag="package", tag_field="model", forbid_unknown_f
     package_price: NonNeg
 
 
-PriceModel = PerUnit | Graduated | Volume | Package
+class Cell(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A matrix rule: the unit price of every cell whose dimension values include `when`."""
+
+    when: dict[str, str]
+    unit_price: NonNeg
+
+
+class Matrix(msgspec.Struct, tag="matrix", tag_field="model", forbid_unknown_fields=True, frozen=True):
+    """Each distinct combination of the meter's dimension values (a cell) is priced per unit
+    on its own: the first matching rule's price, else `default_unit_price` (SPEC §9.1)."""
+
+    cells: list[Cell] = []
+    default_unit_price: NonNeg | None = None
+    max_cells: Annotated[int, msgspec.Meta(ge=1)] = 1000  # per tenant, meter and period
+
+
+class Percentage(msgspec.Struct, tag="percentage", tag_field="model", forbid_unknown_fields=True, frozen=True):
+    """A fee per event on a SUM meter of money: `min(max(value x rate + fixed_fee, min_fee),
+    max_fee)`, summed exactly over the period and rounded once (SPEC §9.2)."""
+
+    rate: NonNeg
+    fixed_fee: NonNeg = Decimal(0)
+    min_fee: NonNeg | None = None
+    max_fee: NonNeg | None = None
+
+
+PriceModel = PerUnit | Graduated | Volume | Package | Matrix | Percentage
 
 
 class Threshold(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -69,7 +112,7 @@ class Threshold(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     absolute: Decimal | None = None
     name: str | None = None
     sustained_periods: Annotated[int, msgspec.Meta(ge=2)] | None = None
-    notify: list[Literal["crm", "success"]] = msgspec.field(default_factory=lambda: ["crm", "success"])
+    notify: list[Notify] = msgspec.field(default_factory=lambda: ["crm", "success"])
 
     @property
     def level(self) -> str:
@@ -96,12 +139,27 @@ class PlanMeter(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hard_limit: HardLimit | None = None
 
 
+class SpendThreshold(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An alert when the period's gross amount over all the plan's meters reaches `amount`
+    (in the plan's currency), once per tenant and period (SPEC §9.4)."""
+
+    amount: Decimal
+    notify: list[Notify] = msgspec.field(default_factory=lambda: ["crm", "success"])
+
+    @property
+    def level(self) -> str:
+        """The alert's level, the amount as written (`spend:100.00`): part of the alert id,
+        so it must not change when the catalog is reloaded."""
+        return f"spend:{self.amount}"
+
+
 class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: Slug
     version: Annotated[int, msgspec.Meta(ge=1)]
     currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
     meters: dict[str, PlanMeter]
     billing_period: BillingPeriod = "month"
+    spend_thresholds: list[SpendThreshold] = []
 
     @property
     def pricing_version(self) -> str:
@@ -146,10 +204,16 @@ def check_catalog(cat: Catalog) -> None:
         if m.slug in slugs:
             raise CatalogError(f"{where}.slug: meter '{m.slug}' is declared twice; give each meter a unique slug")
         slugs.add(m.slug)
-        if m.aggregation in ("SUM", "MAX", "LATEST") and not m.value_path:
+        if m.aggregation in ("SUM", "MAX", "LATEST", "AVG", "MIN") and not m.value_path:
             raise CatalogError(f"{where}.value_path: {m.aggregation} meter '{m.slug}' needs a value_path such as 'tokens'")
         if m.aggregation == "UNIQUE_COUNT" and not m.unique_path:
             raise CatalogError(f"{where}.unique_path: UNIQUE_COUNT meter '{m.slug}' needs a unique_path such as 'user_id'")
+        for name, path in (("value_path", m.value_path), ("unique_path", m.unique_path)):
+            if path is not None and not _PATH.fullmatch(path):
+                raise CatalogError(f"{where}.{name}: '{path}' is not a data path; write dot-separated names such as 'usage.bytes'")
+        _check_dimensions(m, where)
+    _check_shared_fields(cat.meters)
+    by_slug = {m.slug: m for m in cat.meters}
     plan_ids: set[str] = set()
     for i, p in enumerate(cat.plans):
         where = f"$.plans[{i}]"
@@ -161,11 +225,20 @@ def check_catalog(cat: Catalog) -> None:
             if slug not in slugs:
                 raise CatalogError(f"{mw}: no meter '{slug}' is declared; add it under 'meters' or remove it here")
             _check_money(pm, mw)
+            if isinstance(pm.price, Matrix):
+                _check_matrix(pm, pm.price, by_slug[slug], mw)
+            elif isinstance(pm.price, Percentage):
+                _check_percentage(pm, pm.price, by_slug[slug], mw)
             if isinstance(pm.price, Graduated | Volume):
                 _check_tiers(pm.price.tiers, f"{mw}.price.tiers")
             for j, th in enumerate(pm.thresholds):
                 if (th.fraction is None) == (th.absolute is None):
                     raise CatalogError(f"{mw}.thresholds[{j}]: set exactly one of 'fraction' or 'absolute'")
+                if th.fraction is not None and isinstance(pm.price, Matrix):
+                    raise CatalogError(
+                        f"{mw}.thresholds[{j}].fraction: matrix has no 'included' to take a fraction of; "
+                        "use 'absolute' (measured on the meter's total over all cells)"
+                    )
                 if th.fraction is not None and pm.included == 0:
                     raise CatalogError(
                         f"{mw}.thresholds[{j}].fraction: 'included' is 0, so a fraction of it is meaningless; use 'absolute'"
@@ -183,6 +256,7 @@ def check_catalog(cat: Catalog) -> None:
             levels = [th.level for th in pm.thresholds]
             if len(levels) != len(set(levels)):
                 raise CatalogError(f"{mw}.thresholds: two thresholds share a level name; give one a distinct 'name'")
+        _check_spend(p, where)
     tenant_ids: set[str] = set()
     for i, t in enumerate(cat.tenants):
         where = f"$.tenants[{i}]"
@@ -221,6 +295,16 @@ def _check_money(pm: PlanMeter, where: str) -> None:
     elif isinstance(model, Package):
         _nonneg(model.package_size, f"{where}.price.package_size", strict=True)
         _nonneg(model.package_price, f"{where}.price.package_price")
+    elif isinstance(model, Matrix):
+        for j, c in enumerate(model.cells):
+            _nonneg(c.unit_price, f"{where}.price.cells[{j}].unit_price")
+        if model.default_unit_price is not None:
+            _nonneg(model.default_unit_price, f"{where}.price.default_unit_price")
+    elif isinstance(model, Percentage):
+        for name in ("rate", "fixed_fee", "min_fee", "max_fee"):
+            v = getattr(model, name)
+            if v is not None:
+                _nonneg(v, f"{where}.price.{name}")
     else:
         for j, t in enumerate(model.tiers):
             _nonneg(t.unit_price, f"{where}.price.tiers[{j}].unit_price")
@@ -230,6 +314,108 @@ def _check_money(pm: PlanMeter, where: str) -> None:
             v = getattr(th, name)
             if v is not None:
                 _nonneg(v, f"{where}.thresholds[{j}].{name}", strict=True)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Two data paths that read the same field, or one inside the other."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _check_dimensions(m: Meter, where: str) -> None:
+    if not m.dimensions:
+        return
+    dw = f"{where}.dimensions"
+    if m.aggregation not in ("SUM", "COUNT"):
+        raise CatalogError(f"{dw}: {m.aggregation} meter '{m.slug}' cannot split into cells; only SUM and COUNT meters take dimensions")
+    if len(m.dimensions) > MAX_DIMENSIONS:
+        raise CatalogError(f"{dw}: meter '{m.slug}' names {len(m.dimensions)} dimensions; use at most {MAX_DIMENSIONS}")
+    for j, d in enumerate(m.dimensions):
+        if not _PATH.fullmatch(d):
+            raise CatalogError(f"{dw}[{j}]: '{d}' is not a data path; write dot-separated names such as 'model' or 'request.region'")
+        if m.value_path is not None and _overlap(d, m.value_path):
+            raise CatalogError(f"{dw}[{j}]: '{d}' overlaps the meter's value_path '{m.value_path}'; a dimension must be another field")
+        for k, e in enumerate(m.dimensions[:j]):
+            if _overlap(d, e):
+                raise CatalogError(f"{dw}[{j}]: '{d}' overlaps dimensions[{k}] '{e}'; name each field once")
+
+
+def _check_shared_fields(meters: list[Meter]) -> None:
+    """Meters of one event type read one decoded `data`: a field cannot be a dimension (a
+    string) for one meter and a quantity, a unique value or an object for another."""
+    reads: dict[str, list[tuple[int, str, str, str]]] = {}  # event type -> (meter index, slug, field, path)
+    for i, m in enumerate(meters):
+        fields = [(f"dimensions[{j}]", d) for j, d in enumerate(m.dimensions)]
+        if m.aggregation == "UNIQUE_COUNT" and m.unique_path:
+            fields.append(("unique_path", m.unique_path))
+        elif m.aggregation != "COUNT" and m.value_path:
+            fields.append(("value_path", m.value_path))
+        reads.setdefault(m.event_type, []).extend((i, m.slug, f, p) for f, p in fields)
+    for rs in reads.values():
+        for n, (i, _slug, f, path) in enumerate(rs):
+            for j, other, f2, path2 in rs[:n]:
+                dim, dim2 = f.startswith("dim"), f2.startswith("dim")
+                if i == j or not (dim or dim2) or not _overlap(path, path2) or (dim and dim2 and path == path2):
+                    continue
+                raise CatalogError(
+                    f"$.meters[{i}].{f}: '{path}' overlaps {f2} '{path2}' of meter '{other}' (the same event type); "
+                    "a field is either a dimension or a value, so read another field"
+                )
+
+
+def _check_matrix(pm: PlanMeter, model: Matrix, meter: Meter, where: str) -> None:
+    dims = meter.dimensions
+    if not dims:
+        raise CatalogError(
+            f"{where}.price: matrix prices each cell of the meter's dimensions, but meter '{meter.slug}' names none; "
+            "add dimensions (such as [model]) to the meter"
+        )
+    if pm.included != 0:
+        raise CatalogError(
+            f"{where}.included: {pm.included} is not allowed with matrix; matrix prices each cell from its first unit; remove included"
+        )
+    if not model.cells and model.default_unit_price is None:
+        raise CatalogError(f"{where}.price: a matrix needs 'cells', a 'default_unit_price' or both, or no event could be priced")
+    for j, c in enumerate(model.cells):
+        cw = f"{where}.price.cells[{j}].when"
+        if not c.when:
+            raise CatalogError(f"{cw}: empty; name at least one of the dimensions {dims} (default_unit_price prices the rest)")
+        for dim, v in c.when.items():
+            if dim not in dims:
+                raise CatalogError(f"{cw}.{dim}: '{dim}' is not a dimension of meter '{meter.slug}'; use one of {dims}")
+            if len(v) > MAX_DIMENSION_VALUE:
+                raise CatalogError(f"{cw}.{dim}: the value has {len(v)} characters; dimension values have at most {MAX_DIMENSION_VALUE}")
+        for k, earlier in enumerate(model.cells[:j]):
+            if earlier.when.items() <= c.when.items():
+                raise CatalogError(
+                    f"{where}.price.cells[{j}]: never matches, as cells[{k}] matches every event it would and comes first; "
+                    f"move it before cells[{k}] or remove it"
+                )
+
+
+def _check_percentage(pm: PlanMeter, model: Percentage, meter: Meter, where: str) -> None:
+    if meter.aggregation != "SUM":
+        raise CatalogError(
+            f"{where}.price: percentage takes a fee on amounts, so it needs a SUM meter; meter '{meter.slug}' is {meter.aggregation}"
+        )
+    if pm.included != 0:
+        raise CatalogError(f"{where}.included: {pm.included} is not allowed with percentage; every event pays its fee; remove included")
+    if model.min_fee is not None and model.max_fee is not None and model.min_fee > model.max_fee:
+        raise CatalogError(f"{where}.price.min_fee: {model.min_fee} is above max_fee {model.max_fee}; make min_fee at most max_fee")
+
+
+def _check_spend(p: Plan, where: str) -> None:
+    q = quantum(p.currency)
+    seen: dict[Decimal, int] = {}
+    for j, st in enumerate(p.spend_thresholds):
+        sw = f"{where}.spend_thresholds[{j}].amount"
+        _nonneg(st.amount, sw, strict=True)
+        if st.amount != st.amount.quantize(q):
+            raise CatalogError(
+                f"{sw}: {st.amount} is finer than {p.currency}'s minor unit {q}; round it to {st.amount.quantize(q, ROUND_HALF_UP)}"
+            )
+        if st.amount in seen:
+            raise CatalogError(f"{sw}: {st.amount} is also spend_thresholds[{seen[st.amount]}]; give each spend threshold its own amount")
+        seen[st.amount] = j
 
 
 def _check_tiers(tiers: list[Tier], where: str) -> None:
@@ -252,9 +438,11 @@ def _check_tiers(tiers: list[Tier], where: str) -> None:
 def _invalid(e: msgspec.ValidationError) -> CatalogError:
     hint = ""
     if "price.model" in str(e) or "price`" in str(e):
-        hint = "; price models are per_unit, graduated, volume and package"
+        hint = "; price models are per_unit, graduated, volume, package, matrix and percentage"
+    elif ".when" in str(e):
+        hint = "; dimension values are strings: quote numbers, such as '1'"
     elif "aggregation" in str(e):
-        hint = "; aggregations are SUM, COUNT, MAX, UNIQUE_COUNT and LATEST"
+        hint = "; aggregations are SUM, COUNT, MAX, UNIQUE_COUNT, LATEST, AVG and MIN"
     return CatalogError(f"catalog is invalid: {e}{hint}")
 
 

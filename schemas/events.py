@@ -96,17 +96,27 @@ class EventDecoder:
     The event classes are generated, so they cannot be pickled by name: one that Bytewax
     sends to another process travels as its JSON and is decoded there again (`_revive`)."""
 
-    def __init__(self, fields_by_type: Mapping[str, Sequence[tuple[str, Any]]], limits: InputLimits | None = None) -> None:
-        """`fields_by_type`: event type -> (dotted path in `data`, value type) it must carry."""
+    def __init__(self, fields_by_type: Mapping[str, Sequence[tuple[Any, ...]]], limits: InputLimits | None = None) -> None:
+        """`fields_by_type`: event type -> (dotted path in `data`, value type[, default]) it
+        reads; a field without a default must be there."""
         lim = limits or InputLimits()
         base = _envelope_base(lim)
         self.classes: dict[type, str] = {}
         variants: list[Any] = []
         for i, (etype, paths) in enumerate(sorted(fields_by_type.items())):
             data_t = _data_struct(f"Data{i}", paths)
+            # `data` must be there when a meter reads a value from it; a meter reading only
+            # dimensions (missing: "") or nothing at all needs none.
+            data_field: tuple[Any, ...]
+            if not paths:
+                data_field = ("data", data_t | None, None)
+            elif _all_default(data_t):
+                data_field = ("data", data_t, msgspec.field(default_factory=data_t))
+            else:
+                data_field = ("data", data_t)
             cls = msgspec.defstruct(
                 f"Event{i}",
-                [("data", data_t if paths else data_t | None, msgspec.NODEFAULT if paths else None)],
+                [data_field],
                 bases=(base,),
                 tag=etype,
                 tag_field="type",
@@ -133,27 +143,43 @@ def quantity_type(limits: InputLimits) -> Any:
     return Annotated[int, msgspec.Meta(ge=0, le=int(limits.max_quantity))] | Decimal
 
 
+def dimension_type() -> Any:
+    """A matrix meter's dimension value (SPEC §9.1): a string of at most 64 characters."""
+    return Annotated[str, msgspec.Meta(max_length=64)]
+
+
 def unique_type(limits: InputLimits) -> Any:
     """A UNIQUE_COUNT value: a bounded string or an integer."""
     return Annotated[str, msgspec.Meta(max_length=limits.max_value_length)] | int
 
 
-def _data_struct(name: str, paths: Sequence[tuple[str, Any]]) -> Any:
+def _data_struct(name: str, paths: Sequence[tuple[Any, ...]]) -> Any:
     tree: dict[str, Any] = {}
-    for path, typ in paths:
+    for path, *spec in paths:
         node = tree
         parts = path.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"data path '{path}' runs through a value")
-        node[parts[-1]] = typ
+        node[parts[-1]] = tuple(spec)  # (type,) or (type, default)
     return _build(name, tree)
 
 
 def _build(name: str, tree: dict[str, Any]) -> Any:
-    fields = [(k, _build(f"{name}_{k}", v) if isinstance(v, dict) else v) for k, v in sorted(tree.items())]
-    return msgspec.defstruct(name, fields, gc=False)
+    """A struct per object level; an object whose fields all have defaults may be missing."""
+    fields: list[tuple[Any, ...]] = []
+    for k, v in sorted(tree.items()):
+        if isinstance(v, dict):
+            sub = _build(f"{name}_{k}", v)
+            fields.append((k, sub, msgspec.field(default_factory=sub)) if _all_default(sub) else (k, sub))
+        else:
+            fields.append((k, *v))
+    return msgspec.defstruct(name, fields, gc=False, kw_only=True)
+
+
+def _all_default(struct: Any) -> bool:
+    return all(f.required is False for f in msgspec.structs.fields(struct))
 
 
 def json_schema() -> dict[str, Any]:

@@ -18,6 +18,8 @@ DeadLetterReason = Literal[
     "too_large",  # the message is larger than the input limit
     "too_deep",  # arrays and objects nested deeper than the input limit
     "too_late",  # the event's billing period is final (past its grace)
+    "unpriced_dimension",  # a matrix-priced meter has no price (cell nor default) for the event's dimension values
+    "too_many_cells",  # the event would open more distinct cells of a matrix meter in its period than max_cells
     "internal_error",  # a failure of Tallyflow's own on this event (a bug); logged with a stack hash
 ]
 Destination = Literal["crm", "success"]
@@ -41,7 +43,7 @@ class ThresholdAlert(msgspec.Struct, gc=False, kw_only=True):
     sustained_periods: int | None = None
 
 
-class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True):
+class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     line_id: str
     tenant_id: str
     erp_customer_id: str
@@ -59,6 +61,12 @@ class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True):
     first_event_time: str
     last_event_time: str
     revision: int
+    # A matrix-priced meter's cell: its dimension values (missing: ""); absent otherwise.
+    dimensions: dict[str, str] | None = None
+
+    @property
+    def cell(self) -> tuple[str, ...] | None:
+        return None if self.dimensions is None else tuple(self.dimensions.values())
 
 
 class DeadLetter(msgspec.Struct, gc=False, kw_only=True):

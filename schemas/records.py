@@ -18,7 +18,7 @@ class Accepted(msgspec.Struct, gc=False):
     m: int  # what the dedup log keeps beside it: the read position and the event-time hour
     event_id: str
     ts_ms: int
-    values: list[tuple[str, Any]]  # (meter slug, quantity or unique value)
+    values: list[tuple[str, Any, tuple[str, ...] | None]]  # (meter slug, quantity or unique value, matrix cell)
     payload: bytes
     topic: str
     partition: int

@@ -17,6 +17,18 @@ class VersionFacts(msgspec.Struct, array_like=True, gc=False):
     quantity: Decimal  # every accepted event under this version
     rated_quantity: Decimal  # of it, in windows closed so far
     events: int
+    fee: Decimal | None = None  # a percentage meter's exact fees of `quantity` (its amount is their rounded sum)
+    rated_fee: Decimal | None = None  # of them, in windows closed so far
+
+
+class CellFacts(msgspec.Struct, array_like=True, gc=False):
+    """One cell of a matrix meter under one pricing version (its own price and lines)."""
+
+    cell: list[str]  # the dimension values, in the meter's order
+    pricing_version: str
+    quantity: Decimal
+    rated_quantity: Decimal
+    events: int
 
 
 class LevelFacts(msgspec.Struct, array_like=True, gc=False):
@@ -28,8 +40,9 @@ class LevelFacts(msgspec.Struct, array_like=True, gc=False):
 class MeterFacts(msgspec.Struct, array_like=True, gc=False):
     meter: str
     last_ms: int | None
-    versions: list[VersionFacts]
+    versions: list[VersionFacts]  # a matrix meter's: its totals over all cells
     levels: list[LevelFacts]
+    cells: list[CellFacts] = []
 
 
 class UsageFacts(msgspec.Struct, array_like=True, gc=False):
@@ -73,6 +86,18 @@ class VersionUsage(msgspec.Struct, kw_only=True, gc=False):
     events: int
 
 
+class CellUsage(msgspec.Struct, kw_only=True, gc=False):
+    """A matrix meter's usage in one cell (one combination of dimension values) under one
+    pricing version: priced at the cell's unit price, rated on lines of its own."""
+
+    dimensions: dict[str, str]
+    pricing_version: str
+    quantity: Decimal
+    amount: Decimal
+    amount_rated: Decimal
+    events: int
+
+
 class MeterUsage(msgspec.Struct, kw_only=True, gc=False):
     meter: str
     currency: str
@@ -90,6 +115,7 @@ class MeterUsage(msgspec.Struct, kw_only=True, gc=False):
     last_event_time: str | None
     levels: list[LevelCrossed]
     versions: list[VersionUsage]
+    cells: list[CellUsage] = []  # a matrix meter's breakdown (empty for other meters)
 
 
 class TenantUsage(msgspec.Struct, kw_only=True, gc=False):

@@ -126,7 +126,9 @@ class EmissionRegister:
         self._writes = 0
 
     def key(self, ln: RatedUsageLine) -> str:
-        return f"{self.prefix}:{ln.tenant_id}:{ln.meter}:{ln.period}:{ln.pricing_version}"
+        """Per tenant, meter, period, pricing version (and matrix cell: each telescopes alone)."""
+        base = f"{self.prefix}:{ln.tenant_id}:{ln.meter}:{ln.period}:{ln.pricing_version}"
+        return base if ln.dimensions is None else base + ":" + "\x1f".join(ln.dimensions.values())
 
     def settle(
         self,

@@ -136,10 +136,10 @@ def test_a_bug_on_one_event_dead_letters_it_alone(monkeypatch):
     bad_ws = h.accept(events[1])[0].ts_ms // 60_000 * 60_000
     h.stats.records_in -= 1  # accept() above was only to learn the window
 
-    def flaky(t, pmi, period, pv, ws):
+    def flaky(t, pmi, period, pv, ws, cell=None):
         if ws == bad_ws:
             raise ZeroDivisionError("simulated bug")
-        return real(t, pmi, period, pv, ws)
+        return real(t, pmi, period, pv, ws, cell)
 
     monkeypatch.setattr(h.engine, "_slot", flaky)
     h.feed(*events)

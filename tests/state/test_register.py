@@ -166,3 +166,17 @@ def test_patience_waits_out_a_busy_script_but_not_other_errors() -> None:
     answers[:] = [redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")]
     with pytest.raises(redis.ResponseError):
         p(call)
+
+
+def test_each_matrix_cell_is_settled_on_its_own(stack: LocalStack, settings: Settings) -> None:
+    """Two cells of one meter and window telescope apart (their own key, their own ids)."""
+    reg = EmissionRegister(settings.stores)
+    large = rated_line(line_id="a", quantity=10, amount="0.03", dimensions={"model": "large"})
+    small = rated_line(line_id="b", quantity=10, amount="0.01", dimensions={"model": "small"})
+    out = reg.settle([large, small], [(D(10), D("0.03"), 1), (D(10), D("0.01"), 1)])
+    assert [(ln.dimensions, ln.quantity, ln.amount) for ln in out.lines] == [
+        ({"model": "large"}, 10, D("0.03")),
+        ({"model": "small"}, 10, D("0.01")),
+    ]
+    assert reg.key(large) != reg.key(small) and out.lines[0].line_id != out.lines[1].line_id
+    assert reg.totals([reg.key(small)]) == {reg.key(small): (D(10), D("0.01"), 1)}

@@ -39,7 +39,8 @@ from operators.catalog_index import CatalogIndex
 from operators.usage import derive
 from runtime import kafka
 from runtime.kafka import read_topic
-from schemas.catalog import load_catalog
+from runtime.settings import DEFAULT_CATALOG
+from schemas.catalog import Percentage, load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from schemas.usage import TenantUsage
 from state.read_model import documents
@@ -343,7 +344,7 @@ def _observe(lp: LocalPipeline, produced: int, sent_at: dict[str, float], outage
         produced,
         m,
         topic(s.topics.alerts, ThresholdAlert),
-        topic(s.topics.rated, RatedUsageLine),
+        _first_copies(topic(s.topics.rated, RatedUsageLine)),
         topic(s.topics.dlq, DeadLetter),
         sent_at,
         outage,
@@ -381,6 +382,8 @@ def _rating(o: Observed) -> bool:
     levels = ", ".join(f"{lv} {n}" for lv, n in sorted(Counter(a.level for a in o.alerts).items()))
     print(_row("threshold alerts (usage.alerts)", f"{len(o.alerts):,}  by level: {levels}"))
     print(_row("rated lines (usage.rated)", f"{len(o.lines):,}  ({sum(1 for ln in o.lines if ln.revision):,} corrections of late events)"))
+    for label, text in _contracts(o.lines):
+        print(_row(label, text))
     print(
         _row(
             "conservation",
@@ -389,6 +392,40 @@ def _rating(o: Observed) -> bool:
         )
     )
     return conserved
+
+
+def _first_copies(lines: list[RatedUsageLine]) -> list[RatedUsageLine]:
+    """Each line id once, its first copy (a crash replay may produce a line again; the ERP
+    counts the first)."""
+    seen: dict[str, RatedUsageLine] = {}
+    for ln in lines:
+        seen.setdefault(ln.line_id, ln)
+    return list(seen.values())
+
+
+def _contracts(lines: list[RatedUsageLine]) -> list[tuple[str, str]]:
+    """What the contracts beyond a unit price made (docs/pricing.md): a matrix meter's money
+    per cell, a percentage meter's fees on its volume."""
+    out: list[tuple[str, str]] = []
+    cells: dict[tuple[str, str, str], Decimal] = {}
+    for ln in lines:
+        if ln.dimensions is not None:
+            k = (ln.meter, "/".join(ln.dimensions.values()) or '""', ln.currency)
+            cells[k] = cells.get(k, Decimal(0)) + ln.amount
+    for meter in sorted({m for m, _, _ in cells}):
+        mine = sorted(((c, cur, a) for (m, c, cur), a in cells.items() if m == meter), key=lambda x: -x[2])
+        n = sum(1 for ln in lines if ln.meter == meter)
+        top = ", ".join(f"{c} {cur} {a:,}" for c, cur, a in mine[:4])
+        out.append((f"{meter}: priced by cell (matrix)", f"{n:,} lines in {len(mine)} cells; {top}{' …' if len(mine) > 4 else ''}"))
+    fee_meters = {
+        slug for plan in load_catalog(DEFAULT_CATALOG).plans for slug, pm in plan.meters.items() if isinstance(pm.price, Percentage)
+    }
+    for meter in sorted({ln.meter for ln in lines if ln.meter in fee_meters}):
+        volume = _money((ln.currency, ln.quantity) for ln in lines if ln.meter == meter)
+        fees = _money((ln.currency, ln.amount) for ln in lines if ln.meter == meter)
+        text = "; ".join(f"{cur} {fees[cur]:,} on {volume[cur]:,}" for cur in sorted(fees))
+        out.append((f"{meter}: fees (percentage)", text))
+    return out
 
 
 def _pace(p: Pace) -> str:

@@ -67,16 +67,27 @@ def _shapes(catalog: Catalog) -> list[_Shape]:
         fields: list[tuple[list[str], str]] = [
             ((m.value_path or m.unique_path or "").split("."), m.aggregation) for m in meters if m.aggregation != "COUNT"
         ]
+        dims = {d for m in meters for d in m.dimensions}
+        fields += [(d.split("."), "DIMENSION") for d in sorted(dims)]
         aggs = {a for _, a in fields}
         # Request-like (COUNT only) traffic dominates, then SUM meters; gauges are rarer.
-        shapes.append(_Shape(etype, 50 if not fields else 35 if "SUM" in aggs else 5, fields))
+        # Payments are rarer than LLM calls.
+        weight = 50 if not fields else (10 if any(p[-1] == "amount" for p, _ in fields) else 35) if "SUM" in aggs else 5
+        shapes.append(_Shape(etype, weight, fields))
     return shapes
+
+
+# A matrix meter's dimension values: a few heavy models, a long tail (8 in all).
+MODELS = ["small", "large", "medium", "vision", "code", "embed", "audio", "xl"]
+MODEL_WEIGHTS = [40, 25, 15, 8, 5, 4, 2, 1]
 
 
 def _value(rng: random.Random, aggregation: str) -> Any:
     if aggregation == "SUM":
         return rng.randint(1, 2000)
-    if aggregation == "MAX":
+    if aggregation == "DIMENSION":
+        return rng.choices(MODELS, MODEL_WEIGHTS)[0]
+    if aggregation in ("MAX", "AVG", "MIN"):
         # A float with two decimals: its shortest repr is exact, and the pipeline reads it as Decimal.
         return rng.randint(1, 50_000) / 100
     if aggregation == "UNIQUE_COUNT":
@@ -90,7 +101,8 @@ def _data(rng: random.Random, shape: _Shape) -> dict[str, Any]:
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = _value(rng, aggregation)
+        # A payment's amount is money: cents, up to a few hundred (a decimal string, exact).
+        node[path[-1]] = f"{rng.randint(100, 40_000) / 100:.2f}" if path[-1] == "amount" else _value(rng, aggregation)
     return data
 
 

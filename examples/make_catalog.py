@@ -1,4 +1,4 @@
-"""Regenerate the example catalog: 3 plans, 5 meters, 1,000 tenants (the demo's catalog).
+"""Regenerate the example catalog: 3 plans, 7 meters, 1,000 tenants (the demo's catalog).
 
 It lives in k8s/base/catalog.yaml (the ConfigMap of every overlay); examples/catalog.yaml
 links to it, so the demo, the tests and the manifests share one file."""
@@ -16,11 +16,17 @@ meters:
   - {slug: storage_gb, event_type: storage.snapshot, aggregation: MAX, value_path: usage.gb}
   - {slug: active_users, event_type: user.active, aggregation: UNIQUE_COUNT, unique_path: user_id}
   - {slug: seats, event_type: seats.updated, aggregation: LATEST, value_path: seats}
+  # Priced per model (matrix: one price per cell, one line per cell and window), and a fee
+  # on each payment (percentage). See docs/pricing.md.
+  - {slug: llm_tokens, event_type: llm.completion, aggregation: SUM, value_path: tokens, dimensions: [model]}
+  - {slug: payments, event_type: payment.captured, aggregation: SUM, value_path: amount}
 
 plans:
   - id: starter
     version: 1
     currency: USD
+    spend_thresholds:
+      - {amount: "1000.00", notify: [success]}
     meters:
       api_calls:
         included: 200
@@ -54,9 +60,26 @@ plans:
       seats:
         product_code: SKU-SEATS
         price: {model: per_unit, unit_price: "12.00"}
+      llm_tokens:
+        product_code: SKU-LLM-MODEL
+        price:
+          model: matrix
+          cells:
+            - {when: {model: large}, unit_price: "0.00006"}
+            - {when: {model: vision}, unit_price: "0.00008"}
+            - {when: {model: small}, unit_price: "0.00001"}
+          default_unit_price: "0.00003"
+        thresholds:
+          - {absolute: 100000, name: llm-100k}
+      payments:
+        product_code: SKU-PAYMENTS
+        price: {model: percentage, rate: "0.029", fixed_fee: "0.30", min_fee: "0.50", max_fee: "25.00"}
   - id: pro
     version: 1
     currency: USD
+    spend_thresholds:
+      - {amount: "2000.00"}
+      - {amount: "5000.00", notify: [crm]}
     meters:
       api_calls:
         included: 1000
@@ -89,6 +112,17 @@ plans:
       seats:
         product_code: SKU-SEATS
         price: {model: per_unit, unit_price: "10.00"}
+      llm_tokens:
+        product_code: SKU-LLM-MODEL
+        price:
+          model: matrix
+          cells:
+            - {when: {model: large}, unit_price: "0.00005"}
+            - {when: {model: vision}, unit_price: "0.00007"}
+          default_unit_price: "0.00002"
+      payments:
+        product_code: SKU-PAYMENTS
+        price: {model: percentage, rate: "0.025", fixed_fee: "0.25", max_fee: "20.00"}
   - id: enterprise
     version: 3
     currency: EUR
@@ -121,6 +155,16 @@ plans:
       seats:
         product_code: EU-SEATS
         price: {model: per_unit, unit_price: "9.50"}
+      llm_tokens:
+        product_code: EU-LLM-MODEL
+        price:
+          model: matrix
+          cells:
+            - {when: {model: large}, unit_price: "0.00004"}
+          default_unit_price: "0.000015"
+      payments:
+        product_code: EU-PAYMENTS
+        price: {model: percentage, rate: "0.019", fixed_fee: "0.20"}
 
 # Every 50th tenant upgrades from starter to pro at 23:50 on 31 October, in the middle of the demo.
 tenants:

@@ -13,6 +13,7 @@ fire once per tenant, period and amount when the period's running gross reaches 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -222,6 +223,8 @@ def expected(values: list[bytes], catalog: dict[str, Any], grace_s: float) -> Ex
             if m["aggregation"] == "UNIQUE_COUNT":
                 ok = ok and isinstance(v, str | int) and not isinstance(v, bool)
             else:
+                if isinstance(v, str) and re.fullmatch(r"\d+(\.\d+)?", v):
+                    v = Decimal(v)  # a decimal string (money, exact)
                 ok = ok and isinstance(v, int | Decimal) and not isinstance(v, bool) and v >= 0
             vals.append((m, v, cell))
         if not ok:

@@ -35,6 +35,7 @@ class GenSpec:
     start: datetime = DEFAULT_START
     span: timedelta = timedelta(hours=24)
     rate: float | None = None  # events/s; None = as fast as possible
+    event_types: tuple[str, ...] | None = None  # only these types (None: every type the catalog meters)
 
 
 @dataclass
@@ -137,7 +138,7 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes, s
     tenants = [t.tenant_id for t in catalog.tenants[: spec.tenants]]
     # Log-normal activity: a long tail of quiet tenants and a few heavy ones.
     weights = [math.exp(rng.gauss(0, 1.2)) for _ in tenants]
-    shapes = _shapes(catalog)
+    shapes = [sh for sh in _shapes(catalog) if spec.event_types is None or sh.etype in spec.event_types]
     step = spec.span / max(spec.total, 1)
     recent: list[tuple[str, bytes, str]] = []
     tenant_pick = rng.choices(tenants, weights, k=spec.total)

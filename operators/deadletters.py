@@ -39,6 +39,7 @@ def dead_letter(
     index: int | None = None,
     event_id: str | None = None,
     tenant_id: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> DeadLetter:
     return DeadLetter(
         reason=reason,
@@ -53,6 +54,7 @@ def dead_letter(
         index=index,
         event_id=clip(event_id, MAX_ID_CHARS) if event_id is not None else None,
         tenant_id=clip(tenant_id, MAX_ID_CHARS) if tenant_id is not None else None,
+        headers=headers,
     )
 
 

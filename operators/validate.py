@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import orjson
 from xxhash import xxh3_64_intdigest
 
 from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
@@ -71,17 +72,65 @@ def event_ms(ev: Any) -> int:
     return _ms(ev.time.timestamp())
 
 
+MAX_HEADERS = 32  # binary-mode headers kept on a dead letter (values cut to MAX_HEADER_CHARS)
+MAX_HEADER_CHARS = 512
+JSON_TYPES = ("application/json", "text/json")
+
+
+class NotJsonData(ValueError):
+    """A binary-mode CloudEvent whose data is not JSON (meters read JSON objects)."""
+
+
+def binary_to_structured(
+    headers: Iterable[tuple[str, bytes | str | None]], body: bytes | None, prefix: str = "ce_"
+) -> tuple[bytes, dict[str, str]] | None:
+    """A CloudEvent in binary content mode (attributes in `ce_*` headers, `content-type` the
+    datacontenttype, the body its data; the Kafka and HTTP protocol bindings) as the
+    structured JSON the decoder reads, with the headers it came with (bounded, for a dead
+    letter); None when the headers name no CloudEvent (structured mode). Raises
+    `UnicodeDecodeError` for a header that is not UTF-8 and `NotJsonData` for data that is
+    not JSON, so both are judged like any event."""
+    attrs: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    ctype = None
+    for name, raw in headers:
+        key = name.lower()
+        value = raw.decode() if isinstance(raw, bytes) else (raw or "")
+        if key.startswith(prefix):
+            attrs[key[len(prefix) :]] = value
+        elif key == "content-type":
+            ctype = value
+        else:
+            continue
+        if len(kept) < MAX_HEADERS:
+            kept[key] = clip(value, MAX_HEADER_CHARS)
+    if "specversion" not in attrs:
+        return None
+    if ctype is not None:
+        attrs["datacontenttype"] = ctype
+        media = ctype.split(";")[0].strip().lower()
+        if body and not (media in JSON_TYPES or media.endswith("+json")):
+            raise NotJsonData(f"binary-mode data of content type '{clip(ctype)}': meters read JSON; send application/json")
+    head = orjson.dumps(attrs)
+    if not body:
+        return head, kept
+    return head[:-1] + b',"data":' + body + b"}", kept
+
+
 class _Batch:
     """What judging one batch needs beside the messages: where they were read, and where
-    outcomes go (`emit` takes a decoded event; dead letters are appended to `dead`)."""
+    outcomes go (`emit` takes a decoded event; dead letters are appended to `dead`), and the
+    binary-mode headers and body of the message being judged (its dead letters keep them)."""
 
-    __slots__ = ("dead", "emit", "max_ms", "partition", "received", "topic")
+    __slots__ = ("body", "dead", "emit", "headers", "max_ms", "partition", "received", "topic")
 
     def __init__(
         self, topic: str, partition: int, received: str, dead: list[DeadLetter], emit: Callable[[Any, bytes, int, int | None], None]
     ) -> None:
         self.topic, self.partition, self.received, self.dead, self.emit = topic, partition, received, dead, emit
         self.max_ms = 0
+        self.headers: dict[str, str] | None = None
+        self.body: bytes = b""
 
 
 class Validator:
@@ -223,6 +272,13 @@ class Validator:
                     value, offset = m.value(), m.offset()
                     ts = m.timestamp()[1]
                     b.max_ms = mx = (ts if 0 < ts < now_ms else now_ms) + skew
+                    hs = m.headers()
+                    if hs:  # perhaps a CloudEvent in binary content mode
+                        value = self._binary(b, hs, value, offset)
+                        if value is None:
+                            continue
+                    elif b.headers is not None:
+                        b.headers = None
                     if value is None or len(value) > max_bytes:
                         self._guarded(b, value, offset)
                         continue
@@ -295,6 +351,12 @@ class Validator:
             value, offset = m.value(), m.offset()
             ts = m.timestamp()[1]
             b.max_ms = (ts if 0 < ts < now_ms else now_ms) + skew
+            b.headers = None
+            hs = m.headers()
+            if hs:
+                value = self._binary(b, hs, value, offset)
+                if value is None:
+                    continue
             try:
                 ev = decode(value) if value is not None and len(value) <= max_bytes else None
             except Exception:
@@ -304,6 +366,27 @@ class Validator:
             else:
                 self._element(b, ev, value or b"", offset, None)
         self.stats.records_in += len(accepted) - n0  # dead letters count themselves in _reject
+
+    def _binary(self, b: _Batch, headers: Any, value: bytes | None, offset: int) -> bytes | None:
+        """A binary-mode message as structured JSON (and its headers kept on the batch for its
+        dead letters); None when it was dead-lettered here."""
+        b.headers = None
+        try:
+            got = binary_to_structured(headers, value)
+        except (UnicodeDecodeError, NotJsonData) as e:
+            kept = {
+                k: clip(v.decode(errors="replace") if isinstance(v, bytes) else str(v), MAX_HEADER_CHARS)
+                for k, v in list(headers)[:MAX_HEADERS]
+            }
+            b.headers, b.body = kept, value or b""
+            reason: DeadLetterReason = "schema" if isinstance(e, NotJsonData) else "invalid_json"
+            self._reject(b, reason, str(e) if isinstance(e, NotJsonData) else f"a header is not UTF-8: {e}", value or b"", offset)
+            return None
+        if got is None:
+            return value  # headers, but no CloudEvent in them: structured mode
+        structured, b.headers = got
+        b.body = value or b""
+        return structured
 
     def _guarded(self, b: _Batch, value: bytes | None, offset: int) -> None:
         """The slow path for one message, with a failure of ours dead-lettering it alone:
@@ -421,7 +504,10 @@ class Validator:
     ) -> None:
         self.stats.records_in += 1
         self.stats.dead[reason] += 1
-        b.dead.append(self.dead_letter(reason, message, raw, b.topic, b.partition, offset, b.received, index, who))
+        d = self.dead_letter(reason, message, raw, b.topic, b.partition, offset, b.received, index, who)
+        if b.headers is not None and index is None:  # binary mode: as it was sent, headers and body
+            d = dead_letter(reason, d.message, b.body, b.topic, b.partition, offset, b.received, None, d.event_id, d.tenant_id, b.headers)
+        b.dead.append(d)
 
     @staticmethod
     def dead_letter(

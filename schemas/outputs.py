@@ -86,6 +86,9 @@ class DeadLetter(msgspec.Struct, gc=False, kw_only=True):
     index: int | None = None
     event_id: str | None = None
     tenant_id: str | None = None
+    # A CloudEvent sent in binary content mode: its `ce_*` and `content-type` headers (the
+    # payload is its body), bounded, so it can be read and re-driven as it was sent.
+    headers: dict[str, str] | None = None
 
 
 ENCODER = msgspec.json.Encoder(decimal_format="string")

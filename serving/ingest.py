@@ -66,6 +66,9 @@ class _Msg:
     def offset(self) -> int:
         return self._o
 
+    def headers(self) -> None:
+        return None  # binary mode over HTTP is turned into structured JSON before (serving/app.py)
+
     def timestamp(self) -> tuple[int, int]:
         return (0, 0)
 

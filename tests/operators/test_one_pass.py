@@ -67,7 +67,8 @@ def run() -> dict[str, Any]:
         take(eng.flush_all())
 
     def canon(xs: list[Any], drop: str, key: Any) -> tuple[int, str]:
-        docs = [{k: v for k, v in orjson.loads(ENCODER.encode(x)).items() if k != drop} for x in xs]
+        # `headers` (binary-mode dead letters) came after the digests were taken: absent there.
+        docs = [{k: v for k, v in orjson.loads(ENCODER.encode(x)).items() if k != drop and (k, v) != ("headers", None)} for x in xs]
         docs.sort(key=key)
         return len(docs), hashlib.sha256(orjson.dumps(docs, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

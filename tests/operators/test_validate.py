@@ -212,3 +212,28 @@ def test_dead_letters_fit_any_output_limit():
         back = msgspec.json.decode(out, type=DeadLetter)
         assert back.payload_bytes == 900_000 and back.payload == b"\xff" * len(back.payload)
         assert len(back.message) < 2000 and len(back.tenant_id) < 1000
+
+
+def _binary(**headers: bytes) -> list[tuple[str, bytes]]:
+    base = {"ce_specversion": b"1.0", "ce_id": b"b-1", "ce_source": b"svc", "ce_type": b"llm.tokens", "ce_subject": b"acme"}
+    base["ce_time"] = b"2026-03-10T12:00:00Z"
+    base.update(headers)
+    return [(k, v) for k, v in base.items() if v]
+
+
+def test_a_binary_mode_event_is_judged_as_its_structured_equivalent():
+    h = Harness()
+    msgs = [
+        Msg(b'{"tokens": 7}', 0, 0, _binary(**{"content-type": b"application/json"})),
+        Msg(b'{"tokens": 8}', 1, 0, _binary(ce_id=b"b-2")),  # no content type: JSON is assumed
+        Msg(b"seven", 2, 0, _binary(ce_id=b"b-3", **{"content-type": b"text/plain"})),
+        Msg(b'{"tokens": 9}', 3, 0, _binary(ce_id=b"b-4", ce_subject=b"\xff")),
+        Msg(b'{"tokens": 9}', 4, 0, _binary(ce_id=b"b-5", ce_time=b"")),
+    ]
+    groups, dead = h.validator.route(msgs, "usage.events", 0, "now", h.now_ms, lambda _: "")
+    h.engine.process(groups[""], "usage.events", 0, 1000.0, "now")
+    assert h.stats.accepted == 2
+    assert [(d.offset, d.reason) for d in dead] == [(2, "schema"), (3, "invalid_json"), (4, "schema")]
+    assert "application/json" in dead[0].message and dead[0].payload == b"seven" and dead[0].headers["content-type"] == "text/plain"
+    assert dead[2].headers is not None and "ce_time" not in dead[2].headers and "time" in dead[2].message
+    assert h.stats.conservation_gap() == 0

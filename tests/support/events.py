@@ -126,10 +126,14 @@ def ev(
 
 
 class Msg:
-    """What the validator reads of a Kafka message: value, offset, timestamp (0: unknown)."""
+    """What the validator reads of a Kafka message: value, offset, timestamp (0: unknown),
+    headers (a binary-mode CloudEvent's)."""
 
-    def __init__(self, value: bytes | None, offset: int, ts_ms: int = 0) -> None:
-        self._v, self._o, self._t = value, offset, ts_ms
+    def __init__(self, value: bytes | None, offset: int, ts_ms: int = 0, headers: list[tuple[str, bytes]] | None = None) -> None:
+        self._v, self._o, self._t, self._h = value, offset, ts_ms, headers
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return self._h
 
     def value(self) -> bytes | None:
         return self._v

@@ -36,10 +36,13 @@ from devkit.api import serve
 from devkit.generator import GenSpec, events
 from devkit.pipeline import RECORDS_IN, LocalPipeline, wait_until
 from operators.catalog_index import CatalogIndex
+from operators.engine import ShardEngine
+from operators.stats import Stats
 from operators.usage import derive
+from operators.validate import Validator
 from runtime import kafka
 from runtime.kafka import read_topic
-from runtime.settings import DEFAULT_CATALOG
+from runtime.settings import DEFAULT_CATALOG, load_settings
 from schemas.catalog import Percentage, load_catalog
 from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
 from schemas.usage import TenantUsage
@@ -296,6 +299,58 @@ def _bar(total: int) -> Any:
     return tqdm(total=total, unit="ev", unit_scale=True, desc="generate", mininterval=0.5)
 
 
+def deterministic(events_: int = 500_000, tenants: int = 1000, seed: int = 7) -> dict[str, Any]:
+    """What the demo's traffic must come to on any machine, however fast: the rating
+    operators over the same generated events, one tenant's events in their order (as the
+    keyed partitions give them to the dataflow), no broker. Accepted events, duplicates, dead
+    letters and alerts do not depend on timing; rated lines do (how windows close), so they
+    are not here. The README's sample output is held to these by a test."""
+    s = load_settings(DEMO_ENV)
+    stats = Stats()
+    judge = Validator(CatalogIndex.build(load_catalog(s.process.catalog)), stats, s.limits)
+    engine = ShardEngine(judge, s.engine.config(), stats)
+    spec = GenSpec(total=events_, tenants=tenants, seed=seed, start=DEMO_START, span=timedelta(hours=1))
+    values = [v for _, _, v, _ in events(spec, load_catalog(s.process.catalog))]
+    alerts: Counter[str] = Counter()
+    dead: Counter[str] = Counter()
+    now_ms = int(time.time() * 1000)
+    for start in range(0, len(values), 1000):
+        batch = [_Offline(v, start + i) for i, v in enumerate(values[start : start + 1000])]
+        groups, d = judge.route(batch, s.topics.input, 0, "now", now_ms, lambda _: "")
+        dead.update(x.reason for x in d)
+        out = engine.process(groups.get("", []), s.topics.input, 0, 1000.0, "now")
+        dead.update(x.reason for x in out.dead)
+        alerts.update(a.level for a in out.alerts)
+    engine.flush_all()
+    return {
+        "accepted": stats.accepted,
+        "duplicates": stats.duplicates,
+        "dead": dict(sorted(dead.items())),
+        "alerts": dict(sorted(alerts.items())),
+    }
+
+
+class _Offline:
+    """A generated message as the validator reads a Kafka message (no timestamp, no headers)."""
+
+    __slots__ = ("_o", "_v")
+
+    def __init__(self, value: bytes, offset: int) -> None:
+        self._v, self._o = value, offset
+
+    def value(self) -> bytes:
+        return self._v
+
+    def offset(self) -> int:
+        return self._o
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def headers(self) -> None:
+        return None
+
+
 def _traffic(lp: LocalPipeline, args: argparse.Namespace) -> tuple[int, dict[str, float], dict[str, float], Pace]:
     """Produce the demo's traffic while its script takes the ERP down for the traffic's last
     `--outage` seconds (halfway through at the asked rate): the ERP backlog then drains after
@@ -491,7 +546,7 @@ def _reconcile(o: Observed) -> bool:
     return accepted == rated_events == erp_events and rated_money == erp_money and per_tenant
 
 
-def _serving(lp: LocalPipeline, o: Observed, api: str) -> bool:
+def _serving(lp: LocalPipeline, o: Observed, api: str, stays_up: bool = True) -> bool:
     """The read model the rating dataflow kept in Redis against usage.rated, per tenant, meter
     and period, and `tallyflow api` answering an entitlement check from it."""
     want_q: dict[tuple[str, str, str], Decimal] = {}
@@ -528,13 +583,19 @@ def _serving(lp: LocalPipeline, o: Observed, api: str) -> bool:
             f"under {ent['pricing_version']}, overage {ent['overage']}",
         )
     )
-    print(_row("usage page", f"{api.replace('://', f'://demo:{DEMO_TOKEN}@')}/tenants/{tenant}?period={period}"))
+    if stays_up:  # a URL only while something answers it
+        print(_row("usage page", f"{api.replace('://', f'://demo:{DEMO_TOKEN}@')}/tenants/{tenant}?period={period}"))
     return True
+
+
+def _interactive(args: argparse.Namespace) -> bool:
+    """Whether the demo keeps its pages up at the end (then, and only then, it names them)."""
+    return not args.no_wait and sys.stdin.isatty()
 
 
 def _keep_page_up(lp: LocalPipeline, args: argparse.Namespace) -> None:
     """The sandbox and usage pages named above are still there to look at, until Enter."""
-    if args.no_wait or not sys.stdin.isatty():
+    if not _interactive(args):
         return
     print(f"\nthe sandbox page is still up at {lp.sandbox.url} ; press Enter to stop everything", flush=True)
     sys.stdin.readline()
@@ -558,7 +619,8 @@ def run(args: argparse.Namespace) -> int:
     with LocalPipeline(DEMO_ENV) as lp:
         s = lp.settings
         lp.start_all()
-        print(f"  broker {s.kafka.brokers}, redis {s.stores.redis_url}, sandbox {lp.sandbox.url} (open it in a browser)")
+        page = f", sandbox {lp.sandbox.url} (open it in a browser)" if _interactive(args) else ""
+        print(f"  broker {s.kafka.brokers}, redis {s.stores.redis_url}{page}")
         print(
             f"  window {s.engine.window_seconds:g}s, grace {s.engine.grace_seconds:g}s, ERP batches of up to {s.erp.batch_max_lines} "
             f"lines or {s.erp.batch_max_latency_seconds:g}s, ERP limit {s.erp.rate_per_second:g} req/s, CRM / success-tool limits "
@@ -572,7 +634,7 @@ def run(args: argparse.Namespace) -> int:
         tokens = lp.logdir / "api-tokens.yaml"
         tokens.write_text(yaml.safe_dump({"clients": [{"name": "demo", "token": DEMO_TOKEN, "scopes": ["read"]}]}))
         with serve(s.replace(api_tokens_file=str(tokens))) as api:
-            served = _serving(lp, o, api)
+            served = _serving(lp, o, api, _interactive(args))
             failed = verdict(conserved, reconciled, served, dup_ids, bool(o.sandbox["delivered"]), p99_ms)
             print(_row("verdict", "OK" if not failed else "FAILED: " + "; ".join(failed)))
             _keep_page_up(lp, args)

@@ -14,14 +14,16 @@ import argparse
 import json
 from collections import Counter
 from collections.abc import Iterable
+from typing import get_args
 
 import msgspec
 
+from ops import arguments
 from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.errors import TallyflowError
-from schemas.outputs import DeadLetter
+from schemas.outputs import DeadLetter, DeadLetterReason
 
 
 def load(s: Settings) -> list[DeadLetter]:
@@ -61,11 +63,33 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--redrive", action="store_true", help="produce the selected events back to the input topic")
 
 
-def run(a: argparse.Namespace) -> int:
+def check(a: argparse.Namespace) -> None:
+    """Before the brokers are asked: reasons that exist, and no re-drive of what cannot be."""
+    arguments.one_of(a.reason, get_args(DeadLetterReason), "--reason")
     if a.redrive and "too_late" in a.reason:
         raise TallyflowError("--redrive --reason too_late: they would be too late again; settle them with finance (README: replay)")
+
+
+def unknown_tenants(s: Settings, dead: list[DeadLetter], tenants: list[str]) -> None:
+    """A --tenant must be in the catalog or among the dead letters (a tenant not onboarded
+    yet is in them, and nowhere else)."""
+    seen = {d.tenant_id for d in dead if d.tenant_id}
+    missing = [t for t in tenants if t not in seen]
+    if not missing:
+        return
+    cat = arguments.catalog(s)  # only now: draining dead letters must not need a loadable catalog
+    for t in missing:
+        if t not in cat.tenants:
+            known = [*cat.tenants, *seen]
+            raise arguments.ArgumentError(f"--tenant '{t}': no such tenant in the catalog nor in {s.topics.dlq}{arguments.hint(t, known)}")
+
+
+def run(a: argparse.Namespace) -> int:
+    check(a)  # (the CLI ran it before asking the brokers; cheap, and run() may be called alone)
     s = load_settings()
-    chosen = select(load(s), a.reason, a.tenant)
+    dead = load(s)
+    unknown_tenants(s, dead, a.tenant)
+    chosen = select(dead, a.reason, a.tenant)
     out = summary(chosen)
     if a.redrive:
         # A dead letter cut to fit the topic holds only a prefix of its event: not re-drivable.

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from ops import arguments
 from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
@@ -85,6 +86,13 @@ def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--destination", action="append", default=[], help="only this destination: erp, crm, success (repeatable)")
     ap.add_argument("--redrive", action="store_true", help="send the still-rejected items again (after fixing their cause)")
+
+
+DESTINATIONS = ("erp", "crm", "success")  # the couriers' names (sinks/*.py `name`)
+
+
+def check(a: argparse.Namespace) -> None:
+    arguments.one_of(a.destination, DESTINATIONS, "--destination")
 
 
 def run(a: argparse.Namespace) -> int:

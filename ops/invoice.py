@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from ops import arguments
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.errors import TallyflowError
@@ -116,10 +117,18 @@ def close_period(s: Settings, period: str, *, post: bool = False, customers: lis
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--period", required=True, help="the billing period to close, YYYY-MM")
+    ap.add_argument("--period", required=True, help="the billing period to close, YYYY-MM (YYYY-MM-DD for plans billed daily)")
     ap.add_argument("--customer", action="append", default=[], help="only this erp_customer_id (repeatable)")
     ap.add_argument("--post", action="store_true", help="post the invoices (numbered, final); default: leave them draft")
     ap.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def check(a: argparse.Namespace) -> None:
+    """Before Tryton or the brokers are asked: a period the catalog's plans bill by, customers of the catalog."""
+    s = load_settings()
+    cat = arguments.catalog(s)
+    arguments.customers(cat, a.customer)
+    arguments.periods(cat, [a.period], max_future_seconds=s.limits.max_future_seconds)
 
 
 def run(a: argparse.Namespace) -> int:

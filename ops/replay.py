@@ -35,6 +35,7 @@ from operators.catalog_index import CatalogIndex
 from operators.periods import PeriodCache
 from operators.settlement import Totals
 from operators.stats import Stats
+from ops import arguments
 from runtime import kafka
 from runtime.kafka import log_ends
 from runtime.settings import ConfigError, Settings, StoreSettings, load_settings
@@ -159,6 +160,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--start-offsets", default=None, help="partition:offset,... to start from (default: the beginning)")
     ap.add_argument("--json", action="store_true", help="print JSON for machines")
     ap.add_argument("--limit", type=int, default=20, help="rows of the table (0: all)")
+
+
+def check(a: argparse.Namespace) -> None:
+    """Before the brokers are asked: tenants of the catalog, periods their plans bill by, offsets as pairs."""
+    s = load_settings()
+    cat = arguments.catalog(s)
+    arguments.tenants(cat, a.tenant)
+    arguments.periods(cat, a.period, tenant_ids=a.tenant, max_future_seconds=s.limits.max_future_seconds)
+    _offsets(a.start_offsets)
 
 
 def run(a: argparse.Namespace) -> int:

@@ -11,15 +11,18 @@ import argparse
 import contextlib
 import json
 import os
+import select
+import shlex
 import signal
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from dataflows import FLOWS
 from runtime import kafka
-from runtime.settings import ConfigError, load_settings, to_env, tune_gc
+from runtime.settings import KAFKA_PREFIX, ConfigError, env_name, load_settings, to_env, tune_gc
 from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
 
@@ -94,8 +97,21 @@ def _topics(a: argparse.Namespace) -> int:
     return 1 if short else 0
 
 
+def _shell(v: Any) -> str:
+    """A setting's value as its variable takes it, quoted for a shell where needed."""
+    text = "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+    return shlex.quote(text) if text else ""
+
+
 def _config(a: argparse.Namespace) -> int:
-    print(json.dumps(load_settings().masked(), indent=2))
+    flat = load_settings().masked()
+    if a.json:
+        print(json.dumps(flat, indent=2))
+        return 0
+    librdkafka: dict[str, Any] = flat.pop("kafka")
+    lines = [f"{env_name(name)}={_shell(v)}" for name, v in flat.items()]
+    lines += [f"{KAFKA_PREFIX}{k.upper().replace('.', '_')}={_shell(v)}" for k, v in sorted(librdkafka.items())]
+    print("\n".join(lines))
     return 0
 
 
@@ -117,10 +133,15 @@ def _recovery(a: argparse.Namespace) -> int:
     return 0
 
 
-def _with_brokers(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Tools that need the brokers stop at once, with one line, when they do not answer."""
+def _with_brokers(
+    run: Callable[[argparse.Namespace], int], check: Callable[[argparse.Namespace], None] | None = None
+) -> Callable[[argparse.Namespace], int]:
+    """Tools that need the brokers stop at once, with one line, when they do not answer; their
+    arguments are checked first (a typo is one line whether or not the brokers answer)."""
 
     def wrapped(a: argparse.Namespace) -> int:
+        if check is not None:
+            check(a)
         kafka.ensure_reachable(load_settings().kafka.config())
         return run(a)
 
@@ -158,7 +179,7 @@ def _stack(a: argparse.Namespace) -> int:
     with LocalStack(redis=not a.no_redis) as st, contextlib.ExitStack() as more:
         s = load_settings(brokers=st.brokers)
         t = s.topics
-        st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1})
+        st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1, t.credits: 1})
         print(f"export TALLYFLOW_BROKERS={st.brokers}")
         if not a.no_redis:
             print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
@@ -193,9 +214,23 @@ def _sandbox(a: argparse.Namespace) -> int:
     return 0
 
 
+def _start(text: str | None) -> datetime | None:
+    """--start as an aware UTC time (the generator writes event times in UTC)."""
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--start '{text}': not an RFC 3339 time; write e.g. 2026-10-31T12:00:00Z") from None
+    if t.tzinfo is None:
+        raise ConfigError(f"--start '{text}': no time zone; add Z or an offset, e.g. {text}Z")
+    return t.astimezone(UTC)
+
+
 def _generate(a: argparse.Namespace) -> int:
     from devkit.generator import GenSpec, produce
 
+    start = _start(a.start)
     s = load_settings()
     kafka.ensure_reachable(s.kafka.config())
     spec = GenSpec(
@@ -206,7 +241,7 @@ def _generate(a: argparse.Namespace) -> int:
         malformed_pct=a.malformed,
         seed=a.seed,
         rate=a.rate,
-        start=datetime.fromisoformat(a.start) if a.start else GenSpec.start,
+        start=start or GenSpec.start,
         span=timedelta(seconds=a.span) if a.span else timedelta(seconds=a.total / (a.rate or 20_000)),
     )
     cat = load_catalog(s.process.catalog)
@@ -219,8 +254,47 @@ def _generate(a: argparse.Namespace) -> int:
 # -- the parser ----------------------------------------------------------------------------------
 
 
+GENERATE_DOC = """\
+Produce synthetic usage events to the input topic, as product services would: CloudEvents
+from the catalog's first --tenants tenants (TALLYFLOW_CATALOG), of every event type its
+meters read, with plausible data (quantities, gauges, user ids, seat counts, model names for
+matrix meters), keyed by tenant. Event times run from --start over --span seconds of event
+time; a share of the events are sent twice (--duplicates), late (--late: minutes late, some
+hours, past their period) or malformed (--malformed: each a dead letter with its reason), so
+dedup, corrections and dead letters all have work. The same --seed makes the same traffic.
+Prints one JSON line: events produced, by kind, the topic's end offsets and the rate reached.
+
+Example: tallyflow generate --total 200000 --rate 20000"""
+
+API_DOC = """\
+Run the HTTP API (uvicorn, one process; TALLYFLOW_API_* settings). Clients authenticate with
+bearer tokens from TALLYFLOW_API_TOKENS_FILE, each with scopes (ingest, read), an events/s
+rate and optionally the tenants it serves.
+
+  POST /v1/events                     CloudEvents (one, or a batch as an array; scope ingest):
+                                      judged by the rating validator, produced to the input
+                                      topic keyed by tenant, answered after the broker's acks
+  GET  /v1/tenants/{t}/usage          a tenant's billing period to date from the read model
+       ?period=YYYY-MM&meter=M        (scope read): per meter quantity, used / included /
+                                      remaining / overage, amount and the part rated so far,
+                                      thresholds crossed, matrix cells; the current period
+                                      by default
+  GET  /v1/tenants/{t}/entitlements/{meter}?period=
+                                      has_access, included, used, remaining, overage
+  GET  /tenants/{t}?period=&tz=+01:00 the usage page for people (HTML, no script; the read
+                                      token as the Basic password): a bar per meter against
+                                      what is included, thresholds, amounts rated and not yet,
+                                      matrix cells, spend alerts, times in the given UTC offset
+  GET  /openapi.json                  the OpenAPI 3.1 document of all of it
+  GET  /metrics, /healthz, /readyz    Prometheus metrics, liveness, readiness (broker and Redis)
+
+Queries read only Redis (the read model the rating dataflow writes) and the catalog."""
+
+
 def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    g = sub.add_parser("generate", help="produce synthetic usage events to the input topic", formatter_class=_Formatter)
+    g = sub.add_parser(
+        "generate", help="produce synthetic usage events to the input topic", description=GENERATE_DOC, formatter_class=_Formatter
+    )
     g.add_argument("--total", type=int, default=100_000, help="events to produce")
     g.add_argument("--tenants", type=int, default=1000, help="tenants of the catalog that send them")
     g.add_argument("--duplicates", type=float, default=1.0, help="percent sent twice")
@@ -260,14 +334,15 @@ def parser() -> argparse.ArgumentParser:
         argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("what", choices=["alerts", "erp"], help="alerts: to the CRM and the success tool; erp: rated usage to the ERP")
-    api = cmd("api", "the HTTP API: POST /v1/events (CloudEvents), /openapi.json, /metrics, /healthz, /readyz", _api)
+    api = cmd("api", "the HTTP API: event ingest, usage and entitlement queries, the usage page", _api, API_DOC)
     api.add_argument("--host", default=None, help="address to listen on (default: TALLYFLOW_API_HOST)")
     api.add_argument("--port", type=int, default=None, help="port (default: TALLYFLOW_API_PORT)")
 
     t = cmd("topics", "create the input and output topics on TALLYFLOW_BROKERS and say what they have", _topics)
     t.add_argument("--partitions", type=int, default=12, help="partitions of the input topic (the most useful rating workers)")
     t.add_argument("--output-partitions", type=int, default=3, help="partitions of each output topic")
-    cmd("config", "print the effective configuration by variable name (secrets masked)", _config)
+    cf = cmd("config", "print the effective configuration as TALLYFLOW_* variables, one a line (secrets masked)", _config)
+    cf.add_argument("--json", action="store_true", help="print JSON by setting name (as in the TALLYFLOW_CONFIG file) for machines")
     c = cmd("check-catalog", "validate a catalog file; a problem is named with its field and the fix", _check_catalog)
     c.add_argument("path", nargs="?", help="catalog file (default: TALLYFLOW_CATALOG)")
     rc = cmd("recovery", "set up a Bytewax recovery store: `recovery init [DIR] [--partitions N]`", _recovery)
@@ -281,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
         (exceptions, "exceptions", "what destinations rejected for good; --redrive sends it again once fixed"),
         (invoice, "invoice", "invoice a period in Tryton; rated = in Tryton = invoiced per customer"),
     ):
-        mod.add_arguments(cmd(name, what, _with_brokers(mod.run), mod.__doc__))
+        mod.add_arguments(cmd(name, what, _with_brokers(mod.run, getattr(mod, "check", None)), mod.__doc__))
 
     st = cmd("stack", "run a local broker and redis-server until Ctrl-C; prints the variables to export", _stack)
     st.add_argument("--partitions", type=int, default=4, help="partitions of the input topic it creates")
@@ -307,13 +382,32 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     a.bytewax = rest  # rate and deliver hand them to bytewax.run
     try:
-        return int(a.run(a))
+        rc = int(a.run(a))
+        sys.stdout.flush()  # here, so a reader that has gone (`| head`) is met below, not at exit
+        return rc
     except TallyflowError as e:
         print(f"tallyflow: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tallyflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        # The reader stopped reading (`tallyflow config | head`): end quietly, as a tool killed
+        # by SIGPIPE would; what is still buffered goes nowhere instead of to a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (not some socket of a command's own)."""
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

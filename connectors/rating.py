@@ -29,6 +29,7 @@ from confluent_kafka import Message
 from connectors.kafka_source import BACKLOG, Backlog
 from operators.aggregate import Agg
 from operators.catalog_index import CatalogIndex
+from operators.credits import line_records
 from operators.deadletters import encode_fitted, internal_error, shrink_encoded
 from operators.dedup import event_hash
 from operators.engine import ShardEngine
@@ -42,7 +43,7 @@ from operators.validate import Item, Validator
 from runtime.catalog_watch import CatalogWatch
 from runtime.settings import EngineSettings, KafkaSettings, Topics
 from schemas.events import InputLimits
-from schemas.outputs import ENCODER, DeadLetter, RatedUsageLine
+from schemas.outputs import ENCODER, CreditRecord, DeadLetter, RatedUsageLine
 from schemas.usage import UsageFacts
 from sinks.kafka import KafkaOutbox, Record
 from state.dedup_store import DedupStore
@@ -60,9 +61,10 @@ class ShardOut:
     records: list[Record] = field(default_factory=list)
     lines: list[RatedUsageLine] = field(default_factory=list)
     totals: list[Totals] = field(default_factory=list)
+    credits: list[CreditRecord] = field(default_factory=list)  # grant-level credit records, settled with the lines
 
     def __bool__(self) -> bool:
-        return bool(self.records or self.lines)
+        return bool(self.records or self.lines or self.credits)
 
 
 # What intake sends a shard: the events of one topic partition for it (judged in the shard's
@@ -107,6 +109,7 @@ class Encoder:
         recs += self.dead(o.dead)
         into.lines.extend(o.lines)
         into.totals.extend(o.totals)
+        into.credits.extend(o.credits)
 
 
 class Intake:
@@ -168,6 +171,8 @@ def _migrate(state: dict[str, TenantState]) -> dict[str, TenantState]:
             t.records = 0
         if not hasattr(t, "spend"):  # from before spend thresholds
             t.spend = {}
+        if not hasattr(t, "credits"):  # from before prepaid credits
+            t.credits, t.gross = None, {}
         for mp in t.periods.values():
             if not hasattr(mp, "cells"):  # from before matrix pricing
                 mp.cells = {}
@@ -429,17 +434,20 @@ class _RatingPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
     """Settles every shard's lines of a write in one register call, writes them as pending,
     produces, flushes, and then confirms them: Redis first, Kafka second."""
 
-    def __init__(self, outbox: KafkaOutbox, rated_topic: str, register: EmissionRegister | None, stats: Stats) -> None:
-        self.outbox, self.rated_topic, self.register, self.stats = outbox, rated_topic, register, stats
+    def __init__(self, outbox: KafkaOutbox, topics: Topics, register: EmissionRegister | None, stats: Stats) -> None:
+        self.outbox, self.rated_topic, self.credits_topic = outbox, topics.rated, topics.credits
+        self.register, self.stats = register, stats
 
     def write_batch(self, items: list[tuple[str, ShardOut]]) -> None:
         recs: list[Record] = []
         lines: list[RatedUsageLine] = []
         totals: list[Totals] = []
+        grants: list[CreditRecord] = []
         for _, o in items:
             recs += o.records
             lines += o.lines
             totals += o.totals
+            grants += o.credits
         # Alerts and dead letters go out first, while the lines are settled: an alert never
         # waits for the register (a minute boundary can close every tenant's windows at once).
         self.outbox.produce(recs)
@@ -452,7 +460,18 @@ class _RatingPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
             encode = settled.encoded
             self.stats.resent_lines += settled.resent
         recs += [(self.rated_topic, ln.tenant_id.encode(), encode(ln)) for ln in lines]
+        # The credit ledger: each line's draws and returns (ids from the line's, so a line sent
+        # again sends them again, harmlessly), and grant-level records settled like lines.
+        ledger = [r for ln in lines if ln.credits for r in line_records(ln)]
+        commit: dict[str, dict[str, str]] = {}
+        if grants:
+            if self.register is not None:
+                grants, commit = self.register.settle_records(grants)
+            ledger += grants
+        recs += [(self.credits_topic, r.tenant_id.encode(), ENCODER.encode(r)) for r in ledger]
         self.outbox.send("", recs)
+        if commit and self.register is not None:
+            self.register.commit_records(commit)
         if lines and log.isEnabledFor(logging.DEBUG):
             for ln in lines:
                 log.debug(
@@ -474,4 +493,4 @@ class RatingSink(DynamicSink[tuple[str, ShardOut]]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RatingPartition:
         outbox = KafkaOutbox(self.kafka.config(), shrink={self.topics.dlq: shrink_encoded})
-        return _RatingPartition(outbox, self.topics.rated, self.register, self.stats)
+        return _RatingPartition(outbox, self.topics, self.register, self.stats)

@@ -97,7 +97,14 @@ class LocalPipeline:
         )
         s = self.settings
         self.stack.create_topics(
-            {s.topics.input: self.partitions, s.topics.alerts: 1, s.topics.rated: 2, s.topics.dlq: 1, s.topics.exceptions: 1}
+            {
+                s.topics.input: self.partitions,
+                s.topics.alerts: 1,
+                s.topics.rated: 2,
+                s.topics.dlq: 1,
+                s.topics.exceptions: 1,
+                s.topics.credits: 1,
+            }
         )
         return self
 

@@ -18,15 +18,18 @@ from typing import Any
 
 from xxhash import xxh3_64_intdigest
 
-from operators import thresholds
+from operators import credits, thresholds
 from operators.catalog_index import CatalogIndex, Cell, PlanIndex, PlanMeterIndex
-from operators.deadletters import internal_error
+from operators.credits import Credits
+from operators.deadletters import clip, internal_error
 from operators.dedup import Evicted, GenerationalDedup, event_hash, position
 from operators.engine_state import Backstop, CellTotals, EngineConfig, MeterPeriod, Out, Slot, Spend, TenantState, WindowAcc, WKey
 from operators.periods import Period, PeriodCache, iso
+from operators.pricing import quantum
 from operators.stats import Stats
 from operators.validate import Item, Reject, Validator, Value, event_ms
 from operators.windows import Windows
+from schemas.events import GRANTED
 
 ZERO = Decimal(0)
 # An event that waits for the long-horizon store: the item, its dedup hash and event time.
@@ -73,6 +76,7 @@ class ShardEngine:
         self.accept: Callable[[str, str, int], bool] | None = None
         self.tenants: dict[str, TenantState] = {}
         self._periods = PeriodCache()
+        self._meters = {m.slug for m in judge.cat.catalog.meters}  # what a grant may be limited to
         # Idle detection without scanning tenants: per batch, its wall time and the tenants
         # it touched, oldest first; a tenant touched again later is skipped when its batch
         # comes due (its last_wall moved on).
@@ -94,6 +98,7 @@ class ShardEngine:
         """A reloaded catalog's validator (and so its catalog), swapped in between batches."""
         self._judge = judge
         self.windows.cat = judge.cat
+        self._meters = {m.slug for m in judge.cat.catalog.meters}
 
     # -- recovery ----------------------------------------------------------------------
     def state(self) -> dict[str, TenantState]:
@@ -169,6 +174,7 @@ class ShardEngine:
         W, grace, horizon = cfg.window_ms, cfg.grace_ms, cfg.dedup_horizon_ms
         tenants = self.tenants
         judge, accept = self.judge.judge, self.accept
+        credit_types = self.judge.decoder.credit_classes
         out, due, touched, now = p.out, p.due, p.touched, p.now
         asking, seen, paused, deferred = p.asking, p.seen, p.paused, p.deferred
         part = p.partition
@@ -185,6 +191,11 @@ class ShardEngine:
                 tid = ev.subject
                 if paused and tid in paused:  # an earlier event of its tenant waits for the store: so does it
                     deferred.append((ev, raw, off, mx, idx, event_hash(tid, ev.source, ev.id), event_ms(ev)))
+                    continue
+                if type(ev) in credit_types:  # a prepaid grant or a void (rare): not usage
+                    got = self._credit_event(ev, raw, off, mx, idx, p)
+                    accepted += got == 1
+                    duplicates += got == 0
                     continue
                 try:
                     plan, ts, values = judge(ev, mx)
@@ -366,6 +377,8 @@ class ShardEngine:
         self.windows.close(t, t.watermark - self.cfg.allowed_lateness_ms, out)
         if t.pending:
             self.windows.corrections(t, out)
+        if t.credits is not None:  # after the windows (they may still draw), before the periods close
+            self._expire(t, out)
         self.windows.finalize_periods(t, out)
         if t.spend:  # a forgotten period's running gross goes with it
             live = {mp.period.key for mp in t.periods.values()}
@@ -376,7 +389,72 @@ class ShardEngine:
         due = [w.end_ms + lateness for w in t.open.values()]
         due += [mp.period.end_ms + self.cfg.grace_ms for mp in t.periods.values()]
         due.append(t.dedup.next_rotation())
+        if t.credits is not None:
+            due += [g.expires_ms for g in t.credits.grants.values() if g.status == "active" and g.expires_ms is not None]
         t.next_due = min(due)
+
+    def _credit_event(self, ev: Any, raw: bytes, off: int, mx: int, idx: int | None, p: _Pass) -> int:
+        """A grant or a void, in its tenant's order (SPEC §9.5): 1 accepted, 0 a duplicate
+        (the same event again, a repeated grant_id, a second void), -1 a dead letter. Never
+        moves a watermark."""
+        kind = self.judge.decoder.credit_classes[type(ev)]
+        try:
+            ti, ts = self.judge.judge_credit(ev, mx)
+            t = self.tenants.get(ev.subject)
+            if t is None:
+                t = self.tenants[ev.subject] = TenantState(ev.subject, GenerationalDedup(self.cfg.dedup_horizon_ms))
+            t.records += 1
+            h = xxh3_64_intdigest(f"{ev.subject}\x1f{ev.source}\x1f{ev.id}".encode())
+            d = t.dedup
+            if h in d.cur or h in d.prev:
+                return 0
+            cr = t.credits if t.credits is not None else Credits()
+            data = ev.data
+            if kind == GRANTED:
+                why = credits.check_grant(data, quantum(data.currency), self._meters)
+                if why is not None:
+                    raise Reject("bad_grant", f"grant '{clip(data.grant_id)}': {why}")
+                if data.grant_id in cr.grants:
+                    return 0
+                g = cr.grants[data.grant_id] = credits.grant_of(data, len(cr.grants))
+                p.out.credits.append(credits.record("granted", t.tenant_id, ti.tenant.erp_customer_id, g, g.amount, ts))
+            else:
+                g = cr.grants.get(data.grant_id)  # type: ignore[assignment]
+                if g is None:
+                    raise Reject("bad_grant", f"data.grant_id: no grant '{clip(data.grant_id)}' for tenant '{clip(ev.subject)}' to void")
+                if g.status == "voided":
+                    return 0
+                rest = g.remaining if g.status == "active" else Decimal(0)
+                g.status = "voided"
+                if rest > 0:
+                    g.voided = rest
+                    p.out.credits.append(credits.record("voided", t.tenant_id, ti.tenant.erp_customer_id, g, rest, ts))
+            t.credits = cr
+            d.cur.add(h)
+            pos = (off * 1_000_003 + p.partition * 65_537 + (0xFFFF if idx is None else idx)) & 0xFFFFFFFF  # dedup.position
+            d.cur_log.append(h)
+            d.cur_log.append((pos << 32) | (ts // 3_600_000))
+            return 1
+        except Reject as r:
+            self.stats.dead[r.reason] += 1
+            p.out.dead.append(self.judge.dead_letter(r.reason, r.message, raw, p.topic, p.partition, off, p.received, idx, ev))
+            return -1
+
+    def _expire(self, t: TenantState, out: Out) -> None:
+        """Grants whose expiry the watermark has passed, once the window holding it has been
+        emitted (that window may still draw, SPEC §9.8): what remains expires, once."""
+        assert t.credits is not None
+        for g in sorted(t.credits.grants.values(), key=lambda g: g.grant_id):
+            if g.status != "active" or g.expires_ms is None or t.watermark < g.expires_ms:
+                continue
+            if any(w.start_ms <= g.expires_ms < w.end_ms for w in t.open.values()):
+                continue
+            g.status = "expired"
+            rest = g.remaining
+            if rest > 0:
+                g.expired = rest
+                tenant = self.cat.tenants[t.tenant_id].tenant
+                out.credits.append(credits.record("expired", t.tenant_id, tenant.erp_customer_id, g, rest, g.expires_ms))
 
     def _too_late(self, t: TenantState, ev: Any, ts: int, period: Period, raw: bytes, p: _Pass, off: int, idx: int | None) -> None:
         self.stats.dead["too_late"] += 1

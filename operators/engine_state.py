@@ -12,9 +12,10 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from operators.aggregate import Agg
+from operators.credits import Credits
 from operators.dedup import Evicted, GenerationalDedup
 from operators.periods import Period
-from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from schemas.outputs import CreditRecord, DeadLetter, RatedUsageLine, ThresholdAlert
 
 INF = Decimal("Infinity")
 Question = tuple[str, int, int, int]  # to the long-horizon dedup store: tenant, hash, event time ms, read position
@@ -153,6 +154,8 @@ class TenantState:
     hot: dict[Any, Slot] = field(default_factory=dict)  # per meter (or matrix cell): the slot the last event used
     records: int = 0  # input records of the tenant that reached the engine, however judged (the read model's guard)
     spend: dict[str, Spend] = field(default_factory=dict)  # per billing period key, for plans with spend thresholds
+    credits: Credits | None = None  # prepaid grants, once the tenant has one (operators/credits.py)
+    gross: dict[str, Decimal] = field(default_factory=dict)  # a closing period's rated gross, for its minimum
 
 
 @dataclass(slots=True)
@@ -161,7 +164,8 @@ class Out:
     lines: list[RatedUsageLine] = field(default_factory=list)
     # Per line: the period-to-date (quantity, amount, events) of its tenant, meter, period
     # and pricing version after it, so an emission register can settle replays by difference.
-    totals: list[tuple[Decimal, Decimal, int]] = field(default_factory=list)
+    totals: list[tuple[Decimal, Decimal, int, tuple[tuple[str, Decimal], ...]]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    credits: list[CreditRecord] = field(default_factory=list)  # granted, expired, voided (the ledger's grant-level records)
     # Meter periods forgotten past their grace: (tenant, (meter, period idx), final state).
     final: list[tuple[str, tuple[str, int], MeterPeriod]] = field(default_factory=list)

@@ -20,10 +20,12 @@ from decimal import Decimal
 import msgspec
 
 from operators.windows import line_id
-from schemas.outputs import RatedUsageLine
+from schemas.outputs import CreditUse, RatedUsageLine
 
 ZERO = Decimal(0)
-Totals = tuple[Decimal, Decimal, int]  # period-to-date quantity, amount, event count
+# Period-to-date quantity, amount, event count and the credits drawn per grant (net of
+# returns, sorted by grant; empty without grants), after a line.
+Totals = tuple[Decimal, Decimal, int, tuple[tuple[str, Decimal], ...]]
 
 
 @dataclass(slots=True)
@@ -34,9 +36,10 @@ class Entry:
     qty: Decimal = ZERO
     amount: Decimal = ZERO
     events: int = 0
+    credits: dict[str, Decimal] = field(default_factory=dict)  # per grant, net of returns
 
     def copy(self) -> Entry:
-        return Entry(self.seq, self.qty, self.amount, self.events)
+        return Entry(self.seq, self.qty, self.amount, self.events, dict(self.credits))
 
 
 @dataclass(slots=True)
@@ -47,7 +50,9 @@ class Settlement:
 
 
 def token(t: Totals) -> bytes:
-    return f"{t[0]}|{t[1]}|{t[2]}".encode()
+    base = f"{t[0]}|{t[1]}|{t[2]}"
+    credits = t[3] if len(t) > 3 else ()
+    return (base + "".join(f"|{g}={v}" for g, v in credits)).encode()
 
 
 def settle(
@@ -69,19 +74,28 @@ def settle(
     for ln, t in zip(lines, totals, strict=True):
         k = key_of(ln)
         e = state[k]
-        q, a, n = t
+        q, a, n = t[0], t[1], t[2]
+        cr = dict(t[3]) if len(t) > 3 else {}
         if k in seed:
             seed.discard(k)
             e.qty, e.amount, e.events = q - ln.quantity, a - ln.amount, n - ln.event_count
+            e.credits = dict(cr)
+            for use in ln.credits or ():
+                e.credits[use.grant_id] = e.credits.get(use.grant_id, ZERO) - use.amount
         dq, da, dn = q - e.qty, a - e.amount, n - e.events
-        if not (dq or da or dn):
+        dc = {g: v - e.credits.get(g, ZERO) for g, v in cr.items()}
+        dc.update({g: -v for g, v in e.credits.items() if g not in cr})
+        dc = {g: v for g, v in dc.items() if v}
+        if not (dq or da or dn or dc):
             continue  # a replay re-deriving what was already emitted
         tok = token(t)
         if tok in history[k] and not correction:
             continue  # a replay passing through an emitted state
         e.seq += 1
         e.qty, e.amount, e.events = q, a, n
-        same = dq == ln.quantity and da == ln.amount and dn == ln.event_count and not correction
+        e.credits = {g: v for g, v in cr.items() if v}
+        mine = {u.grant_id: u.amount for u in ln.credits or ()}
+        same = dq == ln.quantity and da == ln.amount and dn == ln.event_count and dc == mine and not correction
         if same:
             history[k].add(tok)
             out.emitted.setdefault(k, []).append(tok)
@@ -92,6 +106,7 @@ def settle(
             out.emitted[k] = [tok]
             out.reset.add(k)
         rev = ln.revision if same else max(ln.revision, 1)
+        uses = [CreditUse(g, v) for g, v in sorted(dc.items())] or None
         out.lines.append(
             msgspec.structs.replace(
                 ln,
@@ -100,6 +115,8 @@ def settle(
                 amount=da,
                 event_count=dn,
                 revision=rev,
+                credits=uses if not same else ln.credits,
+                net_amount=None if uses is None else da - sum(dc.values(), ZERO),
             )
         )
     return out

@@ -21,11 +21,11 @@ import msgspec
 import orjson
 from xxhash import xxh3_64_intdigest
 
-from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
+from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex, TenantIndex
 from operators.deadletters import clip, dead_letter, internal_error
 from operators.jsonscan import array_elements, nesting_depth
 from operators.stats import Stats
-from schemas.events import EventDecoder, Identity, InputLimits, dimension_type, quantity_type, unique_type
+from schemas.events import CREDIT_TYPES, EventDecoder, Identity, InputLimits, dimension_type, quantity_type, unique_type
 from schemas.outputs import DeadLetter, DeadLetterReason
 from schemas.records import Accepted
 
@@ -226,6 +226,19 @@ class Validator:
             values.append((slug, v, cell))
         return plan, ts_ms, values
 
+    def judge_credit(self, ev: Any, max_ms: int) -> tuple[TenantIndex, int]:
+        """A grant or void event's tenant and event time (the bounds every event is held to);
+        the grant itself is judged against the tenant's grants, in the engine."""
+        tenant = self._tenants.get(ev.subject)
+        if tenant is None:
+            raise Reject("unknown_tenant", f"tenant '{clip(ev.subject)}' is not in the catalog")
+        ts_ms = _ms(ev.time.timestamp())
+        if ts_ms < self._min_ms:
+            raise Reject("bad_time", f"event time {ev.time.isoformat()} is before {self.lim.min_event_time.date()}, the earliest accepted")
+        if ts_ms > max_ms:
+            raise Reject("future_time", f"event time {ev.time.isoformat()} is ahead of the clock (TALLYFLOW_MAX_FUTURE_SECONDS)")
+        return tenant, ts_ms
+
     def _check_decimal(self, slug: str, v: Decimal) -> None:
         """Decimal quantities: finite, non-negative, within the limits of exact rating."""
         if not v.is_finite() or v < 0:
@@ -322,7 +335,12 @@ class Validator:
 
         def emit(ev: Any, raw: bytes, offset: int, index: int | None) -> None:
             try:
-                plan, ts_ms, values = self.judge(ev, b.max_ms)
+                values: list[Value] = []
+                if type(ev) in self.decoder.credit_classes:  # a grant or a void: judged whole in the engine
+                    pv, (_, ts_ms) = "", self.judge_credit(ev, b.max_ms)
+                else:
+                    plan, ts_ms, values = self.judge(ev, b.max_ms)
+                    pv = plan.pricing_version
             except Reject as r:
                 return self._reject(b, r.reason, r.message, raw, offset, index, ev)
             subject = ev.subject
@@ -330,7 +348,7 @@ class Validator:
             accepted.append(
                 Accepted(
                     subject,
-                    plan.pricing_version,
+                    pv,
                     xxh3_64_intdigest(f"{subject}\x1f{ev.source}\x1f{ev.id}".encode()),  # dedup.event_hash
                     (pos << 32) | (ts_ms // 3_600_000),  # dedup.meta
                     ev.id,
@@ -434,7 +452,8 @@ class Validator:
         except msgspec.ValidationError as e:
             if payload.lstrip()[:1] == b"[":
                 return self._elements(b, payload, offset)
-            return self._reject(b, _classify(e), str(e), payload, offset, None, self._identity(payload))
+            who = self._identity(payload)
+            return self._reject(b, "bad_grant" if who.type in CREDIT_TYPES else _classify(e), str(e), payload, offset, None, who)
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             if payload.lstrip()[:1] == b"[":
                 return self._elements(b, payload, offset)
@@ -472,7 +491,8 @@ class Validator:
             try:
                 ev = one(raw)
             except msgspec.ValidationError as e:
-                self._reject(b, _classify(e), str(e), raw, offset, i, self._identity(raw))
+                who = self._identity(raw)
+                self._reject(b, "bad_grant" if who.type in CREDIT_TYPES else _classify(e), str(e), raw, offset, i, who)
                 continue
             except (msgspec.DecodeError, UnicodeDecodeError) as e:
                 self._reject(b, "invalid_json", _not_json(e), raw, offset, i)

@@ -66,6 +66,7 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     rated: str = "usage.rated"
     dlq: str = "usage.dlq"
     exceptions: str = "usage.exceptions"  # requests a destination rejected for good
+    credits: str = "usage.credits"  # the credit ledger: granted, drawn, returned, expired, voided
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

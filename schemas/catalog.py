@@ -153,6 +153,14 @@ class SpendThreshold(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return f"spend:{self.amount}"
 
 
+class Minimum(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A minimum commitment per billing period (SPEC §9.6): a period whose gross is below
+    `amount` gets one true-up line of the difference, under `product_code`."""
+
+    amount: Decimal
+    product_code: str
+
+
 class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: Slug
     version: Annotated[int, msgspec.Meta(ge=1)]
@@ -160,6 +168,9 @@ class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     meters: dict[str, PlanMeter]
     billing_period: BillingPeriod = "month"
     spend_thresholds: list[SpendThreshold] = []
+    minimum: Minimum | None = None
+    # Alerts as a prepaid grant is used up (fractions of the grant; SPEC §9.5).
+    credit_thresholds: list[Decimal] = msgspec.field(default_factory=lambda: [Decimal("0.8"), Decimal(1)])
 
     @property
     def pricing_version(self) -> str:
@@ -204,6 +215,8 @@ def check_catalog(cat: Catalog) -> None:
         if m.slug in slugs:
             raise CatalogError(f"{where}.slug: meter '{m.slug}' is declared twice; give each meter a unique slug")
         slugs.add(m.slug)
+        if m.event_type.startswith("tallyflow."):
+            raise CatalogError(f"{where}.event_type: '{m.event_type}' is Tallyflow's own (credit grants); use your product's type")
         if m.aggregation in ("SUM", "MAX", "LATEST", "AVG", "MIN") and not m.value_path:
             raise CatalogError(f"{where}.value_path: {m.aggregation} meter '{m.slug}' needs a value_path such as 'tokens'")
         if m.aggregation == "UNIQUE_COUNT" and not m.unique_path:
@@ -257,6 +270,7 @@ def check_catalog(cat: Catalog) -> None:
             if len(levels) != len(set(levels)):
                 raise CatalogError(f"{mw}.thresholds: two thresholds share a level name; give one a distinct 'name'")
         _check_spend(p, where)
+        _check_credits(p, where)
     tenant_ids: set[str] = set()
     for i, t in enumerate(cat.tenants):
         where = f"$.tenants[{i}]"
@@ -401,6 +415,20 @@ def _check_percentage(pm: PlanMeter, model: Percentage, meter: Meter, where: str
         raise CatalogError(f"{where}.included: {pm.included} is not allowed with percentage; every event pays its fee; remove included")
     if model.min_fee is not None and model.max_fee is not None and model.min_fee > model.max_fee:
         raise CatalogError(f"{where}.price.min_fee: {model.min_fee} is above max_fee {model.max_fee}; make min_fee at most max_fee")
+
+
+def _check_credits(p: Plan, where: str) -> None:
+    if p.minimum is not None:
+        mw = f"{where}.minimum.amount"
+        _nonneg(p.minimum.amount, mw, strict=True)
+        q = quantum(p.currency)
+        if p.minimum.amount != p.minimum.amount.quantize(q):
+            raise CatalogError(f"{mw}: {p.minimum.amount} is finer than {p.currency}'s minor unit {q}; round it")
+        if not p.minimum.product_code:
+            raise CatalogError(f"{where}.minimum.product_code: name the ERP item the true-up line is billed under")
+    for j, f in enumerate(p.credit_thresholds):
+        if not (0 < f <= 1):
+            raise CatalogError(f"{where}.credit_thresholds[{j}]: {f} is not a fraction of a grant in (0, 1]; write e.g. 0.8")
 
 
 def _check_spend(p: Plan, where: str) -> None:

@@ -75,6 +75,28 @@ class Identity(msgspec.Struct, gc=False):
 
     subject: str | None = None
     id: str | None = None
+    type: str | None = None
+
+
+# Prepaid credits travel on the input topic with the usage (SPEC §9.5), so they are ordered,
+# recovered and replayed with it; these event types are Tallyflow's own.
+GRANTED = "tallyflow.credit.granted"
+VOIDED = "tallyflow.credit.voided"
+CREDIT_TYPES = (GRANTED, VOIDED)
+
+
+class GrantData(msgspec.Struct, gc=False, kw_only=True, forbid_unknown_fields=True):
+    grant_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    amount: Decimal
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+    priority: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 10
+    effective_at: Annotated[datetime, msgspec.Meta(tz=True)]
+    expires_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    meters: list[Annotated[str, msgspec.Meta(max_length=128)]] | None = None
+
+
+class VoidData(msgspec.Struct, gc=False, kw_only=True, forbid_unknown_fields=True):
+    grant_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
 def _revive(raw: bytes) -> Any:
@@ -124,6 +146,13 @@ class EventDecoder:
                 kw_only=True,
             )
             self.classes[cls] = etype
+            variants.append(cls)
+        self.credit_classes: dict[type, str] = {}
+        for etype, data_t in ((GRANTED, GrantData), (VOIDED, VoidData)):
+            cls = msgspec.defstruct(
+                f"Credit{len(self.credit_classes)}", [("data", data_t)], bases=(base,), tag=etype, tag_field="type", gc=False, kw_only=True
+            )
+            self.credit_classes[cls] = etype
             variants.append(cls)
         union: Any = variants[0]
         for v in variants[1:]:

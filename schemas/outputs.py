@@ -20,6 +20,7 @@ DeadLetterReason = Literal[
     "too_late",  # the event's billing period is final (past its grace)
     "unpriced_dimension",  # a matrix-priced meter has no price (cell nor default) for the event's dimension values
     "too_many_cells",  # the event would open more distinct cells of a matrix meter in its period than max_cells
+    "bad_grant",  # a credit grant or void that cannot be used (a field named in the message)
     "internal_error",  # a failure of Tallyflow's own on this event (a bug); logged with a stack hash
 ]
 Destination = Literal["crm", "success"]
@@ -41,6 +42,30 @@ class ThresholdAlert(msgspec.Struct, gc=False, kw_only=True):
     detected_at: str
     destinations: list[Destination]
     sustained_periods: int | None = None
+    grant_id: str | None = None  # a credit threshold's grant (level `credit:<pct>`, meter `credits`)
+
+
+class CreditUse(msgspec.Struct, gc=False, array_like=False, frozen=True):
+    grant_id: str
+    amount: Decimal
+
+
+class CreditRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
+    """The credit ledger (`usage.credits`, SPEC §9.5): per grant, always granted = drawn −
+    returned + expired + voided + remaining. Ids are deterministic; a record that had to
+    change after a crash replay goes out again as a correction (`seq` > 1) of the difference."""
+
+    record_id: str
+    kind: Literal["granted", "drawn", "returned", "expired", "voided"]
+    tenant_id: str
+    erp_customer_id: str
+    grant_id: str
+    amount: Decimal  # positive; its kind says which way it moves the grant
+    currency: str
+    at: str  # event time: the grant's, the line's window start, the expiry, the void
+    line_id: str | None = None  # drawn / returned: the line that did it
+    period: str | None = None
+    seq: int = 1
 
 
 class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
@@ -63,6 +88,11 @@ class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True)
     revision: int
     # A matrix-priced meter's cell: its dimension values (missing: ""); absent otherwise.
     dimensions: dict[str, str] | None = None
+    # Prepaid credits drawn by this line (negative: given back by a lowering correction)
+    # and what is left to bill (SPEC §9.5); absent when no grant applied.
+    credits: list[CreditUse] | None = None
+    net_amount: Decimal | None = None
+    kind: Literal["usage", "minimum_true_up"] = "usage"
 
     @property
     def cell(self) -> tuple[str, ...] | None:

@@ -22,11 +22,13 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import orjson
 
+from operators.ids import stable_id
 from operators.settlement import Entry, Totals, settle
 from runtime.redis import Patience, client
 from runtime.settings import StoreSettings
-from schemas.outputs import ENCODER, RatedUsageLine
+from schemas.outputs import ENCODER, CreditRecord, RatedUsageLine
 
 _LINE = msgspec.json.Decoder(RatedUsageLine)
 # Emitted states remembered per key, so a crash replay that passes through them stays
@@ -48,8 +50,8 @@ local out = {}
 for i = 1, #ARGV do
   local k = ARGV[i]
   local f = redis.call('HGETALL', k)
-  local now, pend, hist = {false, false, false, false}, {}, {}
-  local names = {seq = 1, qty = 2, amount = 3, events = 4}
+  local now, pend, hist = {false, false, false, false, false}, {}, {}
+  local names = {seq = 1, qty = 2, amount = 3, events = 4, cr = 5}
   for j = 1, #f, 2 do
     local name, v = f[j], f[j + 1]
     if names[name] then now[names[name]] = v
@@ -238,7 +240,9 @@ class EmissionRegister:
             for k in keys:
                 e = state[k]
                 hist = b"".join(b"\n" + t for t in emitted[k])
-                args += [k, expected[k], e.seq, str(e.qty), str(e.amount), e.events, int(k in reset), hist, len(pending[k])]
+                # The credits emitted so far ride with the pending lines' fields (`cr`, JSON).
+                args += [k, expected[k], e.seq, str(e.qty), str(e.amount), e.events, int(k in reset), hist, len(pending[k]) + 1]
+                args += ["cr", orjson.dumps([[g, str(v)] for g, v in sorted(e.credits.items())])]
                 for line_id, body in pending[k].items():
                     args += [f"p:{line_id}", body]
             got = self.patience(lambda args=args: self._write_script(args=args))  # type: ignore[misc]
@@ -280,17 +284,68 @@ class EmissionRegister:
 
         self.patience(delete)
 
+    def settle_records(self, records: list[CreditRecord]) -> tuple[list[CreditRecord], dict[str, dict[str, str]]]:
+        """Grant-level credit records (granted, expired, voided) against what went out: one
+        emitted is not emitted again; one a replay derives otherwise goes out as a correction
+        of the difference (`seq` + 1). Returns the records to produce and what to `commit`
+        once they are on the topic (produced first: a crash between makes the next process
+        produce them again under the same ids, which are harmless)."""
+        if not records:
+            return [], {}
+        keys = sorted({f"{self.prefix}:credits:{r.tenant_id}" for r in records})
+        p = self.r.pipeline(transaction=False)
+        for k in keys:
+            p.hgetall(k)
+        stored: dict[str, dict[str, str]] = {
+            k: {f.decode(): v.decode() for f, v in h.items()} for k, h in zip(keys, self.patience(p.execute), strict=True)
+        }
+        out: list[CreditRecord] = []
+        commit: dict[str, dict[str, str]] = {}
+        for r in records:
+            k, f = f"{self.prefix}:credits:{r.tenant_id}", f"{r.grant_id}\x1f{r.kind}"
+            was = commit.get(k, {}).get(f) or stored[k].get(f)
+            if was is None:
+                out.append(r)
+                commit.setdefault(k, {})[f] = f"1|{r.amount}"
+                continue
+            seq, amount = was.split("|", 1)
+            if Decimal(amount) == r.amount:
+                continue  # a replay re-deriving what went out
+            n = int(seq) + 1
+            out.append(msgspec.structs.replace(r, record_id=stable_id(r.record_id, n), amount=r.amount - Decimal(amount), seq=n))
+            commit.setdefault(k, {})[f] = f"{n}|{r.amount}"
+        return out, commit
+
+    def commit_records(self, commit: dict[str, dict[str, str]]) -> None:
+        if not commit:
+            return
+
+        def write() -> None:
+            p = self.r.pipeline(transaction=False)
+            for k, fields in commit.items():
+                for f, v in fields.items():
+                    p.hset(k, f, v)
+                p.expire(k, self.ttl)
+            p.execute()
+
+        self.patience(write)
+
     def totals(self, keys: Iterable[str]) -> Mapping[str, Totals]:
         """Emitted period-to-date totals per register key (for checks and reconciliation)."""
         ks = list(keys)
         p = self.r.pipeline(transaction=False)
         for k in ks:
-            p.hmget(k, "seq", "qty", "amount", "events")
-        return {k: (e.qty, e.amount, e.events) for k, e in ((k, _entry(v)) for k, v in zip(ks, p.execute(), strict=True))}
+            p.hmget(k, "seq", "qty", "amount", "events", "cr")
+        return {
+            k: (e.qty, e.amount, e.events, tuple(sorted(e.credits.items())))
+            for k, e in ((k, _entry(v)) for k, v in zip(ks, p.execute(), strict=True))
+        }
 
 
 def _entry(v: list[bytes | None]) -> Entry:
-    seq, qty, amount, events = v
+    seq, qty, amount, events = v[:4]
     if seq is None:
         return Entry()
-    return Entry(int(seq), Decimal(qty.decode()), Decimal(amount.decode()), int(events))  # type: ignore[union-attr,arg-type]
+    cr = v[4] if len(v) > 4 else None
+    credits = {g: Decimal(x) for g, x in orjson.loads(cr)} if cr else {}
+    return Entry(int(seq), Decimal(qty.decode()), Decimal(amount.decode()), int(events), credits)  # type: ignore[union-attr,arg-type]

@@ -172,7 +172,7 @@ def _migrate(state: dict[str, TenantState]) -> dict[str, TenantState]:
         if not hasattr(t, "spend"):  # from before spend thresholds
             t.spend = {}
         if not hasattr(t, "credits"):  # from before prepaid credits
-            t.credits, t.gross = None, {}
+            t.credits, t.gross, t.true_ups = None, {}, {}
         for mp in t.periods.values():
             if not hasattr(mp, "cells"):  # from before matrix pricing
                 mp.cells = {}

@@ -33,7 +33,7 @@ import yaml
 from confluent_kafka import KafkaError, Message
 
 from devkit.api import serve
-from devkit.generator import GenSpec, events
+from devkit.generator import GenSpec, credit_events, events
 from devkit.pipeline import RECORDS_IN, LocalPipeline, wait_until
 from operators.catalog_index import CatalogIndex
 from operators.engine import ShardEngine
@@ -44,7 +44,7 @@ from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import DEFAULT_CATALOG, load_settings
 from schemas.catalog import Percentage, load_catalog
-from schemas.outputs import DeadLetter, RatedUsageLine, ThresholdAlert
+from schemas.outputs import CreditRecord, DeadLetter, RatedUsageLine, ThresholdAlert
 from schemas.usage import TenantUsage
 from state.read_model import documents
 
@@ -52,6 +52,17 @@ from state.read_model import documents
 # closes mid-demo, a plan upgrade happens at 23:50, and a 10-minute grace makes hours-late
 # October events arrive too late once November is 10 minutes old.
 DEMO_START = datetime(2026, 10, 31, 23, 30, tzinfo=UTC)
+# Prepaid credits for every tenth tenant: 3 grants each (a trial expiring halfway, a first-
+# priority promo, a large one voided three quarters through), the demo's credit ledger.
+DEMO_CREDITS = 0.1
+
+
+def _spec(events_: int, tenants: int = 1000, seed: int = 7, rate: float | None = None) -> GenSpec:
+    """The demo's traffic: `events_` usage events over an hour around the month end, with
+    prepaid credits for every tenth tenant."""
+    return GenSpec(total=events_, tenants=tenants, seed=seed, start=DEMO_START, span=timedelta(hours=1), rate=rate, credits=DEMO_CREDITS)
+
+
 DEMO_TOKEN = "demo-read-token-0123456789"  # the local demo's only client: read scope, loopback only
 DEMO_ENV = {
     "TALLYFLOW_GRACE_SECONDS": "600",
@@ -218,6 +229,8 @@ class Observed:
     sent_at: dict[str, float]
     outage: dict[str, float]
     pace: Pace
+    credits: list[CreditRecord] = field(default_factory=list)  # the credit ledger (first copies)
+    credit_events: int = 0  # grants and voids among the events produced (no usage: in no line)
     sandbox: dict[str, Any] = field(default_factory=dict)  # state, crm and erp items, erp requests
 
 
@@ -309,7 +322,7 @@ def deterministic(events_: int = 500_000, tenants: int = 1000, seed: int = 7) ->
     stats = Stats()
     judge = Validator(CatalogIndex.build(load_catalog(s.process.catalog)), stats, s.limits)
     engine = ShardEngine(judge, s.engine.config(), stats)
-    spec = GenSpec(total=events_, tenants=tenants, seed=seed, start=DEMO_START, span=timedelta(hours=1))
+    spec = _spec(events_, tenants, seed)
     values = [v for _, _, v, _ in events(spec, load_catalog(s.process.catalog))]
     alerts: Counter[str] = Counter()
     dead: Counter[str] = Counter()
@@ -356,7 +369,7 @@ def _traffic(lp: LocalPipeline, args: argparse.Namespace) -> tuple[int, dict[str
     `--outage` seconds (halfway through at the asked rate): the ERP backlog then drains after
     the traffic, as it did before the rate adapted, rather than competing with rating for the
     same two cores while the demo measures alert latency."""
-    spec = GenSpec(total=args.events, tenants=args.tenants, seed=args.seed, start=DEMO_START, span=timedelta(hours=1), rate=args.rate)
+    spec = _spec(args.events, args.tenants, args.seed, args.rate)
     outage: dict[str, float] = {}
     due = threading.Event()
 
@@ -404,6 +417,7 @@ def _observe(lp: LocalPipeline, produced: int, sent_at: dict[str, float], outage
         sent_at,
         outage,
         pace,
+        list({r.record_id: r for r in reversed(topic(s.topics.credits, CreditRecord))}.values()),
     )
     want = {
         "crm": {a.alert_id for a in o.alerts if "crm" in a.destinations},
@@ -439,6 +453,8 @@ def _rating(o: Observed) -> bool:
     print(_row("rated lines (usage.rated)", f"{len(o.lines):,}  ({sum(1 for ln in o.lines if ln.revision):,} corrections of late events)"))
     for label, text in _contracts(o.lines):
         print(_row(label, text))
+    for label, text in _credits(o):
+        print(_row(label, text))
     print(
         _row(
             "conservation",
@@ -447,6 +463,40 @@ def _rating(o: Observed) -> bool:
         )
     )
     return conserved
+
+
+def _gross_credits(rows: Any) -> dict[str, tuple[Decimal, Decimal]]:
+    """Per currency: the lines' gross and the credits they applied."""
+    out: dict[str, tuple[Decimal, Decimal]] = {}
+    for cur, amount, uses in rows:
+        g, c = out.get(cur, (Decimal(0), Decimal(0)))
+        out[cur] = (g + amount, c + sum((a for _, a in uses), Decimal(0)))
+    return out
+
+
+def _credits(o: Observed) -> list[tuple[str, str]]:
+    """The credit ledger in words: grants, what they paid, what expired or was voided, and
+    the periods trued up to their plan's minimum."""
+    if not o.credits and not any(ln.kind == "minimum_true_up" for ln in o.lines):
+        return []
+    by: dict[str, dict[str, Decimal]] = {}
+    grants: set[str] = set()
+    for r in o.credits:
+        by.setdefault(r.kind, {})
+        by[r.kind][r.currency] = by[r.kind].get(r.currency, Decimal(0)) + r.amount
+        grants.add(r.grant_id)
+
+    def money(kind: str) -> str:
+        return ", ".join(f"{cur} {v:,}" for cur, v in sorted(by.get(kind, {}).items())) or "none"
+
+    ups = [ln for ln in o.lines if ln.kind == "minimum_true_up"]
+    up_money = ", ".join(f"{cur} {v:,}" for cur, v in sorted(_money((ln.currency, ln.amount) for ln in ups).items())) or "none"
+    return [
+        ("prepaid credits (usage.credits)", f"{len(grants):,} grants, {money('granted')}"),
+        ("  drawn by rated lines", f"{money('drawn')} (returned by corrections {money('returned')})"),
+        ("  expired / voided", f"{money('expired')} / {money('voided')}"),
+        ("minimum true-ups", f"{len(ups):,} periods billed below their plan's minimum: {up_money}"),
+    ]
 
 
 def _first_copies(lines: list[RatedUsageLine]) -> list[RatedUsageLine]:
@@ -502,8 +552,11 @@ def _delivery(o: Observed) -> tuple[int, float]:
     crm, erp, want, state = sb["items"]["crm"], sb["items"]["erp"], sb["want"], sb["state"]
     down, up = o.outage["down"], o.outage["up"]
     by_alert = {a.alert_id: a for a in o.alerts}
-    latency = [crm[i]["received_at"] - o.sent_at[by_alert[i].correlation_id] for i in want["crm"]]
-    during = [x for i, x in zip(want["crm"], latency, strict=True) if down <= crm[i]["received_at"] <= up]
+    # From the event that crossed the level (a credit alert is crossed by a rated line, later
+    # by design: it is measured from no event).
+    timed = [i for i in want["crm"] if by_alert[i].correlation_id in o.sent_at]
+    latency = [crm[i]["received_at"] - o.sent_at[by_alert[i].correlation_id] for i in timed]
+    during = [x for i, x in zip(timed, latency, strict=True) if down <= crm[i]["received_at"] <= up]
     print("\nsummary: delivery (what the CRM, success-tool and ERP sandbox accepted)")
     print(_row("ERP outage", f"{up - down:.1f}s"))
     for dest, label in (("crm", "the CRM"), ("success", "the success tool")):
@@ -530,7 +583,7 @@ def _delivery(o: Observed) -> tuple[int, float]:
 
 def _reconcile(o: Observed) -> bool:
     erp = o.sandbox["items"]["erp"]
-    accepted = int(o.metrics["tallyflow_records_total{outcome=accepted}"])
+    accepted = int(o.metrics["tallyflow_records_total{outcome=accepted}"]) - o.credit_events  # usage events only
     rated_money = _money((ln.currency, ln.amount) for ln in o.lines)
     erp_money = _money((x["currency"], x["amount"]) for x in erp.values())
     rated_events = sum(ln.event_count for ln in o.lines)
@@ -543,7 +596,16 @@ def _reconcile(o: Observed) -> bool:
     for cur in sorted(set(rated_money) | set(erp_money)):
         print(_row(f"amount {cur}", f"rated {rated_money.get(cur, 0):,} = ERP {erp_money.get(cur, 0):,}"))
     print(_row("per tenant and currency", "all equal" if per_tenant else "DIFFER"))
-    return accepted == rated_events == erp_events and rated_money == erp_money and per_tenant
+    # Gross, credits applied and net, per currency: what the lines say, and what the ERP got.
+    rated_gcn = _gross_credits((ln.currency, ln.amount, [(c.grant_id, c.amount) for c in ln.credits or []]) for ln in o.lines)
+    erp_gcn = _gross_credits(
+        (x["currency"], Decimal(x["amount"]), [(c["grant_id"], Decimal(c["amount"])) for c in x.get("credits") or []]) for x in erp.values()
+    )
+    for cur in sorted(rated_gcn):
+        (g, c), (eg, ec) = rated_gcn[cur], erp_gcn.get(cur, (Decimal(0), Decimal(0)))
+        print(_row(f"gross - credits = net {cur}", f"rated {g:,} - {c:,} = {g - c:,}; ERP {eg:,} - {ec:,} = {eg - ec:,}"))
+    money_ok = rated_money == erp_money and per_tenant and rated_gcn == erp_gcn
+    return accepted == rated_events == erp_events and money_ok
 
 
 def _serving(lp: LocalPipeline, o: Observed, api: str, stays_up: bool = True) -> bool:
@@ -628,6 +690,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         o = _observe(lp, *_traffic(lp, args))
+        o.credit_events = credit_events(_spec(args.events, args.tenants, args.seed), load_catalog(s.process.catalog))
         conserved = _rating(o)
         dup_ids, p99_ms = _delivery(o)
         reconciled = _reconcile(o)

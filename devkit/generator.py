@@ -36,6 +36,9 @@ class GenSpec:
     span: timedelta = timedelta(hours=24)
     rate: float | None = None  # events/s; None = as fast as possible
     event_types: tuple[str, ...] | None = None  # only these types (None: every type the catalog meters)
+    # Share of the tenants given prepaid credits before their traffic: 3 grants each (one
+    # expiring halfway through, one of first priority, one voided three quarters through).
+    credits: float = 0.0
 
 
 @dataclass
@@ -143,7 +146,13 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes, s
     recent: list[tuple[str, bytes, str]] = []
     tenant_pick = rng.choices(tenants, weights, k=spec.total)
     shape_pick = rng.choices(shapes, [sh.weight for sh in shapes], k=spec.total)
+    granted = _grantees(spec, catalog, tenants)
+    for tenant, currency in granted:
+        yield from _grants(spec, tenant, currency)
     for i in range(spec.total):
+        if granted and i == spec.total * 3 // 4:
+            for tenant, _ in granted:
+                yield _void(spec, tenant, f"{spec.seed}-{tenant}-big", spec.start + spec.span * 3 / 4)
         r = rng.random() * 100
         if r < spec.duplicate_pct and recent:
             tenant, value, eid = recent[rng.randrange(len(recent))]
@@ -178,6 +187,46 @@ def events(spec: GenSpec, catalog: Catalog) -> Iterator[tuple[str, str, bytes, s
         yield kind, tenant, value, eid
 
 
+GRANT_SOURCE = "svc/billing"
+
+
+def _grantees(spec: GenSpec, catalog: Catalog, tenants: list[str]) -> list[tuple[str, str]]:
+    """The tenants given credits (every n-th, deterministic), with their plan's currency."""
+    if spec.credits <= 0:
+        return []
+    every = max(1, round(1 / spec.credits))
+    currency = {p.id: p.currency for p in catalog.plans}
+    plan_of = {t.tenant_id: t.plan for t in catalog.tenants}
+    return [(t, currency[plan_of[t]]) for i, t in enumerate(tenants) if i % every == 0]
+
+
+def credit_events(spec: GenSpec, catalog: Catalog) -> int:
+    """How many grant and void events the traffic holds (besides its `total` usage events)."""
+    return 4 * len(_grantees(spec, catalog, [t.tenant_id for t in catalog.tenants[: spec.tenants]]))
+
+
+def _credit(spec: GenSpec, tenant: str, etype: str, eid: str, at: datetime, data: dict[str, Any]) -> tuple[str, str, bytes, str]:
+    ev = {"specversion": "1.0", "id": eid, "source": GRANT_SOURCE, "type": etype, "subject": tenant, "time": _iso(at), "data": data}
+    return "grant" if etype.endswith("granted") else "void", tenant, orjson.dumps(ev), eid
+
+
+def _grants(spec: GenSpec, tenant: str, currency: str) -> Iterator[tuple[str, str, bytes, str]]:
+    start = _iso(spec.start - timedelta(days=1))
+    base = f"{spec.seed}-{tenant}"
+    grants = [
+        {"grant_id": f"{base}-trial", "amount": "5.00", "priority": 10, "expires_at": _iso(spec.start + spec.span / 2)},
+        {"grant_id": f"{base}-promo", "amount": "3.00", "priority": 1},
+        {"grant_id": f"{base}-big", "amount": "500.00", "priority": 20},
+    ]
+    for g in grants:
+        data = {**g, "currency": currency, "effective_at": start}
+        yield _credit(spec, tenant, "tallyflow.credit.granted", f"grant-{g['grant_id']}", spec.start, data)
+
+
+def _void(spec: GenSpec, tenant: str, grant_id: str, at: datetime) -> tuple[str, str, bytes, str]:
+    return _credit(spec, tenant, "tallyflow.credit.voided", f"void-{grant_id}", at, {"grant_id": grant_id})
+
+
 def produce(
     brokers: str,
     topic: str,
@@ -208,6 +257,7 @@ def produce(
     )
     bar = _bar(spec.total) if progress else None
     t0 = time.monotonic()
+    n = 0
     for n, (kind, tenant, value, eid) in enumerate(events(spec, catalog), 1):
         res.kinds[kind] = res.kinds.get(kind, 0) + 1
         if record is not None:
@@ -229,7 +279,7 @@ def produce(
         bar.close()
     if errors:
         raise RuntimeError(f"{len(errors)} events were not delivered, first: {errors[0]}")
-    res.produced = spec.total
+    res.produced = n  # the events, and any grants and voids
     res.seconds = time.monotonic() - t0
     return res
 

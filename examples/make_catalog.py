@@ -77,6 +77,7 @@ plans:
   - id: pro
     version: 1
     currency: USD
+    minimum: {amount: "40.00", product_code: SKU-MINIMUM-COMMIT}  # a period billed below it is trued up
     spend_thresholds:
       - {amount: "2000.00"}
       - {amount: "5000.00", notify: [crm]}

@@ -380,6 +380,10 @@ class ShardEngine:
         if t.credits is not None:  # after the windows (they may still draw), before the periods close
             self._expire(t, out)
         self.windows.finalize_periods(t, out)
+        if t.true_ups:  # kept for the read model's last word on the period, long enough to be written
+            written = t.watermark - self.cfg.grace_ms - 35 * 86_400_000
+            for key in [k for k, (_, _, end) in t.true_ups.items() if end <= written]:
+                del t.true_ups[key]
         if t.spend:  # a forgotten period's running gross goes with it
             live = {mp.period.key for mp in t.periods.values()}
             for key in [k for k in t.spend if k not in live]:

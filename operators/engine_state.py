@@ -156,6 +156,7 @@ class TenantState:
     spend: dict[str, Spend] = field(default_factory=dict)  # per billing period key, for plans with spend thresholds
     credits: Credits | None = None  # prepaid grants, once the tenant has one (operators/credits.py)
     gross: dict[str, Decimal] = field(default_factory=dict)  # a closing period's rated gross, for its minimum
+    true_ups: dict[str, tuple[str, Decimal, int]] = field(default_factory=dict)  # period -> (version, amount, end ms), for the read model
 
 
 @dataclass(slots=True)

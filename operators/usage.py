@@ -25,6 +25,7 @@ from decimal import Decimal
 from operators.catalog_index import CatalogIndex, PlanIndex, PlanMeterIndex
 from operators.engine_state import MeterPeriod, TenantState
 from operators.periods import Period, iso
+from operators.windows import MINIMUM_METER
 from schemas.usage import (
     CellFacts,
     CellUsage,
@@ -147,6 +148,10 @@ def facts(
             for pv, live in ct.live.items()
         ]
         doc.meters.append(MeterFacts(slug, last_ms if last_ms > NEVER else None, versions, levels, cells))
+    for key, (pv, amount, _) in t.true_ups.items():
+        doc = docs.get(key)
+        if doc is not None:
+            doc.true_up_version, doc.true_up = pv, amount
     return list(docs.values())
 
 
@@ -228,6 +233,37 @@ def derive(cat: CatalogIndex, f: UsageFacts) -> TenantUsage:
             levels=levels,
             versions=versions,
             cells=cells,
+        )
+    if f.true_up is not None and f.true_up_version in plans:
+        pi = plans[f.true_up_version]
+        meters[MINIMUM_METER] = MeterUsage(
+            meter=MINIMUM_METER,
+            currency=pi.plan.currency,
+            quantity=Decimal(1),
+            amount=f.true_up,
+            amount_rated=f.true_up,
+            pricing_version=f.true_up_version,
+            included=ZERO,
+            used=ZERO,
+            remaining=ZERO,
+            overage=ZERO,
+            hard_limit=None,
+            has_access=True,
+            events=0,
+            last_event_time=None,
+            levels=[],
+            versions=[
+                VersionUsage(
+                    pricing_version=f.true_up_version,
+                    plan_id=pi.plan.id,
+                    plan_version=pi.plan.version,
+                    quantity=Decimal(1),
+                    included=ZERO,
+                    amount=f.true_up,
+                    amount_rated=f.true_up,
+                    events=0,
+                )
+            ],
         )
     return TenantUsage(
         tenant_id=f.tenant_id,

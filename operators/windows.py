@@ -209,6 +209,7 @@ class Windows:
             return
         minimum = plan.plan.minimum
         amount = minimum.amount - gross
+        t.true_ups[period.key] = (plan.pricing_version, amount, period.end_ms)
         self.stats.lines += 1
         self.stats.add_amount(plan.plan.currency, amount)
         ln = RatedUsageLine(

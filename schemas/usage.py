@@ -63,6 +63,9 @@ class UsageFacts(msgspec.Struct, array_like=True, gc=False):
     # a position along the input, whatever each was judged, so the store's guard against
     # older states. 0 in documents written before it existed.
     records: int = 0
+    # The period closed below its plan's minimum: the true-up line's version and amount.
+    true_up_version: str | None = None
+    true_up: Decimal | None = None
 
 
 class LevelCrossed(msgspec.Struct, kw_only=True, gc=False):

@@ -187,3 +187,42 @@ def test_a_period_below_its_minimum_gets_one_true_up_that_credits_draw_on() -> N
     assert [(c.grant_id, c.amount) for c in up.credits or ()] == [("g", D("4.00"))] and up.net_amount == D("18.00")
     h.feed(*calls(1, april + timedelta(hours=3)), now=1004.0)
     assert len([ln for ln in h.lines if ln.kind == "minimum_true_up"]) == 1
+
+
+def test_the_read_model_shows_a_true_up_as_the_lines_do() -> None:
+    from operators.usage import derive, facts
+
+    cat = copy.deepcopy(CATALOG)
+    cat["plans"][0]["minimum"] = {"amount": "25.00", "product_code": "MIN-COMMIT"}
+    h = Harness(catalog=cat)
+    h.feed(*calls(10 + 30, timedelta(minutes=1)))
+    april = datetime(2026, 4, 2, 12, tzinfo=UTC) - T0
+    out = h.feed(*calls(1, april), now=1001.0)
+    t = h.engine.tenants["acme"]
+    final = [(k, mp) for _, k, mp in out.final]  # what the publisher hands over
+    march = [derive(h.index, f) for f in facts(t, 0, final) if f.period == "2026-03"]
+    assert march and march[0].meters["minimum"].amount == D("22.00")
+    lines = [ln for ln in h.lines if ln.period == "2026-03"]
+    assert sum(m.amount for m in march[0].meters.values()) == sum(ln.amount for ln in lines) == D("25.00")
+
+
+def test_the_readme_example_line_by_line() -> None:
+    """README, "Prepaid credits": two grants of different priority, one expiring."""
+    h = Harness()
+    out = h.feed(grant("promo", "3.00", priority=1, expires_at="2026-03-10T12:01:30Z"), grant("prepaid", "5.00"))
+    records = list(out.credits)
+    for i, n in enumerate([25, 20, 30, 15]):
+        records += h.feed(*calls(n, timedelta(minutes=1 + i)), now=1001.0 + i).credits
+    records += h.feed(*calls(1, timedelta(minutes=6)), now=1009.0).credits
+    got = [(ln.window_start[11:16], ln.amount, [(c.grant_id, c.amount) for c in ln.credits or []], ln.net_amount) for ln in h.lines]
+    assert got == [
+        ("12:01", D("1.50"), [("promo", D("1.50"))], D(0)),
+        ("12:02", D("2.00"), [("prepaid", D("2.00"))], D(0)),
+        ("12:03", D("3.00"), [("prepaid", D("3.00"))], D(0)),
+        ("12:04", D("1.50"), [], None),
+    ]
+    assert [(r.kind, r.grant_id, r.amount) for r in records] == [
+        ("granted", "promo", D("3.00")),
+        ("granted", "prepaid", D("5.00")),
+        ("expired", "promo", D("1.50")),
+    ]

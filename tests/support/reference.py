@@ -16,7 +16,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
 from typing import Any
@@ -289,4 +289,25 @@ def expected(values: list[bytes], catalog: dict[str, Any], grace_s: float) -> Ex
         if c is not None:
             out.cell_quantity[(tenant_id, slug, period, c)] += q
             out.cell_amount[(tenant_id, slug, period, c)] += amount
+    # Minimum commitments (SPEC §9.6): a period closed for late events (the tenant's last
+    # event time is past its end and grace) billed below the minimum of the plan in force at
+    # its end gets one true-up of the difference, under the meter "minimum".
+    gross: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    for (tenant_id, _, period), amount in list(out.amount.items()):
+        gross[(tenant_id, period)] += amount
+    for (tenant_id, period), g in gross.items():
+        year, month = int(period[:4]), int(period[5:7])
+        end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+        wm = watermark.get(tenant_id)
+        if wm is None or (wm - end).total_seconds() < grace_s:
+            continue
+        tenant = tenants[tenant_id]
+        plan_id = tenant["plan"]
+        for ch in sorted(tenant.get("plan_changes", []), key=lambda c: c["effective_from"]):
+            if end - timedelta(milliseconds=1) >= _ts(ch["effective_from"]):
+                plan_id = ch["plan"]
+        minimum = plans[plan_id].get("minimum")
+        if minimum and g < D(str(minimum["amount"])):
+            out.quantity[(tenant_id, "minimum", period)] += 1
+            out.amount[(tenant_id, "minimum", period)] += D(str(minimum["amount"])) - g
     return out

@@ -434,6 +434,9 @@ class ShardEngine:
                     g.voided = rest
                     p.out.credits.append(credits.record("voided", t.tenant_id, ti.tenant.erp_customer_id, g, rest, ts))
             t.credits = cr
+            if t.last_wall != p.now:  # the read model shows the tenant's grants: it is due a write
+                t.last_wall = p.now
+                p.touched.add(t.tenant_id)
             d.cur.add(h)
             pos = (off * 1_000_003 + p.partition * 65_537 + (0xFFFF if idx is None else idx)) & 0xFFFFFFFF  # dedup.position
             d.cur_log.append(h)

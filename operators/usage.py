@@ -30,6 +30,8 @@ from schemas.usage import (
     CellFacts,
     CellUsage,
     Entitlement,
+    GrantBalance,
+    GrantFacts,
     LevelCrossed,
     LevelFacts,
     MeterFacts,
@@ -148,6 +150,16 @@ def facts(
             for pv, live in ct.live.items()
         ]
         doc.meters.append(MeterFacts(slug, last_ms if last_ms > NEVER else None, versions, levels, cells))
+    if t.credits is not None and docs:
+        grants = [
+            GrantFacts(
+                g.grant_id, g.amount, g.currency, g.priority, g.effective_ms, g.expires_ms,
+                None if g.meters is None else sorted(g.meters), g.drawn, g.returned, g.expired, g.voided, g.status,
+            )
+            for g in t.credits.grants.values()
+        ]  # fmt: skip
+        for doc in docs.values():
+            doc.grants = grants
     for key, (pv, amount, _) in t.true_ups.items():
         doc = docs.get(key)
         if doc is not None:
@@ -342,4 +354,42 @@ def empty_usage(cat: CatalogIndex, tenant_id: str, plan: PlanIndex, period: Peri
         as_of=iso(as_of_ms),
         events=0,
         meters=meters,
+    )
+
+
+def balances(f: UsageFacts) -> list[GrantBalance]:
+    """The tenant's grants as people and services read them (the credits API, the page)."""
+    return [
+        GrantBalance(
+            grant_id=g.grant_id,
+            currency=g.currency,
+            granted=g.amount,
+            used=g.drawn - g.returned,
+            expired=g.expired,
+            voided=g.voided,
+            remaining=g.amount - g.drawn + g.returned - g.expired - g.voided,
+            priority=g.priority,
+            effective_at=iso(g.effective_ms),
+            expires_at=None if g.expires_ms is None else iso(g.expires_ms),
+            meters=g.meters,
+            status=g.status,
+        )
+        for g in f.grants
+    ]
+
+
+def credits_remaining(f: UsageFacts, meter: str, currency: str, at_ms: int) -> Decimal:
+    """What the tenant's live grants still cover of `meter` in `currency` at `at_ms` (the
+    entitlement answer's `credits_remaining`)."""
+    return sum(
+        (
+            g.amount - g.drawn + g.returned - g.expired - g.voided
+            for g in f.grants
+            if g.status == "active"
+            and g.currency == currency
+            and (g.meters is None or meter in g.meters)
+            and g.effective_ms <= at_ms
+            and (g.expires_ms is None or at_ms < g.expires_ms)
+        ),
+        ZERO,
     )

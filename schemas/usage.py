@@ -37,6 +37,24 @@ class LevelFacts(msgspec.Struct, array_like=True, gc=False):
     crossed_ms: int | None  # event time of the event that reached it (None: state older than the read model)
 
 
+class GrantFacts(msgspec.Struct, array_like=True, gc=False):
+    """A prepaid grant of the tenant as of the document (SPEC §9.5): per grant, granted =
+    drawn - returned + expired + voided + remaining."""
+
+    grant_id: str
+    amount: Decimal
+    currency: str
+    priority: int
+    effective_ms: int
+    expires_ms: int | None
+    meters: list[str] | None
+    drawn: Decimal
+    returned: Decimal
+    expired: Decimal
+    voided: Decimal
+    status: str  # active, expired, voided
+
+
 class MeterFacts(msgspec.Struct, array_like=True, gc=False):
     meter: str
     last_ms: int | None
@@ -66,6 +84,7 @@ class UsageFacts(msgspec.Struct, array_like=True, gc=False):
     # The period closed below its plan's minimum: the true-up line's version and amount.
     true_up_version: str | None = None
     true_up: Decimal | None = None
+    grants: list[GrantFacts] = []  # the tenant's prepaid grants as of this document (every period's)
 
 
 class LevelCrossed(msgspec.Struct, kw_only=True, gc=False):
@@ -119,6 +138,23 @@ class MeterUsage(msgspec.Struct, kw_only=True, gc=False):
     levels: list[LevelCrossed]
     versions: list[VersionUsage]
     cells: list[CellUsage] = []  # a matrix meter's breakdown (empty for other meters)
+
+
+class GrantBalance(msgspec.Struct, kw_only=True, gc=False):
+    """A prepaid grant for people and services (`GET /v1/tenants/{t}/credits`)."""
+
+    grant_id: str
+    currency: str
+    granted: Decimal
+    used: Decimal  # drawn by rated lines, net of what corrections gave back
+    expired: Decimal
+    voided: Decimal
+    remaining: Decimal
+    priority: int
+    effective_at: str
+    expires_at: str | None
+    meters: list[str] | None
+    status: str
 
 
 class TenantUsage(msgspec.Struct, kw_only=True, gc=False):

@@ -226,3 +226,25 @@ def test_the_readme_example_line_by_line() -> None:
         ("granted", "prepaid", D("5.00")),
         ("expired", "promo", D("1.50")),
     ]
+
+
+def test_the_read_model_carries_the_grants_and_what_they_still_cover() -> None:
+    from operators.usage import balances, credits_remaining, facts
+
+    h = Harness()
+    h.feed(
+        grant("promo", "3.00", priority=1, expires_at="2026-03-10T12:01:30Z"),
+        grant("prepaid", "5.00"),
+        grant("tok", "2.00", meters=["tokens"]),
+    )
+    h.feed(*calls(25, timedelta(minutes=1)), now=1001.0)
+    h.feed(*calls(20, timedelta(minutes=2)), now=1002.0)
+    (doc,) = facts(h.engine.tenants["acme"], 0)
+    got = {b.grant_id: (b.granted, b.used, b.expired, b.remaining, b.status) for b in balances(doc)}
+    assert got == {
+        "promo": (D("3.00"), D("1.50"), D("1.50"), D(0), "expired"),
+        "prepaid": (D("5.00"), D(0), D(0), D("5.00"), "active"),  # the 12:02 window is still open
+        "tok": (D("2.00"), D(0), D(0), D("2.00"), "active"),
+    }
+    at = int(datetime(2026, 3, 10, 12, 3, tzinfo=UTC).timestamp() * 1000)
+    assert credits_remaining(doc, "calls", "USD", at) == D("5.00") and credits_remaining(doc, "tokens", "USD", at) == D("7.00")

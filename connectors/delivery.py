@@ -1,4 +1,5 @@
-"""Bytewax steps of the delivery dataflows: a sink that hands batches to couriers, and the
+"""Bytewax steps of the delivery dataflows: a sink that hands batches to couriers, one that
+routes each batch to the courier of its kind (the ERP's lines and credit records), and the
 stateful micro-batcher in front of the ERP.
 
 A sink blocks while its destination is down or throttling; the worker then stops pulling,
@@ -16,6 +17,7 @@ from typing import Any, Generic, TypeVar
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Message
+from prometheus_client import Gauge
 
 from operators.delivery import MicroBatcher
 from runtime.metrics import BATCH_SIZE, PENDING_LINES
@@ -71,6 +73,50 @@ class CourierSink(DynamicSink[Any], Generic[T]):
         return _CourierPartition(self.make(), self.decode, self.label)
 
 
+Route = tuple[Courier[Any], Callable[[Any], list[Any]]]  # a kind's courier, and how its batch decodes
+
+
+class _RoutedPartition(StatelessSinkPartition[tuple[str, Any]]):
+    """Each keyed batch to the courier of its key, one after the other in the worker's own
+    thread: the kinds share one remote, so one request at a time keeps its rate limit (see
+    `share_remote`) and an outage holds them all back alike."""
+
+    def __init__(self, routes: dict[str, Route], label: str) -> None:
+        self.routes = routes
+        self.batch = BATCH_SIZE.labels(label, "deliver")
+
+    def write_batch(self, items: list[tuple[str, Any]]) -> None:
+        for key, value in items:
+            courier, decode = self.routes[key]
+            batch = decode(value)
+            self.batch.observe(len(batch))
+            courier.deliver(batch)
+
+    def close(self) -> None:
+        for courier, _ in self.routes.values():
+            courier.close()
+
+
+class RoutedCourierSink(DynamicSink[tuple[str, Any]]):
+    """`make` builds the routes in the worker: key -> (courier, decode)."""
+
+    def __init__(self, make: Callable[[], dict[str, Route]], label: str) -> None:
+        self.make, self.label = make, label
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RoutedPartition:
+        return _RoutedPartition(self.make(), self.label)
+
+
+def share_remote(lead: Courier[Any], follower: Courier[Any]) -> None:
+    """`follower` posts to the same remote as `lead` (the ERP's credit records beside its
+    lines): one token bucket, so together they stay within the remote's rate limit, and one
+    circuit breaker, so an outage one of them sees holds the other too. Only for batched
+    couriers used from one thread (`_RoutedPartition`), as the lock goes with them."""
+    assert lead.batched and follower.batched, "only batched couriers send one request at a time"
+    follower.lock, follower.settled = lead.lock, lead.settled
+    follower.bucket, follower.breaker = lead.bucket, lead.breaker
+
+
 def message_values(msgs: list[Message]) -> list[bytes]:
     return [m.value() or b"" for m in msgs]
 
@@ -80,27 +126,33 @@ BatchState = tuple[list[bytes], float | None]
 
 
 class Batcher(StatefulBatchLogic[bytes, list[bytes], BatchState]):
-    """Closes a batch at `max_items` or when its first item is `max_latency` old."""
+    """Closes a batch at `max_items` or when its first item is `max_latency` old; `pending`
+    shows how many wait (the ERP's rated lines; None for a kind with no gauge of its own)."""
 
-    def __init__(self, max_items: int, max_latency: float, resume: BatchState | None) -> None:
+    def __init__(self, max_items: int, max_latency: float, resume: BatchState | None, pending: Gauge | None = PENDING_LINES) -> None:
         self.mb: MicroBatcher[bytes] = MicroBatcher(max_items, max_latency)
+        self.pending = pending
         if resume is not None:
             self.mb.items, self.mb.first_at = list(resume[0]), resume[1]
+
+    def _show(self) -> None:
+        if self.pending is not None:
+            self.pending.set(len(self.mb.items))
 
     def on_batch(self, values: list[bytes]) -> tuple[list[list[bytes]], bool]:
         now = time.time()
         out = [b for b in (self.mb.add(v, now) for v in values) if b]
-        PENDING_LINES.set(len(self.mb.items))
+        self._show()
         return out, self.RETAIN
 
     def on_notify(self) -> tuple[list[list[bytes]], bool]:
         b = self.mb.due(time.time())
-        PENDING_LINES.set(len(self.mb.items))
+        self._show()
         return ([b] if b else []), self.RETAIN
 
     def on_eof(self) -> tuple[list[list[bytes]], bool]:
         b = self.mb.take()
-        PENDING_LINES.set(0)
+        self._show()
         return ([b] if b else []), self.RETAIN
 
     def notify_at(self) -> datetime | None:

@@ -1,6 +1,11 @@
-"""The ERP-delivery dataflow: usage.rated -> micro-batches (by size, or by age of their first
-line) -> the ERP, with backpressure: while the ERP is down the worker waits in its sink, the
-backlog waits in Kafka, and alerts (another process) are not slowed at all.
+"""The ERP-delivery dataflow: usage.rated and usage.credits -> micro-batches (by size, or by
+age of their first item), each kind in batches of its own -> the ERP, with backpressure:
+while the ERP is down the worker waits in its sink, the backlog of both topics waits in
+Kafka, and alerts (another process) are not slowed at all.
+
+One process delivers both, so they share the ERP's rate limit and circuit breaker: rated
+lines (`erp` in the delivery ledger, by `line_id`) are the gross charges; the credit
+ledger's records (`erp-credits`, by `record_id`) are what prepaid grants took off them.
 
 Run: `tallyflow deliver erp`, or `python -m bytewax.run "dataflows.erp:get_flow()"`.
 """
@@ -14,51 +19,95 @@ import bytewax.operators as op
 import msgspec
 from bytewax.dataflow import Dataflow
 
-from connectors.delivery import Batcher, CourierSink, message_values
+from connectors.delivery import Batcher, Route, RoutedCourierSink, message_values, share_remote
 from connectors.kafka_source import KafkaBatchSource
 from dataflows.alerts import DELIVERY_PREFETCH
 from runtime import kafka, process
 from runtime.settings import Settings, load_settings
-from schemas.outputs import RatedUsageLine
+from schemas.outputs import CreditRecord, RatedUsageLine
 from sinks import destinations
+from sinks.base import Destination
 from sinks.courier import Courier, Parking, ledger_problem
+from sinks.erp import ErpCreditsHttp
+from sinks.tryton import TrytonErpCredits
 from state.ledger import Ledger
 
+LINES, CREDITS = "erp", "credits"  # the batcher's keys: one batch never mixes the kinds
 _LINE = msgspec.json.Decoder(RatedUsageLine)
+_CREDIT = msgspec.json.Decoder(CreditRecord)
 
 
 def _describe(key: str, lines: Sequence[RatedUsageLine]) -> dict[str, Any]:
     return {"batch_id": key, "lines": len(lines), "line_ids": [ln.line_id for ln in lines]}
 
 
-def courier(s: Settings) -> Courier[RatedUsageLine]:
+def _describe_credits(key: str, records: Sequence[CreditRecord]) -> dict[str, Any]:
+    return {"batch_id": key, "records": len(records), "record_ids": [r.record_id for r in records]}
+
+
+def credit_destination(s: Settings) -> Destination[CreditRecord]:
+    """The credit records go where the lines go (`TALLYFLOW_ERP_KIND`)."""
+    if s.erp.kind == "tryton":
+        return TrytonErpCredits(s.tryton)
+    return ErpCreditsHttp(s.erp, s.delivery.sink_timeout_seconds)
+
+
+def courier(s: Settings, parking: Parking | None = None, ledger: Ledger | None = None) -> Courier[RatedUsageLine]:
     return Courier(
         destinations.erp(s),
         RatedUsageLine,
         lambda ln: ln.line_id,
         rate_per_second=s.erp.rate_per_second,
         policy=s.delivery,
-        ledger=Ledger(s.stores),
-        parking=Parking(kafka.producer(s.kafka.config()), s.topics.exceptions),
+        ledger=ledger or Ledger(s.stores),
+        parking=parking or Parking(kafka.producer(s.kafka.config()), s.topics.exceptions),
         batched=True,
         logged=("erp batch posted", "erp batch rejected"),
         describe=_describe,
     )
 
 
-def build_flow(s: Settings, *, end_offsets: Mapping[int, int] | None = None) -> Dataflow:
-    flow = Dataflow("tallyflow-erp-delivery")
-    src = KafkaBatchSource(
-        msgspec.structs.replace(s.kafka, start_from="earliest"),
-        s.topics.rated,
-        label="erp",
-        end_offsets=end_offsets,
-        client=DELIVERY_PREFETCH,
+def routes(s: Settings) -> dict[str, Route]:
+    """The lines' courier and the credit records' beside it, one remote between them."""
+    parking = Parking(kafka.producer(s.kafka.config()), s.topics.exceptions)
+    ledger = Ledger(s.stores)
+    lines = courier(s, parking, ledger)
+    credits: Courier[CreditRecord] = Courier(
+        credit_destination(s),
+        CreditRecord,
+        lambda r: r.record_id,
+        rate_per_second=s.erp.rate_per_second,
+        policy=s.delivery,
+        ledger=ledger,
+        parking=parking,
+        batched=True,
+        logged=("erp credit batch posted", "erp credit batch rejected"),
+        describe=_describe_credits,
     )
-    lines = op.flat_map("lines", op.input("rated", flow, src), lambda ms: [("erp", v) for v in message_values(ms)])
-    batches = op.stateful_batch("batch", lines, lambda resume: Batcher(s.erp.batch_max_lines, s.erp.batch_max_latency_seconds, resume))
-    decode = lambda keyed: [_LINE.decode(v) for v in keyed[1]]  # noqa: E731
-    op.output("post", batches, CourierSink(lambda: [courier(s)], decode, "erp"))
+    share_remote(lines, credits)
+    return {
+        LINES: (lines, lambda vs: [_LINE.decode(v) for v in vs]),
+        CREDITS: (credits, lambda vs: [_CREDIT.decode(v) for v in vs]),
+    }
+
+
+def build_flow(
+    s: Settings, *, end_offsets: Mapping[int, int] | None = None, credit_end_offsets: Mapping[int, int] | None = None
+) -> Dataflow:
+    """`end_offsets` bounds the rated topic, `credit_end_offsets` the credit ledger (bounded
+    with the lines and not given: nothing of it is read)."""
+    flow = Dataflow("tallyflow-erp-delivery")
+    cfg = msgspec.structs.replace(s.kafka, start_from="earliest")
+    if end_offsets is not None and credit_end_offsets is None:
+        credit_end_offsets = {}
+    rated = KafkaBatchSource(cfg, s.topics.rated, label="erp", end_offsets=end_offsets, client=DELIVERY_PREFETCH)
+    ledger = KafkaBatchSource(cfg, s.topics.credits, label="erp", end_offsets=credit_end_offsets, client=DELIVERY_PREFETCH)
+    lines = op.flat_map("lines", op.input("rated", flow, rated), lambda ms: [(LINES, v) for v in message_values(ms)])
+    records = op.flat_map("records", op.input("credits", flow, ledger), lambda ms: [(CREDITS, v) for v in message_values(ms)])
+    max_items, max_age = s.erp.batch_max_lines, s.erp.batch_max_latency_seconds
+    line_batches = op.stateful_batch("batch", lines, lambda resume: Batcher(max_items, max_age, resume))
+    record_batches = op.stateful_batch("batch-credits", records, lambda resume: Batcher(max_items, max_age, resume, pending=None))
+    op.output("post", op.merge("batches", line_batches, record_batches), RoutedCourierSink(lambda: routes(s), "erp"))
     return flow
 
 

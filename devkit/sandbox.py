@@ -4,11 +4,13 @@ accept, enforce idempotency keys and signatures, and inject faults on demand.
     POST /crm/accounts/{account}/signals     one alert, Idempotency-Key required
     POST /success/webhook                    one alert, signed per Standard Webhooks (webhook-id/-timestamp/-signature)
     POST /erp/usage-batches                  {"batch_id", "lines": [...]}, Idempotency-Key required
+    POST /erp/credit-batches                 {"batch_id", "credits": [...]}, Idempotency-Key required
     GET  /api/state                          counts, duplicates, totals per tenant, faults
-    GET  /api/items/{crm|success|erp}        everything accepted, with receipt times
-    GET  /api/requests/{crm|success|erp}     every request: time and status
+    GET  /api/items/{crm|success|erp|erp-credits}      everything accepted, with receipt times
+    GET  /api/requests/{crm|success|erp|erp-credits}   every request: time and status
     POST /api/faults                         {"target": "erp", "mode": "down|error|throttle|latency|timeout|reject",
                                               "count": N (default: until cleared), "retry_after": s, "latency_ms": ms}
+                                             (target "erp" is the whole ERP, both paths; "erp-credits" the credit path only)
     DELETE /api/faults                       clear all faults
     GET  /                                   an HTML page of the above, for people
 """
@@ -21,6 +23,7 @@ import hmac
 import html
 import json
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +34,9 @@ from typing import Any
 
 from sinks.success import secret_bytes
 
-TARGETS = ("crm", "success", "erp")
+TARGETS = ("crm", "success", "erp", "erp-credits")
+PATHS = {"/success/webhook": "success", "/erp/usage-batches": "erp", "/erp/credit-batches": "erp-credits"}
+ITEMS = {"erp": ("lines", "line_id"), "erp-credits": ("credits", "record_id")}  # a batch's list and its items' id
 
 
 @dataclass
@@ -53,7 +58,8 @@ class Endpoint:
     responses: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # idempotency key -> response
     requests: list[tuple[float, int]] = field(default_factory=list)  # (time, status)
     by_status: dict[str, int] = field(default_factory=dict)  # status -> requests
-    totals: dict[str, dict[str, Decimal]] = field(default_factory=dict)  # ERP: tenant -> currency -> amount accepted
+    # ERP: tenant -> currency -> amount accepted (lines: gross; credit records: drawn less returned)
+    totals: dict[str, dict[str, Decimal]] = field(default_factory=dict)
     replays: int = 0
     inflight: int = 0  # requests being handled right now
     peak_inflight: int = 0  # the most handled at once
@@ -124,6 +130,8 @@ class SandboxState:
                 if name == "erp":
                     d["totals_per_tenant"] = {t: {c: str(a) for c, a in by.items()} for t, by in ep.totals.items()}
                     d["lines_per_request"] = round(len(ep.accepted) / max(1, ep.by_status.get("200", 0)), 1)
+                if name == "erp-credits":
+                    d["applied_per_tenant"] = {t: {c: str(a) for c, a in by.items()} for t, by in ep.totals.items()}
                 out[name] = d
             return out
 
@@ -154,7 +162,7 @@ class _Handler(BaseHTTPRequestHandler):
         st = self.server.state
         if self.path == "/api/state":
             return self._json(200, st.summary())
-        m = re.fullmatch(r"/api/(items|requests)/(crm|success|erp)", self.path)
+        m = re.fullmatch(r"/api/(items|requests)/(crm|success|erp|erp-credits)", self.path)
         if m:
             with st.lock:
                 ep = st.endpoints[m.group(2)]
@@ -192,15 +200,8 @@ class _Handler(BaseHTTPRequestHandler):
             with st.lock:
                 st.faults[target] = Fault(**spec)
             return self._json(200, {"faults": {k: vars(v) for k, v in st.faults.items()}})
-        target = (
-            "crm"
-            if self.path.startswith("/crm/accounts/") and self.path.endswith("/signals")
-            else "success"
-            if self.path == "/success/webhook"
-            else "erp"
-            if self.path == "/erp/usage-batches"
-            else None
-        )
+        crm = self.path.startswith("/crm/accounts/") and self.path.endswith("/signals")
+        target = "crm" if crm else PATHS.get(self.path)
         if target is None:
             return self._json(404, {"error": "not found"})
         ep = st.endpoints[target]
@@ -218,7 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, target: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
         st = self.server.state
-        fault = st.fault_for(target)
+        # The credit path is the same ERP: a fault on "erp" holds it too.
+        fault = st.fault_for(target) or (st.fault_for("erp") if target == "erp-credits" else None)
         if fault is not None:
             if fault.mode == "down":
                 return 503, b'{"error": "service unavailable"}', {}
@@ -232,7 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # A timeout is a slow answer the client gave up on; the work still happens,
                 # which is exactly when idempotency keys matter.
                 time.sleep(fault.latency_ms / 1000)
-        token = st.tokens.get(target, "")
+        token = st.tokens.get("erp" if target == "erp-credits" else target, "")
         if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
             return 401, b'{"error": "bad token"}', {}
         if target == "success":
@@ -260,21 +262,28 @@ class _Handler(BaseHTTPRequestHandler):
                 ep.replays += 1
                 status, resp = ep.responses[key]
                 return status, resp, {"Idempotent-Replayed": "true"}
-            items = doc["lines"] if target == "erp" else [doc]
-            id_field = "line_id" if target == "erp" else "alert_id"
+            many, id_field = ITEMS.get(target, ("", "alert_id"))
+            items = doc[many] if many else [doc]
             for it in items:
                 iid = it[id_field]
                 if iid in ep.accepted:
                     ep.duplicates.append(iid)
                 else:
                     ep.accepted[iid] = {**it, "received_at": now}
-                    if target == "erp":
+                    if target == "erp" or it.get("kind") in ("drawn", "returned"):
                         by = ep.totals.setdefault(it["tenant_id"], {})
-                        by[it["currency"]] = by.get(it["currency"], Decimal(0)) + Decimal(it["amount"])
+                        by[it["currency"]] = by.get(it["currency"], Decimal(0)) + _money(it)
             resp = json.dumps({"accepted": len(items)}).encode()
             if key:
                 ep.responses[key] = (200, resp)
             return 200, resp, {}
+
+
+def _money(item: dict[str, Any]) -> Decimal:
+    """What an accepted line or drawn / returned record adds to its tenant's total: a line
+    its gross amount; a record what it took off the invoice (returned gives back)."""
+    amount = Decimal(item["amount"])
+    return -amount if item.get("kind") == "returned" else amount
 
 
 class _Server(ThreadingHTTPServer):
@@ -283,6 +292,13 @@ class _Server(ThreadingHTTPServer):
     # at once would overflow it, and a dropped SYN is retried after a whole second.
     request_queue_size = 128
     state: SandboxState
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away before its answer (a delivery process killed mid-request,
+        which the tests do on purpose) is no error of the sandbox's; anything else is."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class Sandbox:
@@ -334,6 +350,7 @@ _COLUMNS = {
     "crm": ("alert_id", "tenant_id", "crm_account_id", "meter", "period", "level", "usage", "limit"),
     "success": ("alert_id", "tenant_id", "meter", "period", "level", "usage", "limit"),
     "erp": ("line_id", "tenant_id", "erp_customer_id", "product_code", "quantity", "amount", "currency", "window_start", "revision"),
+    "erp-credits": ("record_id", "kind", "tenant_id", "erp_customer_id", "grant_id", "amount", "currency", "period", "at"),
 }
 
 
@@ -356,10 +373,15 @@ def _page(s: dict[str, Any]) -> str:
         cols = _COLUMNS[name]
         last = [[x.get(c, "") for c in cols] for x in reversed(s[name]["last"])]
         parts.append(f"<h2>{name}: last accepted</h2>" + (_table(cols, last) if last else "<p>nothing yet</p>"))
-    totals = sorted(s["erp"]["totals_per_tenant"].items())
-    rows = [[t, cur, amt] for t, by_cur in totals[:100] for cur, amt in sorted(by_cur.items())]
-    parts.append(f"<h2>erp: amount per tenant ({len(totals):,} tenants{', first 100' if len(totals) > 100 else ''})</h2>")
-    parts.append(_table(["tenant", "currency", "amount"], rows))
+    gross, applied = s["erp"]["totals_per_tenant"], s["erp-credits"]["applied_per_tenant"]
+    tenants = sorted(set(gross) | set(applied))
+    rows = []
+    for t in tenants[:100]:
+        for cur in sorted(set(gross.get(t, {})) | set(applied.get(t, {}))):
+            g, c = Decimal(gross.get(t, {}).get(cur, "0")), Decimal(applied.get(t, {}).get(cur, "0"))
+            rows.append([t, cur, g, c, g - c])
+    parts.append(f"<h2>erp: amount per tenant ({len(tenants):,} tenants{', first 100' if len(tenants) > 100 else ''})</h2>")
+    parts.append(_table(["tenant", "currency", "gross", "credits applied", "net"], rows))
     faults = [[t, f["mode"], "until cleared" if f["count"] is None else f["count"]] for t, f in s["faults"].items()]
     fault_html = _table(["endpoint", "fault", "requests left"], faults) if faults else "<p>none</p>"
     return (
@@ -390,7 +412,7 @@ class SandboxClient:
         return dict(self.http.get("/api/state").json())
 
     def items(self, target: str) -> dict[str, dict[str, Any]]:
-        key = "line_id" if target == "erp" else "alert_id"
+        key = ITEMS.get(target, ("", "alert_id"))[1]
         return {it[key]: it for it in self.http.get(f"/api/items/{target}").json()}
 
     def requests(self, target: str) -> list[tuple[float, int]]:

@@ -1,7 +1,8 @@
 """A Tryton 8.2 SQLite database with the Tallyflow module and a ready-to-invoice set-up:
 company, currencies (USD, EUR), chart of accounts, fiscal years, payment term, one service
-product per `product_code` of the catalog, one party per tenant (code: its `erp_customer_id`,
-identifier: its `crm_account_id`, so the ERP and CRM adapters both find it).
+product per `product_code` of the catalog and one for prepaid credits applied
+(`TALLYFLOW-CREDIT`), one party per tenant (code: its `erp_customer_id`, identifier: its
+`crm_account_id`, so the ERP and CRM adapters both find it).
 
     python -m devkit.tryton_setup /tmp/erp/tallyflow.sqlite CATALOG
 
@@ -29,6 +30,7 @@ ADMIN_LOGIN = "admin"
 ADMIN_PASSWORD = "tallyflow-admin"
 ADMIN_EMAIL = "admin@example.com"
 MODULE = "tallyflow"
+CREDIT_PRODUCT = "TALLYFLOW-CREDIT"  # as in tryton/tallyflow_tryton/usage.py
 CURRENCIES = {"USD": ("U.S. Dollar", "$", Decimal(1)), "EUR": ("Euro", "€", Decimal("0.9"))}
 
 
@@ -144,6 +146,19 @@ def configure(
         Template(name=code, code=code, type="service", default_uom=unit, list_price=Decimal(0), account_category=category)
         for code in product_codes
     ]
+    # The product the invoice's negative line per grant used goes on (`tallyflow.usage`
+    # CREDIT_PRODUCT); in production its account category books credits applied, typically
+    # against deferred revenue. Here it shares the usage category's accounts.
+    templates.append(
+        Template(
+            name="Prepaid credit applied",
+            code=CREDIT_PRODUCT,
+            type="service",
+            default_uom=unit,
+            list_price=Decimal(0),
+            account_category=category,
+        )
+    )
     Template.save(templates)
 
     records = []

@@ -1,12 +1,20 @@
 """`tallyflow invoice --period YYYY-MM`: close a billing period in Tryton and prove it.
 
 Tryton makes one customer invoice per customer and currency from the period's usage records
-not yet invoiced (one line per product, quantity 1 at the exact summed amount, so Tryton's
-rounding cannot move a cent; the records become read-only). Then, per customer and currency,
-three totals are compared to the cent: rated (the distinct lines on the rated topic, what
-`tallyflow reconcile` calls rated), in Tryton (its usage records), and invoiced (its invoices
-for the period). Exits 1 when any differs: lines still in the backlog or parked in the
-exceptions topic show up here as rated but not in Tryton.
+and credit records not yet invoiced: one line per product (quantity 1 at the exact summed
+amount, so Tryton's rounding cannot move a cent) and one negative line per prepaid grant used
+(its drawn less its returned records); the records become read-only. Then, per customer and
+currency, it checks to the cent:
+
+* gross: rated (the distinct lines on the rated topic, what `tallyflow reconcile` calls
+  rated) = in Tryton (its usage records);
+* credits applied: on the rated lines (their `credits`) = on the credit ledger topic (drawn
+  less returned records) = in Tryton (its credit records);
+* net: gross - credits = invoiced (the untaxed total of the period's invoices).
+
+Exits 1 when any differs: lines or credit records still in the backlog or parked in the
+exceptions topic show up here as rated but not in Tryton. `rated`, `in_tryton` and
+`invoiced` are the net amounts (what the invoices must total); with no credits, the gross.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -23,29 +32,63 @@ from ops import arguments
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.errors import TallyflowError
-from schemas.outputs import RatedUsageLine
+from schemas.outputs import CreditRecord, RatedUsageLine
 from sinks.tryton import TrytonClient, TrytonError
 
 Key = tuple[str, str]  # customer (erp_customer_id), currency
+ZERO = Decimal(0)
+COLUMNS = ("rated_gross", "rated_credits", "ledger_credits", "tryton_gross", "tryton_credits", "rated", "in_tryton", "invoiced")
 
 
-def rated(s: Settings, period: str) -> dict[Key, Decimal]:
-    """The period's rated total per customer and currency; a line id counts once."""
+def _add(into: dict[Key, Decimal], k: Key, v: Decimal) -> None:
+    into[k] = into.get(k, ZERO) + v
+
+
+@dataclass
+class Rated:
+    """What Tallyflow rated for the period, per customer and currency."""
+
+    gross: dict[Key, Decimal] = field(default_factory=dict)  # Σ line amounts
+    credits: dict[Key, Decimal] = field(default_factory=dict)  # Σ the lines' credits (drawn > 0, given back < 0)
+    ledger: dict[Key, Decimal] = field(default_factory=dict)  # Σ drawn - Σ returned on the credit ledger topic
+
+
+def rated(s: Settings, period: str) -> Rated:
+    """The period's rated gross and credits; a line id and a record id count once (first copy)."""
     lines: dict[str, RatedUsageLine] = {}
     for v in read_topic(s.kafka.config(), s.topics.rated):
         ln = msgspec.json.decode(v, type=RatedUsageLine)
         if ln.period == period:
-            lines[ln.line_id] = ln
-    out: dict[Key, Decimal] = {}
+            lines.setdefault(ln.line_id, ln)
+    out = Rated()
     for ln in lines.values():
         k = (ln.erp_customer_id, ln.currency)
-        out[k] = out.get(k, Decimal(0)) + ln.amount
+        _add(out.gross, k, ln.amount)
+        _add(out.credits, k, sum((c.amount for c in ln.credits or ()), ZERO))
+    records: dict[str, CreditRecord] = {}
+    for v in read_topic(s.kafka.config(), s.topics.credits):
+        r = msgspec.json.decode(v, type=CreditRecord)
+        if r.period == period and r.kind in ("drawn", "returned"):
+            records.setdefault(r.record_id, r)
+    for r in records.values():
+        _add(out.ledger, (r.erp_customer_id, r.currency), r.amount if r.kind == "drawn" else -r.amount)
     return out
 
 
-def in_tryton(client: TrytonClient, period: str) -> tuple[dict[Key, Decimal], dict[Key, Decimal], dict[str, int]]:
-    """Per customer and currency: the usage records' total and the invoices' total; and counts
-    (records, distinct line ids, invoices) to show that no line id is there twice."""
+@dataclass
+class InTryton:
+    """What Tryton holds for the period, per customer and currency."""
+
+    gross: dict[Key, Decimal] = field(default_factory=dict)  # its usage records
+    credits: dict[Key, Decimal] = field(default_factory=dict)  # its drawn less returned credit records
+    invoiced: dict[Key, Decimal] = field(default_factory=dict)  # its invoices' untaxed totals
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def in_tryton(client: TrytonClient, period: str) -> InTryton:
+    """Usage records, credit records and the invoices they are on; and counts (records,
+    distinct ids, invoices) to show that no line or record id is there twice."""
+    out = InTryton()
     recs = client.call(
         "model.tallyflow.usage.search_read",
         [("period", "=", period)],
@@ -54,39 +97,66 @@ def in_tryton(client: TrytonClient, period: str) -> tuple[dict[Key, Decimal], di
         None,
         ["external_id", "amount", "party.code", "currency.code", "invoice_line.invoice"],
     )
-    records: dict[Key, Decimal] = {}
     invoice_ids: set[int] = set()
     for r in recs:
-        k = (r["party."]["code"], r["currency."]["code"])
-        records[k] = records.get(k, Decimal(0)) + r["amount"]
+        _add(out.gross, (r["party."]["code"], r["currency."]["code"]), r["amount"])
         inv = (r.get("invoice_line.") or {}).get("invoice")
         if inv is not None:
             invoice_ids.add(inv)
-    invoiced: dict[Key, Decimal] = {}
+    credits = client.call(
+        "model.tallyflow.credit.search_read",
+        [("period", "=", period), ("kind", "in", ["drawn", "returned"])],
+        0,
+        None,
+        None,
+        ["external_id", "kind", "amount", "party.code", "currency.code", "invoice"],
+    )
+    for c in credits:
+        _add(out.credits, (c["party."]["code"], c["currency."]["code"]), c["amount"] if c["kind"] == "drawn" else -c["amount"])
+        if c.get("invoice") is not None:
+            invoice_ids.add(c["invoice"])
     if invoice_ids:
         invs = client.call("model.account.invoice.read", sorted(invoice_ids), ["untaxed_amount", "party.code", "currency.code", "state"])
         for inv in invs:
-            if inv["state"] == "cancelled":
-                continue
-            k = (inv["party."]["code"], inv["currency."]["code"])
-            invoiced[k] = invoiced.get(k, Decimal(0)) + inv["untaxed_amount"]
-    ids = Counter(r["external_id"] for r in recs)
-    counts = {"records": len(recs), "distinct_line_ids": len(ids), "invoices": len(invoice_ids)}
-    return records, invoiced, counts
+            if inv["state"] != "cancelled":
+                _add(out.invoiced, (inv["party."]["code"], inv["currency."]["code"]), inv["untaxed_amount"])
+    out.counts = {
+        "records": len(recs),
+        "distinct_line_ids": len(Counter(r["external_id"] for r in recs)),
+        "credit_records": len(credits),
+        "distinct_record_ids": len(Counter(c["external_id"] for c in credits)),
+        "invoices": len(invoice_ids),
+    }
+    return out
 
 
-def compare(rated_: dict[Key, Decimal], records: dict[Key, Decimal], invoiced: dict[Key, Decimal]) -> list[dict[str, Any]]:
+def compare(r: Rated, t: InTryton) -> list[dict[str, Any]]:
+    """One row per customer and currency: every column, and whether they agree."""
     rows = []
-    for k in sorted(set(rated_) | set(records) | set(invoiced)):
-        r, t, i = rated_.get(k, Decimal(0)), records.get(k, Decimal(0)), invoiced.get(k, Decimal(0))
-        rows.append({"customer": k[0], "currency": k[1], "rated": str(r), "in_tryton": str(t), "invoiced": str(i), "ok": r == t == i})
+    for k in sorted(set(r.gross) | set(r.credits) | set(r.ledger) | set(t.gross) | set(t.credits) | set(t.invoiced)):
+        v = {
+            "rated_gross": r.gross.get(k, ZERO),
+            "rated_credits": r.credits.get(k, ZERO),
+            "ledger_credits": r.ledger.get(k, ZERO),
+            "tryton_gross": t.gross.get(k, ZERO),
+            "tryton_credits": t.credits.get(k, ZERO),
+            "invoiced": t.invoiced.get(k, ZERO),
+        }
+        v["rated"] = v["rated_gross"] - v["rated_credits"]
+        v["in_tryton"] = v["tryton_gross"] - v["tryton_credits"]
+        ok = (
+            v["rated_gross"] == v["tryton_gross"]
+            and v["rated_credits"] == v["ledger_credits"] == v["tryton_credits"]
+            and v["rated"] == v["in_tryton"] == v["invoiced"]
+        )
+        rows.append({"customer": k[0], "currency": k[1], **{c: str(v[c]) for c in COLUMNS}, "ok": ok})
     return rows
 
 
 def by_currency(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, Decimal]] = {}
     for row in rows:
-        cur = out.setdefault(row["currency"], {"rated": Decimal(0), "in_tryton": Decimal(0), "invoiced": Decimal(0)})
+        cur = out.setdefault(row["currency"], dict.fromkeys(COLUMNS, ZERO))
         for col in cur:
             cur[col] += Decimal(row[col])
     return {c: {k: str(v) for k, v in t.items()} for c, t in sorted(out.items())}
@@ -97,19 +167,21 @@ def close_period(s: Settings, period: str, *, post: bool = False, customers: lis
     client = TrytonClient(s.tryton)
     try:
         created = client.call("model.tallyflow.usage.invoice_period", period, customers or None, post)
-        records, invoiced, counts = in_tryton(client, period)
+        held = in_tryton(client, period)
     except TrytonError as e:
         raise TallyflowError(f"Tryton at {s.tryton.url} ({s.tryton.database}): {e}; check TALLYFLOW_TRYTON_* and that it runs") from None
     finally:
         client.close()
-    rows = compare(rated(s, period), records, invoiced)
+    rows = compare(rated(s, period), held)
     if customers:
         rows = [r for r in rows if r["customer"] in customers]
+    counts = held.counts
     return {
         "period": period,
         "invoices_created": len(created),
         **counts,
         "duplicate_line_ids": counts["records"] - counts["distinct_line_ids"],
+        "duplicate_record_ids": counts["credit_records"] - counts["distinct_record_ids"],
         "by_currency": by_currency(rows),
         "differences": [r for r in rows if not r["ok"]],
         "customers": len(rows),
@@ -138,15 +210,24 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(
-            f"period {out['period']}: {out['invoices_created']} invoice(s) created; {out['records']:,} usage records in Tryton, "
-            f"{out['duplicate_line_ids']} duplicate line id(s)"
+            f"period {out['period']}: {out['invoices_created']} invoice(s) created; {out['records']:,} usage records and "
+            f"{out['credit_records']:,} credit records in Tryton, {out['duplicate_line_ids']} duplicate line id(s), "
+            f"{out['duplicate_record_ids']} duplicate record id(s)"
         )
-        print(f"  {'currency':<9}{'rated':>18}{'in Tryton':>18}{'invoiced':>18}")
+        print(f"  {'currency':<9}{'gross':>16}{'credits':>14}{'net rated':>16}{'in Tryton':>16}{'invoiced':>16}")
         for cur, t in out["by_currency"].items():
-            print(f"  {cur:<9}{Decimal(t['rated']):>18,}{Decimal(t['in_tryton']):>18,}{Decimal(t['invoiced']):>18,}")
+            gross, cr = Decimal(t["rated_gross"]), Decimal(t["rated_credits"])
+            net, held, inv = Decimal(t["rated"]), Decimal(t["in_tryton"]), Decimal(t["invoiced"])
+            print(f"  {cur:<9}{gross:>16,}{cr:>14,}{net:>16,}{held:>16,}{inv:>16,}")
         for r in out["differences"][:50]:
-            print(f"  differs: {r['customer']} {r['currency']}: rated {r['rated']}, in Tryton {r['in_tryton']}, invoiced {r['invoiced']}")
+            print(
+                f"  differs: {r['customer']} {r['currency']}: gross rated {r['rated_gross']}, in Tryton {r['tryton_gross']}; "
+                f"credits on lines {r['rated_credits']}, on the ledger {r['ledger_credits']}, in Tryton {r['tryton_credits']}; "
+                f"net rated {r['rated']}, invoiced {r['invoiced']}"
+            )
         print(
-            "OK: rated = in Tryton = invoiced for every customer" if not out["differences"] else f"{len(out['differences'])} difference(s)"
+            "OK: gross - credits = invoiced, rated = in Tryton, for every customer"
+            if not out["differences"]
+            else f"{len(out['differences'])} difference(s)"
         )
-    return 1 if out["differences"] or out["duplicate_line_ids"] else 0
+    return 1 if out["differences"] or out["duplicate_line_ids"] or out["duplicate_record_ids"] else 0

@@ -6,6 +6,15 @@
   twice counts once, its first copy, as at the ERP; copies that differ are reported);
 * ERP-acknowledged totals — the rated lines the delivery ledger records as accepted.
 
+and per tenant, billing period and currency the money (SPEC §9.7): gross (Σ line amounts,
+true-ups included), credits applied (Σ drawn − Σ returned) and net = gross − credits,
+
+* rated — from the lines on `usage.rated` (their `credits`);
+* ledger — the credits from the credit ledger topic's drawn and returned records (a record
+  id once, its first copy);
+* ERP — the gross of the lines and the credits of the records the delivery ledger records
+  as accepted (`erp` by line id, `erp-credits` by record id): what the ERP books.
+
 Prints a table of the differences (or a one-line OK) and exits 1 when anything differs.
 The recount reads each partition in order; it matches the live pipeline when each tenant's
 events share a partition (producers key by tenant), as the spec asks them to.
@@ -32,10 +41,13 @@ from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
-from schemas.outputs import RatedUsageLine
+from schemas.outputs import CreditRecord, RatedUsageLine
+from sinks.erp import CREDITS
 
 Key = tuple[str, str, str]  # tenant, meter, period
+MoneyKey = tuple[str, str, str]  # tenant, period, currency
 SOURCES = ("source", "rated", "erp")
+ZERO = Decimal(0)
 
 
 @dataclass
@@ -43,12 +55,28 @@ class Totals:
     quantity: dict[Key, Decimal] = field(default_factory=dict)
     amount: dict[Key, Decimal] = field(default_factory=dict)
     currency: dict[Key, str] = field(default_factory=dict)
+    # Per tenant, period and currency: gross, and credits applied (drawn > 0, given back < 0).
+    gross: dict[MoneyKey, Decimal] = field(default_factory=dict)
+    credits: dict[MoneyKey, Decimal] = field(default_factory=dict)
 
-    def add(self, ln: RatedUsageLine) -> None:
+    def add(self, ln: RatedUsageLine, *, credits: bool = True) -> None:
+        """A line's quantity and amount, and (`credits`) the credits it carries."""
         k = (ln.tenant_id, ln.meter, ln.period)
-        self.quantity[k] = self.quantity.get(k, Decimal(0)) + ln.quantity
-        self.amount[k] = self.amount.get(k, Decimal(0)) + ln.amount
+        self.quantity[k] = self.quantity.get(k, ZERO) + ln.quantity
+        self.amount[k] = self.amount.get(k, ZERO) + ln.amount
         self.currency[k] = ln.currency
+        m = (ln.tenant_id, ln.period, ln.currency)
+        self.gross[m] = self.gross.get(m, ZERO) + ln.amount
+        if credits and ln.credits:
+            self.credits[m] = self.credits.get(m, ZERO) + sum((c.amount for c in ln.credits), ZERO)
+
+    def add_record(self, r: CreditRecord) -> None:
+        """A credit ledger record: drawn takes off the invoice, returned gives back; the
+        grant-level kinds (granted, expired, voided) move no invoice."""
+        if r.kind not in ("drawn", "returned") or r.period is None:
+            return
+        m = (r.tenant_id, r.period, r.currency)
+        self.credits[m] = self.credits.get(m, ZERO) + (r.amount if r.kind == "drawn" else -r.amount)
 
 
 def _batches(s: Settings) -> Iterator[tuple[int, list[Message]]]:
@@ -102,8 +130,88 @@ def rated_and_acknowledged(s: Settings, with_erp: bool, conflicts: list[str] | N
         part = lines[i : i + 1000]
         for ln, st in zip(part, ledger.status("erp", [ln.line_id for ln in part]), strict=True):
             if st == "ok":
-                erp.add(ln)
+                erp.add(ln, credits=False)  # the ERP's credits are the credit records it took
     return rated, erp
+
+
+def credit_ledger(s: Settings, with_erp: bool, conflicts: list[str] | None = None) -> tuple[Totals, Totals | None]:
+    """The credits applied on the credit ledger topic, and those of its records the ERP
+    acknowledged. A record id counts once, its first copy (a crash replay re-sends a line's
+    draws under the same ids); `conflicts` collects the record ids whose copies differ."""
+    unique: dict[str, CreditRecord] = {}
+    first: dict[str, bytes] = {}
+    for v in read_topic(s.kafka.config(), s.topics.credits):
+        r = msgspec.json.decode(v, type=CreditRecord)
+        seen = first.setdefault(r.record_id, v)
+        if seen is v:
+            unique[r.record_id] = r
+        elif seen != v and conflicts is not None and r.record_id not in conflicts:
+            conflicts.append(r.record_id)
+    records = list(unique.values())
+    topic = Totals()
+    for r in records:
+        topic.add_record(r)
+    if not with_erp:
+        return topic, None
+    from state.ledger import Ledger
+
+    ledger = Ledger(s.stores)
+    erp = Totals()
+    for i in range(0, len(records), 1000):
+        part = records[i : i + 1000]
+        for r, st in zip(part, ledger.status(CREDITS, [r.record_id for r in part]), strict=True):
+            if st == "ok":
+                erp.add_record(r)
+    return topic, erp
+
+
+def money_columns(rated: Totals, ledger: Totals, erp: Totals | None) -> dict[str, tuple[dict[MoneyKey, Decimal], dict[MoneyKey, Decimal]]]:
+    """(gross, credits) per column; the ledger topic has credits only."""
+    cols = {"rated": (rated.gross, rated.credits), "ledger": ({}, ledger.credits)}
+    if erp is not None:
+        cols["erp"] = (erp.gross, erp.credits)
+    return cols
+
+
+def compare_money(rated: Totals, ledger: Totals, erp: Totals | None) -> list[dict[str, object]]:
+    """One row per tenant, period and currency where gross, credits or net disagree:
+    gross rated = ERP, credits rated (on the lines) = ledger topic = ERP (its records)."""
+    cols = money_columns(rated, ledger, erp)
+    keys = sorted(set().union(*(set(g) | set(c) for g, c in cols.values())))
+    rows: list[dict[str, object]] = []
+    for k in keys:
+        gross = {n: g.get(k, ZERO) for n, (g, _) in cols.items() if n != "ledger"}
+        credits = {n: c.get(k, ZERO) for n, (_, c) in cols.items()}
+        if len(set(gross.values())) > 1 or len(set(credits.values())) > 1:
+            row: dict[str, object] = {"tenant": k[0], "period": k[1], "currency": k[2]}
+            for n in cols:
+                if n in gross:
+                    row[f"{n}_gross"] = str(gross[n])
+                row[f"{n}_credits"] = str(credits[n])
+                if n in gross:
+                    row[f"{n}_net"] = str(gross[n] - credits[n])
+            rows.append(row)
+    return rows
+
+
+def money_summary(rated: Totals, ledger: Totals, erp: Totals | None) -> dict[str, dict[str, dict[str, str]]]:
+    """Per column and currency: gross, credits, net (the ledger topic: credits)."""
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for n, (g, c) in money_columns(rated, ledger, erp).items():
+        by: dict[str, dict[str, Decimal]] = {}
+        for k, v in g.items():
+            acc = by.setdefault(k[2], {"gross": ZERO, "credits": ZERO})
+            acc["gross"] += v
+        for k, v in c.items():
+            acc = by.setdefault(k[2], {"gross": ZERO, "credits": ZERO})
+            acc["credits"] += v
+        out[n] = {
+            cur: {"credits": str(t["credits"])}
+            if n == "ledger"
+            else {"gross": str(t["gross"]), "credits": str(t["credits"]), "net": str(t["gross"] - t["credits"])}
+            for cur, t in sorted(by.items())
+        }
+    return out
 
 
 def compare(totals: dict[str, Totals]) -> list[dict[str, object]]:
@@ -137,9 +245,14 @@ def run(args: argparse.Namespace) -> int:
     s = load_settings()
     source, stats = recount(s)
     conflicts: list[str] = []
+    credit_conflicts: list[str] = []
     rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp, conflicts=conflicts)
+    ledger, erp_credits = credit_ledger(s, with_erp=not args.no_erp, conflicts=credit_conflicts)
+    if erp is not None and erp_credits is not None:
+        erp.credits = erp_credits.credits
     totals = {"source": source, "rated": rated, **({"erp": erp} if erp is not None else {})}
     rows = compare(totals)
+    money_rows = compare_money(rated, ledger, erp)
     summary = {
         "records": stats.records_in,
         "accepted": stats.accepted,
@@ -147,7 +260,9 @@ def run(args: argparse.Namespace) -> int:
         "dead_letters": sum(stats.dead.values()),
         "keys": len(source.quantity),
         "differences": len(rows),
+        "money_differences": len(money_rows),
         "conflicting_copies": conflicts[:100],  # line ids on usage.rated more than once with different contents
+        "conflicting_credit_copies": credit_conflicts[:100],  # record ids on the credit ledger likewise
         "amount": {
             name: {
                 cur: str(sum((a for k, a in t.amount.items() if t.currency[k] == cur), Decimal(0)))
@@ -155,22 +270,45 @@ def run(args: argparse.Namespace) -> int:
             }
             for name, t in totals.items()
         },
+        "money": money_summary(rated, ledger, erp),  # per column and currency: gross, credits, net
     }
+    failed = bool(rows or conflicts or money_rows or credit_conflicts)
     if args.json:
-        print(json.dumps({"summary": summary, "differences": rows}, indent=2))
-    else:
-        cols = list(totals)
-        print(f"{summary['keys']:,} tenant/meter/period totals from {stats.records_in:,} input records; compared: {', '.join(cols)}")
-        for name, by_cur in summary["amount"].items():  # type: ignore[attr-defined]
-            print(f"  {name:<7} " + ", ".join(f"{cur} {Decimal(v):,}" for cur, v in by_cur.items()))
-        if conflicts:
-            print(f"{len(conflicts)} line id(s) on {s.topics.rated} with different copies (the first counts): {', '.join(conflicts[:5])}")
-        if not rows and not conflicts:
-            print("OK: every tenant, meter and period agrees")
-        else:
-            print(f"{len(rows)} difference(s):")
-            head = ["tenant", "meter", "period"] + [f"{c}_quantity" for c in cols] + [f"{c}_amount" for c in cols]
-            print("  " + " | ".join(head))
-            for r in rows[:200]:
-                print("  " + " | ".join(str(r[h]) for h in head))
-    return 1 if rows or conflicts else 0
+        print(json.dumps({"summary": summary, "differences": rows, "money_differences": money_rows}, indent=2))
+        return 1 if failed else 0
+    cols = list(totals)
+    print(f"{summary['keys']:,} tenant/meter/period totals from {stats.records_in:,} input records; compared: {', '.join(cols)}")
+    for name, by_cur in summary["amount"].items():  # type: ignore[attr-defined]
+        print(f"  {name:<7} " + ", ".join(f"{cur} {Decimal(v):,}" for cur, v in by_cur.items()))
+    print("money per tenant, period and currency (gross - credits applied = net):")
+    for name, by_cur in summary["money"].items():  # type: ignore[attr-defined]
+        shown = [
+            f"{cur} credits {Decimal(t['credits']):,}"
+            if name == "ledger"
+            else f"{cur} {Decimal(t['gross']):,} - {Decimal(t['credits']):,} = {Decimal(t['net']):,}"
+            for cur, t in by_cur.items()
+        ]
+        print(f"  {name:<7} " + (", ".join(shown) or "nothing"))
+    if conflicts:
+        print(f"{len(conflicts)} line id(s) on {s.topics.rated} with different copies (the first counts): {', '.join(conflicts[:5])}")
+    if credit_conflicts:
+        print(
+            f"{len(credit_conflicts)} record id(s) on {s.topics.credits} with different copies (the first counts): "
+            + ", ".join(credit_conflicts[:5])
+        )
+    if not failed:
+        print("OK: every tenant, meter and period agrees, and gross, credits and net per tenant, period and currency")
+        return 0
+    if rows:
+        print(f"{len(rows)} difference(s):")
+        head = ["tenant", "meter", "period"] + [f"{c}_quantity" for c in cols] + [f"{c}_amount" for c in cols]
+        print("  " + " | ".join(head))
+        for r in rows[:200]:
+            print("  " + " | ".join(str(r[h]) for h in head))
+    if money_rows:
+        print(f"{len(money_rows)} money difference(s) per tenant, period and currency:")
+        head = list(money_rows[0])
+        print("  " + " | ".join(head))
+        for mr in money_rows[:200]:
+            print("  " + " | ".join(str(mr[h]) for h in head))
+    return 1

@@ -3,7 +3,8 @@
 Tryton has no idempotency keys and a duplicate `create` is a second row, so effectively-once
 is enforced inside Tryton: the module's `tallyflow.usage` records carry the line id under a
 UNIQUE constraint and `ingest` answers each line `created`, `existing` or `rejected: why` in
-one transaction. A batch re-sent after a crash between Tryton's commit and our ledger write
+one transaction; its `tallyflow.credit` records do the same for the credit ledger's records
+by record id. A batch re-sent after a crash between Tryton's commit and our ledger write
 comes back `existing`, never a second record. Alerts become leads (`sale.opportunity`) unique
 by alert id the same way. Amounts go as the exact decimal strings Tallyflow rated; Tryton
 stores them and never re-prices.
@@ -30,8 +31,9 @@ import httpx
 import msgspec
 
 from runtime.settings import TrytonSettings
-from schemas.outputs import RatedUsageLine, ThresholdAlert
+from schemas.outputs import CreditRecord, RatedUsageLine, ThresholdAlert
 from sinks.base import Answer
+from sinks.erp import CREDITS
 
 
 class TrytonError(Exception):
@@ -155,6 +157,17 @@ class TrytonErp(_TrytonDestination):
 
     def send(self, key: str, items: Sequence[RatedUsageLine]) -> Answer:
         return self._ingest("model.tallyflow.usage.ingest", [ln.line_id for ln in items], items)
+
+
+class TrytonErpCredits(_TrytonDestination):
+    """Credit ledger records (granted, drawn, returned, expired, voided) become
+    `tallyflow.credit` records for the party of their `erp_customer_id`, once per record id;
+    the period's invoice takes its drawn less returned as one negative line per grant."""
+
+    name = CREDITS
+
+    def send(self, key: str, items: Sequence[CreditRecord]) -> Answer:
+        return self._ingest("model.tallyflow.credit.ingest", [r.record_id for r in items], items)
 
 
 class TrytonCrm(_TrytonDestination):

@@ -1,5 +1,6 @@
 """Delivery against the real broker, redis-server and the sandbox on loopback: the
-delivery dataflows run as real `bytewax.run` processes, so they can be killed."""
+delivery dataflows run as real `bytewax.run` processes, so they can be killed. The ERP
+delivery takes the rated lines and the credit ledger's records, each once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from confluent_kafka import Producer
@@ -23,10 +25,14 @@ from dataflows import FLOWS
 from devkit.pipeline import wait_until
 from devkit.sandbox import Sandbox
 from devkit.stack import LocalStack
-from ops.reconcile import rated_and_acknowledged
+from ops.reconcile import compare_money, credit_ledger, rated_and_acknowledged
 from runtime.kafka import read_topic
 from runtime.settings import Settings, to_env
 from schemas.outputs import ENCODER, RatedUsageLine, ThresholdAlert
+from sinks.erp import CREDITS
+from state.ledger import Ledger
+from tallyflow.cli import main as tallyflow
+from tests.support import credits
 from tests.support.lines import rated_line, threshold_alert
 
 HMAC_KEY = "test-hmac-key"
@@ -70,9 +76,10 @@ QUICK_DELIVERY = {
 
 
 def with_exceptions_topic(s: Settings, stack: LocalStack, **flat: object) -> Settings:
-    """`s` with quick delivery policies and an exceptions topic of the test's own."""
-    s = s.replace(exceptions_topic=f"exceptions-{uuid.uuid4().hex[:8]}", **{**QUICK_DELIVERY, **flat})
-    stack.create_topics({s.topics.exceptions: 1})
+    """`s` with quick delivery policies, and an exceptions topic and a credit ledger of the test's own."""
+    tag = uuid.uuid4().hex[:8]
+    s = s.replace(exceptions_topic=f"exceptions-{tag}", credits_topic=f"credits-{tag}", **{**QUICK_DELIVERY, **flat})
+    stack.create_topics({s.topics.exceptions: 1, s.topics.credits: 1})
     return s
 
 
@@ -329,3 +336,91 @@ def test_alert_delivery_killed_with_a_window_in_flight_delivers_each_alert_once(
     assert crm.duplicates == [] and success.duplicates == []
     assert 1 <= crm.replays <= 4, f"{crm.replays} CRM requests re-sent: the window was 4"
     assert len(crm.requests) - crm.replays == 30
+
+
+@pytest.fixture
+def csettings(small: Settings, stack: LocalStack, sandbox: Sandbox) -> Settings:
+    """The small catalog (acme, bolt) against the sandbox, for credit traffic through rating."""
+    urls = {"crm_url": sandbox.url, "success_url": sandbox.url, "erp_url": sandbox.url}
+    return with_exceptions_topic(small, stack, redis_url=stack.redis_url, success_hmac_key=HMAC_KEY, erp_batch_max_lines=4, **urls)
+
+
+def test_credit_records_reach_the_erp_once_across_a_kill_9_of_erp_delivery(csettings, sandbox, flows):
+    """kill -9 while a batch of credit records is in flight: the ERP takes it, the ledger
+    never hears; the next process re-sends that batch under its key, recognised. No grant is
+    drawn twice at the ERP and no draw is lost: per grant, drawn - returned there = on the lines."""
+    s = csettings
+    lines, records = credits.rate(s)
+    erp, cerp = sandbox.state.endpoints["erp"], sandbox.state.endpoints["erp-credits"]
+    sandbox.fault("erp-credits", "latency", latency_ms=1500)
+    first = flows("erp", s)
+    wait_until(lambda: cerp.inflight >= 1, 30, "a batch of credit records in flight")
+    first.kill9()  # the ERP finishes that request; the ledger never hears back
+    wait_until(lambda: cerp.inflight == 0, 10, "the in-flight request to complete")
+    assert 0 < len(cerp.accepted) < len(records)
+    sandbox.clear_faults()
+    flows("erp", s)  # re-reads both topics from the beginning (no recovery state)
+    wait_until(lambda: len(cerp.accepted) == len(records) and len(erp.accepted) == len(lines), 60, "every line and record at the ERP")
+    assert cerp.duplicates == [] and erp.duplicates == [], "an id reached the ERP twice"
+    assert cerp.replays >= 1  # the in-doubt batch was re-sent identically and recognised
+    assert set(cerp.accepted) == {r.record_id for r in records}
+    assert credits.applied_per_grant(list(cerp.accepted.values())) == credits.used_per_grant(lines)
+    # The ERP's gross, credits and net per tenant, as reconcile counts them from the ledger.
+    rated, acked = rated_and_acknowledged(s, with_erp=True)
+    ledger, acked_credits = credit_ledger(s, with_erp=True)
+    assert acked is not None and acked_credits is not None
+    acked.credits = acked_credits.credits
+    assert compare_money(rated, ledger, acked) == []
+    gross: dict[str, Decimal] = {}
+    applied: dict[str, Decimal] = {}
+    for (tenant, _period, _cur), v in rated.gross.items():
+        gross[tenant] = gross.get(tenant, Decimal(0)) + v
+    for (tenant, _period, _cur), v in rated.credits.items():
+        applied[tenant] = applied.get(tenant, Decimal(0)) + v
+    assert {t: by["USD"] for t, by in erp.totals.items()} == gross
+    assert {t: by["USD"] for t, by in cerp.totals.items()} == applied and applied["acme"] > 0
+
+
+def test_reconcile_carries_gross_credits_and_net_and_catches_a_changed_credit(csettings, sandbox, flows, monkeypatch, capsys):
+    s = csettings
+    lines, records = credits.rate(s)
+    flows("erp", s)
+    cerp = sandbox.state.endpoints["erp-credits"]
+    wait_until(lambda: len(cerp.accepted) == len(records), 60, "every credit record at the ERP")
+    for k, v in to_env(s).items():
+        monkeypatch.setenv(k, v)
+
+    def reconcile() -> tuple[int, dict[str, Any]]:
+        code = tallyflow(["reconcile", "--json"])
+        return code, orjson.loads(capsys.readouterr().out)
+
+    code, report = reconcile()
+    assert code == 0 and report["money_differences"] == [], report
+    money = report["summary"]["money"]
+    gross = sum((ln.amount for ln in lines), Decimal(0))
+    used = sum(credits.used_per_grant(lines).values(), Decimal(0))
+    assert money["rated"]["USD"] == money["erp"]["USD"] == {"gross": str(gross), "credits": str(used), "net": str(gross - used)}
+    assert money["ledger"]["USD"] == {"credits": str(used)}
+
+    # A drawn record the ERP never acknowledged (lost in the ledger): the ERP column differs.
+    drawn = next(r for r in records if r.kind == "drawn" and r.tenant_id == "bolt")
+    Ledger(s.stores).forget(CREDITS, [drawn.record_id])
+    code, report = reconcile()
+    (row,) = report["money_differences"]
+    assert code == 1 and (row["tenant"], row["period"], row["currency"]) == ("bolt", "2026-03", "USD")
+    assert Decimal(row["rated_credits"]) - Decimal(row["erp_credits"]) == drawn.amount
+    assert Decimal(row["erp_net"]) - Decimal(row["rated_net"]) == drawn.amount
+    Ledger(s.stores).ack(CREDITS, [drawn.record_id])
+    assert reconcile()[0] == 0
+
+    # A changed copy of a record (same id, another amount) and a draw no line made.
+    changed = msgspec.structs.replace(drawn, amount=drawn.amount + Decimal("0.01"))
+    forged = msgspec.structs.replace(drawn, record_id="forged-draw", tenant_id="acme", amount=Decimal("1.00"))
+    p = Producer({"bootstrap.servers": s.kafka.brokers})
+    for r in (changed, forged):
+        p.produce(s.topics.credits, ENCODER.encode(r), r.tenant_id.encode())
+    p.flush()
+    code, report = reconcile()
+    assert code == 1 and report["summary"]["conflicting_credit_copies"] == [drawn.record_id]  # the first copy counts
+    (row,) = report["money_differences"]
+    assert row["tenant"] == "acme" and Decimal(row["ledger_credits"]) - Decimal(row["rated_credits"]) == Decimal("1.00")

@@ -1,6 +1,7 @@
 """The ERP-delivery dataflow into a real Tryton: the backlog waits out an outage, a crash
 between Tryton's commit and the ledger write leaves no duplicate, unknown customers are
-parked and re-driven, and the period's invoices equal what Tallyflow rated, to the cent."""
+parked and re-driven, and the period's invoices equal what Tallyflow rated, to the cent:
+the gross lines less one negative line per prepaid grant used."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
+from confluent_kafka import Producer
 
 from dataflows import FLOWS
 from devkit.pipeline import wait_until
@@ -19,11 +22,14 @@ from devkit.tryton import TrytonServer
 from ops import exceptions, invoice
 from ops.reconcile import recount
 from runtime.kafka import read_topic
-from runtime.settings import Settings
+from runtime.settings import Settings, to_env
+from schemas.outputs import ENCODER
 from sinks.tryton import TrytonClient
 from state.ledger import Ledger
+from tallyflow.cli import main as tallyflow
 from tests.dataflows.test_delivery import FlowProcess, produce, with_exceptions_topic
 from tests.sinks.test_tryton import line
+from tests.support import credits
 from tests.support.events import ev
 from tests.support.flows import MIN, produce_events, run_bounded
 
@@ -129,3 +135,51 @@ def test_invoices_of_the_period_equal_the_rated_totals_to_the_cent(tsettings: Se
     assert {i["party."]["code"]: i["untaxed_amount"] for i in invoices} == by_customer
     assert out["by_currency"]["USD"]["invoiced"] == str(sum(by_customer.values(), D(0)))
     assert invoice.close_period(tsettings, "2026-03")["invoices_created"] == 0  # nothing left to invoice
+
+
+def test_the_invoice_has_the_gross_lines_and_one_negative_line_per_grant_used_and_the_check_holds(
+    tsettings: Settings, tryton: TrytonServer, erp_flow: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines, records = credits.rate(tsettings)
+    erp_flow(tsettings)
+    client = tryton.client()
+    held = lambda: client.call("model.tallyflow.credit.search_read", [], 0, None, None, ["external_id"])  # noqa: E731
+    wait_until(lambda: len(in_tryton(client)) == len(lines) and len(held()) == len(records), 60, "every line and record in Tryton")
+    for k, v in to_env(tsettings).items():
+        monkeypatch.setenv(k, v)
+
+    def invoice_cli(*args: str) -> tuple[int, dict[str, Any]]:
+        code = tallyflow(["invoice", "--period", "2026-03", "--json", *args])
+        return code, orjson.loads(capsys.readouterr().out)
+
+    code, out = invoice_cli()
+    assert code == 0 and out["differences"] == [] and out["invoices_created"] == 2, out
+    assert out["duplicate_record_ids"] == 0 and out["credit_records"] == sum(1 for r in records if r.kind in ("drawn", "returned"))
+    used = credits.used_per_grant(lines)
+    assert used == {"a-big": D("5.00"), "a-trial": D("1.00"), "b-1": D("1.50")}
+    gross = {c: sum((ln.amount for ln in lines if ln.erp_customer_id == c), D(0)) for c in ("ERP-1", "ERP-2")}
+    usd = out["by_currency"]["USD"]
+    assert D(usd["rated_gross"]) == sum(gross.values(), D(0)) and D(usd["rated_credits"]) == D("7.50")
+    assert D(usd["invoiced"]) == D(usd["rated"]) == sum(gross.values(), D(0)) - D("7.50")
+
+    invoices = client.call("model.account.invoice.search_read", [], 0, None, None, ["party.code", "untaxed_amount"])
+    net = {"ERP-1": gross["ERP-1"] - D("6.00"), "ERP-2": gross["ERP-2"] - D("1.50")}
+    assert {i["party."]["code"]: i["untaxed_amount"] for i in invoices} == net
+    party = {i["id"]: i["party."]["code"] for i in invoices}
+    fields = ["invoice", "product.code", "amount", "description"]
+    inv_lines = client.call("model.account.invoice.line.search_read", [], 0, None, None, fields)
+    credit_lines = [ln for ln in inv_lines if ln["product."]["code"] == "TALLYFLOW-CREDIT"]
+    negative = sorted((party[ln["invoice"]], ln["description"].split()[2], ln["amount"]) for ln in credit_lines)
+    assert negative == [("ERP-1", "a-big", D("-5.00")), ("ERP-1", "a-trial", D("-1.00")), ("ERP-2", "b-1", D("-1.50"))]
+    assert {ln["product."]["code"] for ln in inv_lines if ln["amount"] > 0} == {"CALLS", "SEAT"}
+
+    # A draw the ERP never got (on the ledger topic, not in Tryton): the check fails, exit 1.
+    drawn = next(r for r in records if r.kind == "drawn" and r.grant_id == "b-1")
+    lost = msgspec.structs.replace(drawn, record_id="lost-draw", amount=D("0.25"))
+    p = Producer({"bootstrap.servers": tsettings.kafka.brokers})
+    p.produce(tsettings.topics.credits, ENCODER.encode(lost), lost.tenant_id.encode())
+    p.flush()
+    code, out = invoice_cli()
+    (row,) = out["differences"]
+    assert code == 1 and out["invoices_created"] == 0 and row["customer"] == "ERP-2"
+    assert (D(row["ledger_credits"]), D(row["rated_credits"]), D(row["tryton_credits"])) == (D("1.75"), D("1.50"), D("1.50"))

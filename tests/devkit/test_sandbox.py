@@ -1,4 +1,5 @@
-"""The sandbox checks each endpoint's own credential, and its fault API needs a token."""
+"""The sandbox checks each endpoint's own credential, and its fault API needs a token; the
+ERP's credit path records credit records once per record id."""
 
 from __future__ import annotations
 
@@ -113,3 +114,40 @@ def test_state_stays_cheap_with_a_large_erp_backlog_and_its_totals_exact():
         assert erp["accepted"] == 80_000 and erp["by_status"] == {"200": 40} and erp["lines_per_request"] == 2000
         assert {t: Decimal(v["USD"]) for t, v in erp["totals_per_tenant"].items()} == want
         assert [x["line_id"] for x in state["erp"]["last"]] == [f"l39-{i}" for i in range(1995, 2000)]
+
+
+def test_credit_batches_are_recorded_once_per_record_id_under_their_key_and_an_erp_fault_holds_them():
+    with Sandbox(erp_token="erp") as sb:
+        c = httpx.Client(base_url=sb.url)
+        auth = {"Authorization": "Bearer erp"}
+        rec = {"tenant_id": "acme", "currency": "USD", "grant_id": "g", "period": "2026-11"}
+        batch = {
+            "batch_id": "c1",
+            "credits": [
+                {**rec, "record_id": "r1", "kind": "granted", "amount": "10.00"},
+                {**rec, "record_id": "r2", "kind": "drawn", "amount": "3.00"},
+                {**rec, "record_id": "r3", "kind": "returned", "amount": "0.50"},
+            ],
+        }
+        assert c.post("/erp/credit-batches", json=batch, headers={"Idempotency-Key": "c1"}).status_code == 401
+        assert c.post("/erp/credit-batches", json=batch, headers={**auth, "Idempotency-Key": "c1"}).status_code == 200
+        again = c.post("/erp/credit-batches", json=batch, headers={**auth, "Idempotency-Key": "c1"})
+        assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+        assert c.post("/erp/credit-batches", json=batch, headers=auth).status_code == 400  # no key
+        ep = sb.state.endpoints["erp-credits"]
+        assert list(ep.accepted) == ["r1", "r2", "r3"] and ep.replays == 1 and ep.duplicates == []
+        assert sb.state.endpoints["erp"].accepted == {}  # lines and credit records are kept apart
+        state = c.get("/api/state").json()["erp-credits"]
+        assert state["applied_per_tenant"] == {"acme": {"USD": "2.50"}}  # drawn less returned
+        assert set(c.get("/api/items/erp-credits").json()[0]) >= {"record_id", "kind", "received_at"}
+
+        sb.fault("erp", "down")  # the whole ERP: both paths
+        more = {"batch_id": "c2", "credits": [{**rec, "record_id": "r4", "kind": "drawn", "amount": "1.00"}]}
+        assert c.post("/erp/credit-batches", json=more, headers={**auth, "Idempotency-Key": "c2"}).status_code == 503
+        sb.clear_faults()
+        sb.fault("erp-credits", "throttle", count=1, retry_after=2)  # the credit path alone
+        assert c.post("/erp/usage-batches", json=LINE, headers={**auth, "Idempotency-Key": "b"}).status_code == 200
+        r = c.post("/erp/credit-batches", json=more, headers={**auth, "Idempotency-Key": "c2"})
+        assert r.status_code == 429 and r.headers["Retry-After"] == "2"
+        assert c.post("/erp/credit-batches", json=more, headers={**auth, "Idempotency-Key": "c2"}).status_code == 200
+        assert "r4" in ep.accepted and "<td>r4</td>" in c.get("/").text

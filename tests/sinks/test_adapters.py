@@ -14,9 +14,9 @@ import standardwebhooks
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from runtime.settings import CrmSettings, ErpSettings, SuccessSettings
-from schemas.outputs import RatedUsageLine
+from schemas.outputs import CreditRecord, RatedUsageLine
 from sinks.crm import CrmHttp
-from sinks.erp import ErpHttp
+from sinks.erp import ErpCreditsHttp, ErpHttp
 from sinks.success import SuccessWebhook
 from tests.support.lines import rated_line, threshold_alert
 
@@ -93,6 +93,33 @@ def test_the_erp_gets_one_batch_under_its_key_with_exact_amounts():
     assert not answer.retry and not answer.rejected
     body = orjson.loads(seen[0].content)
     assert body["batch_id"] == "k-1" and [ln["amount"] for ln in body["lines"]] == ["0.10", "0.30"]
+
+
+def test_credit_records_go_to_their_own_path_in_batches_of_their_own_under_their_key():
+    seen: list[httpx.Request] = []
+    records = [
+        CreditRecord(
+            record_id=f"r-{i}",
+            kind="drawn",
+            tenant_id="acme",
+            erp_customer_id="ERP-1",
+            grant_id="g",
+            amount=Decimal("0.10") * i,
+            currency="USD",
+            at="2026-11-02T10:00:00.000Z",
+            line_id=f"l-{i}",
+            period="2026-11",
+        )
+        for i in (1, 3)
+    ]
+    answer = ErpCreditsHttp(ErpSettings(url="http://erp", token="t0k"), 5, transport(200, seen)).send("k-2", records)
+    assert not answer.retry and not answer.rejected
+    (req,) = seen
+    assert req.url.path == "/erp/credit-batches" and req.headers["Idempotency-Key"] == "k-2"
+    assert req.headers["Authorization"] == "Bearer t0k"
+    body = orjson.loads(req.content)
+    assert body["batch_id"] == "k-2" and [(r["record_id"], r["amount"]) for r in body["credits"]] == [("r-1", "0.10"), ("r-3", "0.30")]
+    assert "lines" not in body
 
 
 @pytest.mark.parametrize(

@@ -336,3 +336,47 @@ def test_a_remote_next_door_gets_one_request_at_a_time_a_distant_one_a_window(se
     slow.peak = 0
     s.deliver([msgspec_replace(x, line_id=f"n-{k}") for k, x in enumerate(lines_of(30))])
     assert slow.peak == 8
+
+
+def test_two_couriers_to_one_remote_share_its_rate_limit(settings: Settings):
+    """The ERP's lines and credit records go through couriers of their own (ledger
+    namespaces `erp`, `erp-credits`) to one remote: `share_remote` gives them one token
+    bucket, so alternating batches of both still keep to the remote's 2 requests/s."""
+    from connectors.delivery import share_remote
+
+    now = [0.0]
+    sent_at: list[tuple[str, float]] = []
+
+    class Timed(Scripted):
+        def send(self, key: str, items: Sequence[RatedUsageLine]) -> Answer:
+            sent_at.append((self.name, now[0]))
+            return super().send(key, items)
+
+    def sleep(d: float) -> None:
+        now[0] += max(d, 0.0)
+
+    def make(name: str) -> Courier[RatedUsageLine]:
+        dest = Timed()
+        dest.name = name
+        return Courier(
+            dest,
+            RatedUsageLine,
+            lambda ln: ln.line_id,
+            rate_per_second=2,
+            policy=DeliverySettings(),
+            ledger=Ledger(settings.stores),
+            parking=Parking(kafka.producer(settings.kafka.config()), settings.topics.dlq),
+            batched=True,
+            sleep=sleep,
+            clock=lambda: now[0],
+        )
+
+    lines, records = make("erp"), make("erp-credits")
+    share_remote(lines, records)
+    assert records.bucket is lines.bucket and records.breaker is lines.breaker
+    for i in range(4):
+        lines.deliver([line(10 + i)])
+        records.deliver([line(20 + i)])
+    assert [n for n, _ in sent_at] == ["erp", "erp-credits"] * 4
+    gaps = [b - a for (_, a), (_, b) in pairwise(sent_at)]
+    assert min(gaps) >= 0.5 - 1e-9, f"requests {gaps} s apart: above 2/s together"

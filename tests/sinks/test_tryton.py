@@ -1,6 +1,7 @@
 """The Tryton adapters against a real `trytond` (SQLite, the Tallyflow module), no mocks:
 exact amounts, effectively once inside Tryton, unknown master data rejected with a reason,
-alerts as leads once per alert id, an outage answered as "try again later"."""
+alerts as leads once per alert id, an outage answered as "try again later"; credit records
+once per record id, and the invoice: gross lines and one negative line per grant used."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import pytest
 
 from devkit.tryton import TrytonServer
+from operators.ids import stable_id
 from runtime.settings import Settings
-from schemas.outputs import RatedUsageLine, ThresholdAlert
-from sinks.tryton import TrytonClient, TrytonCrm, TrytonErp
+from schemas.outputs import CreditRecord, RatedUsageLine, ThresholdAlert
+from sinks.tryton import TrytonClient, TrytonCrm, TrytonErp, TrytonErpCredits, TrytonError
 from tests.dataflows.test_delivery import alerts
 from tests.support.lines import rated_line
 
@@ -128,3 +131,104 @@ def test_the_lines_encode_as_tryton_takes_them() -> None:
     """Decimals travel as exact strings, never floats (Tryton refuses a float amount)."""
     (doc,) = msgspec.to_builtins([line("0.10")])
     assert doc["amount"] == "0.10" and doc["quantity"] == "3"
+
+
+def credit(
+    kind: str, grant_id: str, amount: str, *, customer: str = "ERP-1", line_id: str | None = None, period: str | None = "2026-03"
+) -> CreditRecord:
+    applied = kind in ("drawn", "returned")
+    return CreditRecord(
+        record_id=stable_id("credit", uuid.uuid4().hex, grant_id, kind),
+        kind=kind,  # type: ignore[arg-type]
+        tenant_id="acme",
+        erp_customer_id=customer,
+        grant_id=grant_id,
+        amount=D(amount),
+        currency="USD",
+        at="2026-03-10T12:00:00.000Z",
+        line_id=(line_id or uuid.uuid4().hex) if applied else None,
+        period=period if applied else None,
+    )
+
+
+def credit_records(client: TrytonClient) -> dict[str, dict[str, Any]]:
+    fields = ["external_id", "kind", "grant_id", "amount", "period", "party.code", "invoice", "invoice_line"]
+    return {r["external_id"]: r for r in client.call("model.tallyflow.credit.search_read", [], 0, None, None, fields)}
+
+
+def test_credit_records_land_exactly_once_per_record_id_and_unknown_customers_are_rejected(tryton: TrytonServer) -> None:
+    erp = TrytonErpCredits(tryton.settings(Settings()).tryton)
+    kinds = [("granted", "10.00"), ("drawn", "2.50"), ("returned", "0.50"), ("expired", "8.00")]
+    batch = [credit(kind, "g1", amount) for kind, amount in kinds]
+    answer = erp.send("k1", batch)
+    assert not answer.retry and not answer.rejected and answer.detail == "4 created, 0 existing"
+    # Died after Tryton committed, before the ledger heard: the same batch again, and more.
+    stranger, fine = credit("drawn", "g2", "1.00", customer="ERP-404"), credit("voided", "g1", "0.00")
+    again = erp.send("k1", [*batch, stranger, fine])
+    assert not again.retry and set(again.rejected) == {4} and "unknown customer ERP-404" in again.rejected[4]
+    assert again.detail == "1 created, 4 existing"
+    got = credit_records(tryton.client())
+    assert set(got) == {r.record_id for r in [*batch, fine]}
+    for r in batch:
+        assert (got[r.record_id]["kind"], got[r.record_id]["amount"], got[r.record_id]["party."]["code"]) == (r.kind, r.amount, "ERP-1")
+    finer, undated = credit("drawn", "g3", "0.001"), msgspec.structs.replace(credit("drawn", "g3", "1.00"), period=None)
+    why = erp.send("k2", [finer, undated]).rejected
+    assert "more decimals than USD" in why[0] and "missing period" in why[1]
+    erp.close()
+
+
+def test_the_invoice_shows_the_gross_lines_and_one_negative_line_per_grant_used(tryton: TrytonServer) -> None:
+    s = tryton.settings(Settings()).tryton
+    usage = [line("10.00"), line("4.00"), line("5.00", product="TOK"), line("2.00", customer="ERP-2"), line("9.99", currency="EUR")]
+    assert not TrytonErp(s).send("u", usage).rejected
+    ledger = [
+        credit("granted", "g1", "20.00"),  # grant-level: no money on the invoice
+        credit("drawn", "g1", "3.00"),
+        credit("drawn", "g1", "2.00"),
+        credit("returned", "g1", "1.00"),  # g1 used 4.00
+        credit("drawn", "g2", "1.50"),
+        credit("drawn", "g3", "0.70"),
+        credit("returned", "g3", "0.70"),  # g3 drawn and given back in full: no line
+        credit("drawn", "g4", "2.00", customer="ERP-2"),  # ERP-2's whole gross
+        credit("drawn", "g5", "1.00", customer="ERP-3"),  # ERP-3: credits only, an invoice of its own
+        credit("drawn", "g1", "9.00", period="2026-04"),  # another period: not on this invoice
+    ]
+    answer = TrytonErpCredits(s).send("c", ledger)
+    assert not answer.rejected and answer.detail == f"{len(ledger)} created, 0 existing"
+
+    client = tryton.client()
+    out = {(r["party"], r["currency"]): r for r in client.call("model.tallyflow.usage.invoice_period", "2026-03", None, False)}
+    assert set(out) == {("ERP-1", "USD"), ("ERP-1", "EUR"), ("ERP-2", "USD"), ("ERP-3", "USD")}
+    acme = out[("ERP-1", "USD")]
+    assert (acme["gross"], acme["credits"], acme["untaxed_amount"]) == (D("19.00"), D("5.50"), D("13.50"))
+    assert (acme["lines"], acme["grants"], acme["credit_records"]) == (4, 2, 6)
+    assert out[("ERP-2", "USD")]["untaxed_amount"] == D(0) and out[("ERP-3", "USD")]["untaxed_amount"] == D("-1.00")
+    assert out[("ERP-1", "EUR")]["untaxed_amount"] == D("9.99")
+
+    lines = client.call(
+        "model.account.invoice.line.search_read",
+        [("invoice", "=", acme["invoice"])],
+        0,
+        None,
+        [("id", "ASC")],
+        ["product.code", "quantity", "unit_price", "amount", "description"],
+    )
+    assert sorted((ln["product."]["code"], ln["amount"]) for ln in lines) == [
+        ("CALLS", D("14.00")),
+        ("TALLYFLOW-CREDIT", D("-4.00")),
+        ("TALLYFLOW-CREDIT", D("-1.50")),
+        ("TOK", D("5.00")),
+    ]
+    assert sorted(ln["description"].split(" applied")[0] for ln in lines if ln["amount"] < 0) == ["Prepaid credit g1", "Prepaid credit g2"]
+    got = credit_records(client)
+    march = [r for r in ledger if r.period == "2026-03"]
+    assert all(got[r.record_id]["invoice"] is not None for r in march)  # g3 too: settled, with no line
+    assert [got[r.record_id]["invoice_line"] for r in ledger[5:7]] == [None, None]
+    assert got[ledger[-1].record_id]["invoice"] is None and got[ledger[0].record_id]["invoice"] is None
+    assert client.call("model.tallyflow.usage.invoice_period", "2026-03", None, False) == []  # nothing left
+
+    # An invoiced credit record is read-only; posting takes the negative lines as they are.
+    with pytest.raises(TrytonError, match="invoiced"):
+        client.call("model.tallyflow.credit.write", [got[ledger[1].record_id]["id"]], {"amount": D("3.01")})
+    posted = client.call("model.tallyflow.usage.invoice_period", "2026-04", None, True)
+    assert [(r["party"], r["untaxed_amount"], r["state"]) for r in posted] == [("ERP-1", D("-9.00"), "posted")]

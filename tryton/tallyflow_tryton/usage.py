@@ -17,6 +17,9 @@ from trytond.transaction import Transaction, without_check_access
 
 from . import common
 from .common import Rejected
+from .credit import APPLIED
+
+CREDIT_PRODUCT = "TALLYFLOW-CREDIT"  # the product whose account books the credits applied
 
 
 class Usage(ModelSQL, ModelView):  # type: ignore[misc]
@@ -184,61 +187,97 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
     @classmethod
     def invoice_period(cls, period: Any, parties: list[str] | None = None, post: bool = False) -> list[dict[str, Any]]:
         """Create one customer invoice per party and currency with the period's records that
-        are not invoiced yet (one line per product: quantity 1, unit price = exact sum).
+        are not invoiced yet: one line per product (quantity 1, unit price = the exact sum of
+        its usage records) and one negative line per prepaid grant used (its drawn less its
+        returned credit records), so the invoice total is gross - credits applied.
 
         Invoices stay draft unless post is true. Returns one dict per invoice."""
         pool = Pool()
         Invoice = pool.get("account.invoice")
+        Credit = pool.get("tallyflow.credit")
         period = common.check_period(period)
         company = common.company_id()
         cls.lock()  # two concurrent calls must not invoice the same records
+        Credit.lock()
 
         domain: list[Any] = [("period", "=", period), ("invoice_line", "=", None), ("company", "=", company)]
+        credit_domain: list[Any] = [("period", "=", period), ("invoice", "=", None), ("company", "=", company), ("kind", "in", APPLIED)]
         if parties is not None:
             found = common.find_parties(parties)
             domain.append(("party", "in", [p.id for p in found.values()]))
+            credit_domain.append(("party", "in", [p.id for p in found.values()]))
         records = cls.search(domain, order=[("party", "ASC"), ("currency", "ASC"), ("product", "ASC"), ("id", "ASC")])
+        credits = Credit.search(credit_domain, order=[("party", "ASC"), ("currency", "ASC"), ("grant_id", "ASC"), ("id", "ASC")])
+
+        groups: dict[tuple[int, int], tuple[list[Any], list[Any]]] = {}
+        for r in records:
+            groups.setdefault((r.party.id, r.currency.id), ([], []))[0].append(r)
+        for c in credits:
+            groups.setdefault((c.party.id, c.currency.id), ([], []))[1].append(c)
 
         plans = []
-        for (party, currency), group in groupby(records, key=lambda r: (r.party, r.currency)):
-            invoice = cls._get_invoice(party, currency, period)
+        for key in sorted(groups):
+            usages, applied = groups[key]
+            grants = [(gid, list(recs)) for gid, recs in groupby(applied, key=lambda c: c.grant_id)]
+            if not usages and not any(sum((c.applied() for c in recs), Decimal(0)) for _, recs in grants):
+                continue  # credits drawn and given back in full, nothing else: nothing to bill
+            first = usages[0] if usages else applied[0]
+            invoice = cls._get_invoice(first.party, first.currency, period)
             lines = []
-            for product, per_product in groupby(group, key=lambda r: r.product):
-                usages = list(per_product)
-                lines.append((cls._get_invoice_line(invoice, product, usages, period), usages))
+            for product, per_product in groupby(usages, key=lambda r: r.product):
+                group = list(per_product)
+                lines.append((cls._get_invoice_line(invoice, product, group, period), group, []))
+            for grant_id, recs in grants:
+                net = sum((c.applied() for c in recs), Decimal(0))
+                line = cls._get_credit_line(invoice, grant_id, net, recs, period) if net else None
+                lines.append((line, [], recs))
             plans.append((invoice, lines))
         if not plans:
             return []
 
         Invoice.save([invoice for invoice, _ in plans])
         InvoiceLine = pool.get("account.invoice.line")
-        InvoiceLine.save([line for _, lines in plans for line, _ in lines])
+        InvoiceLine.save([line for _, lines in plans for line, _, _ in lines if line is not None])
         with without_check_access():
             args: list[Any] = []
-            for _, lines in plans:
-                for line, usages in lines:
-                    args.extend((usages, {"invoice_line": line.id}))
-            cls.write(*args)
+            credit_args: list[Any] = []
+            for invoice, lines in plans:
+                for line, usages, recs in lines:
+                    if usages:
+                        args.extend((usages, {"invoice_line": line.id}))
+                    if recs:
+                        credit_args.extend((recs, {"invoice": invoice.id, "invoice_line": line.id if line else None}))
+            if args:
+                cls.write(*args)
+            if credit_args:
+                Credit.write(*credit_args)
         invoices = Invoice.browse([invoice.id for invoice, _ in plans])
         Invoice.update_taxes(invoices)
 
         result = []
         for invoice, (_, lines) in zip(invoices, plans, strict=True):
-            expected = sum((u.amount for _, usages in lines for u in usages), Decimal(0))
-            if invoice.untaxed_amount != expected:
+            gross = sum((u.amount for _, usages, _ in lines for u in usages), Decimal(0))
+            applied_ = sum((c.applied() for _, _, recs in lines for c in recs), Decimal(0))
+            if invoice.untaxed_amount != gross - applied_:
                 raise UserError(
-                    gettext("tallyflow.msg_invoice_mismatch", invoice=invoice.rec_name, total=invoice.untaxed_amount, expected=expected)
+                    gettext(
+                        "tallyflow.msg_invoice_mismatch", invoice=invoice.rec_name, total=invoice.untaxed_amount, expected=gross - applied_
+                    )
                 )
             result.append(
                 {
                     "invoice": invoice.id,
                     "party": invoice.party.code,
                     "currency": invoice.currency.code,
+                    "gross": gross,
+                    "credits": applied_,
                     "untaxed_amount": invoice.untaxed_amount,
                     "tax_amount": invoice.tax_amount,
                     "total_amount": invoice.total_amount,
-                    "lines": len(lines),
-                    "records": sum(len(usages) for _, usages in lines),
+                    "lines": sum(1 for line, _, _ in lines if line is not None),
+                    "records": sum(len(usages) for _, usages, _ in lines),
+                    "credit_records": sum(len(recs) for _, _, recs in lines),
+                    "grants": sum(1 for line, _, recs in lines if recs and line is not None),
                 }
             )
         if post:
@@ -280,4 +319,22 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         # so Tryton never re-prices what Tallyflow rated.
         line.unit_price = amount
         line.description = f"{product.rec_name} {period}: {quantity.normalize():f} {usages[0].meter} ({len(usages)} records)"
+        return line
+
+    @classmethod
+    def _get_credit_line(cls, invoice: Any, grant_id: str, applied: Decimal, records: list[Any], period: str) -> Any:
+        """One line per grant used: minus what it covered this period, on the credit product
+        (its account category says where prepaid credits applied are booked)."""
+        pool = Pool()
+        InvoiceLine = pool.get("account.invoice.line")
+        Product = pool.get("product.product")
+        products = Product.search([("code", "=", CREDIT_PRODUCT)], limit=1)
+        if not products:
+            raise UserError(gettext("tallyflow.msg_no_credit_product", period=period, code=CREDIT_PRODUCT))
+        line = InvoiceLine(
+            invoice=invoice, type="line", product=products[0], company=invoice.company, currency=invoice.currency, quantity=1.0
+        )
+        line.on_change_product()
+        line.unit_price = -applied  # exact: quantity 1, and the records are in the currency's minor unit
+        line.description = f"Prepaid credit {grant_id} applied, {period} ({len(records)} records)"
         return line

@@ -235,33 +235,52 @@ class Budget:
 
 
 class UsagePublisher:
-    """Writes the read model (operators/usage.py) of the tenants touched since the last write,
-    for all the shards of a worker at once, at most once per interval: one Redis call per
-    interval, and a cost that grows with the tenants active in an interval, not with events.
+    """Writes the read model (operators/usage.py) of the tenants touched since they were last
+    written: a pass over a worker's shards at most once per interval, each slice of it one
+    Redis call for its documents; a cost that grows with the tenants active in an interval,
+    not with events.
 
-    Its share of the process's time is capped, so rating and alerts come first: after a
-    write the next waits at least its cost over `steady` (with many active tenants the
-    interval stretches: 10 % of the time at most), and while input is waiting (the process
-    is catching up or at its limit: `Backlog`) writes spend at most `busy` of the wall time
-    (a token bucket), when the figures are as late as the input anyway."""
+    Its share of the process's time is capped, so rating and alerts come first:
+
+    * a pass is cut into slices of at most `slice_s` of CPU (whole shards), and the worker
+      takes its input between them, so no pass holds the input for longer than a slice;
+    * the next pass starts at least the last one's cost over `steady` after it began (with
+      many active tenants the interval stretches: `steady` of the time at most). That is
+      time the process has to spare: while input is waiting (the process is catching up or
+      at its limit: `Backlog`) passes spend at most `busy` of the wall time (a token bucket
+      charged only then, so what was spent while there was time to spare is no debt the
+      input has to wait out later), when the figures are as late as the input anyway.
+
+    Costs are CPU time (the worker's and the writer thread's), not wall time."""
+
+    @dataclass(slots=True)
+    class _Pass:
+        """A pass over a worker's shards, in progress."""
+
+        started: float  # wall time of its first slice
+        cursor: int = 0  # the next shard
+        spent: float = 0.0  # CPU seconds so far (worker and writer thread)
 
     def __init__(
         self,
         writer: ReadModelWriter,
         interval_s: float,
         stats: Stats,
-        steady: float = 0.10,
+        steady: float = 0.20,
         busy: float = 0.03,
         backlog: Backlog = BACKLOG,
+        slice_s: float = 0.005,
     ) -> None:
         self.writer, self.interval_s, self.stats, self.steady, self.backlog = writer, interval_s, stats, steady, backlog
         self.busy = Budget(busy)
+        self.slice_s = slice_s
         self.levels: LevelsCache = {}
         self._thread_seen = 0.0
-        # Per worker thread: its shards (a round touches only its own thread's engines) and
-        # when its next write is due.
+        # Per worker thread: its shards (a pass touches only its own thread's engines), when
+        # its next slice is due, and its pass in progress.
         self._shards: dict[int, list[ShardLogic]] = {}
         self._due: dict[int, float] = {}
+        self._pass: dict[int, UsagePublisher._Pass] = {}
 
     def register(self, shard: ShardLogic) -> None:
         self._shards.setdefault(threading.get_ident(), []).append(shard)
@@ -270,29 +289,46 @@ class UsagePublisher:
         return self._due.get(threading.get_ident(), 0.0)
 
     def round(self, now: float, force: bool = False) -> None:
-        """Write every dirty tenant of this thread's shards, if the interval and the budget allow."""
+        """A slice of the pass over this thread's shards (the next pass, if none is under way),
+        if the interval and the budget allow; `force`: every dirty tenant now, whole (a
+        snapshot's barrier, the end of a bounded input)."""
         me = threading.get_ident()
-        if not force and (now < self._due.get(me, 0.0) or not (self.busy.allows() or not self.backlog.behind())):
+        behind = self.backlog.behind()
+        if not force and (now < self._due.get(me, 0.0) or (behind and not self.busy.allows())):
             if now >= self._due.get(me, 0.0):
                 self._due[me] = now + self.interval_s  # over budget: look again then
             return
         started = time.thread_time()  # CPU, not wall: waiting for the GIL or Redis is not its cost
         now_ms = int(now * 1000)
+        shards = self._shards.get(me, [])
+        p = self._pass.get(me)
+        if p is None or force:
+            p = self._pass[me] = self._Pass(now, 0, p.spent if p is not None else 0.0)
         docs: list[UsageFacts] = []
-        for shard in self._shards.get(me, ()):
+        while p.cursor < len(shards):
+            shard = shards[p.cursor]
+            p.cursor += 1
             if shard.dirty or shard.final:
                 docs += self._facts(shard.engine, shard.dirty, shard.final, now_ms)
                 shard.dirty, shard.final = set(), []
+                if not force and time.thread_time() - started >= self.slice_s:
+                    break
         if docs:
             self.writer.submit(docs)
-        # The worker's time, and the writer thread's since the last write: the read model's cost.
+        # The worker's time, and the writer thread's since the last slice: the read model's cost.
         thread = self.writer.thread_seconds
         spent = time.thread_time() - started + thread - self._thread_seen
         self._thread_seen = thread
-        self.busy.spend(spent)
+        if behind:
+            self.busy.spend(spent)
         self.stats.read_model_seconds += spent
         self.stats.read_model_docs += len(docs)
-        self._due[me] = now + max(self.interval_s, spent / self.steady)
+        p.spent += spent
+        if p.cursor < len(shards):
+            self._due[me] = now  # the rest of the pass at the worker's next turn, after its input
+        else:
+            del self._pass[me]
+            self._due[me] = p.started + max(self.interval_s, p.spent / self.steady)
 
     def _facts(self, engine: ShardEngine, tenants: set[str], final: list[Final], now_ms: int) -> list[UsageFacts]:
         docs: list[UsageFacts] = []

@@ -168,6 +168,7 @@ class ApiSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     header_timeout_seconds: Pos = 10.0  # a request's line and headers must arrive within this, else the connection is closed
     max_header_bytes: PosInt = 64 * 1024  # a request's line and headers at most this, else 431 and close
     body_timeout_seconds: Pos = 60.0  # a posted body must arrive within this, else 408
+    workers: PosInt = 1  # processes behind one port (serving/server.py); on Kubernetes: 1 per pod, scale pods
 
 
 class ProcessSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -30,34 +30,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from html import escape as html_escape
 
 import msgspec
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from operators.deadletters import clip
 from operators.stats import Stats
 from runtime.settings import Settings, mask_url
-from schemas.usage import ENCODER as USAGE_ENCODER
 from serving.auth import Client, Tokens
 from serving.ingest import BrokerDown, Ingest, Judged, NotServed, catalog_watch
 from serving.openapi import LISTED_REFUSALS, document
 from serving.page import render
-from serving.server import Bounds
+from serving.server import MULTIPROC_DIR, Bounds
 from serving.usage import BadRequest, NotFound, Queries, Unavailable
-from state.read_model import ReadModelReader
+from state.read_model import ReadModelChanges, ReadModelReader
 
 EVENTS = Counter("tallyflow_api_events", "Events posted to the API, by outcome.", ["outcome"])
 QUERIES = Counter("tallyflow_api_queries", "Usage queries answered, by kind.", ["kind"])
+USAGES, PAGES = (QUERIES.labels(kind) for kind in ("usage", "page"))  # bound once: not per request
+JSON_HEADERS = [(b"content-type", b"application/json")]
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 RETRY_AFTER = {"Retry-After": "5"}
@@ -69,6 +75,26 @@ HTML_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class _Tally:
+    """Entitlement checks answered: a plain count on the hot path, added to the Prometheus
+    counter once a second and before each scrape (a Prometheus increment takes a lock; a
+    check costs a few microseconds in all)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.counter = QUERIES.labels("entitlement")
+
+    def flush(self) -> None:
+        n, self.n = self.n, 0
+        if n:
+            self.counter.inc(n)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)  # how often the count is published, not a synchronisation
+            self.flush()
 
 
 class _Bucket:
@@ -89,6 +115,30 @@ class _Bucket:
             self.tokens -= n
             return 0.0
         return (need - self.tokens) / self.rate
+
+
+def _authorization(scope: Scope) -> str | None:
+    """The Authorization header (what `request.headers` finds, without building its index)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _query(raw: bytes) -> QueryParams:
+    """Query parameters, parsed once per distinct query string (checks repeat theirs)."""
+    return QueryParams(raw)
+
+
+def _registry() -> CollectorRegistry:
+    """What /metrics shows: this process's metrics, or with several workers (serving/server.py)
+    every worker's, summed, whichever serves the scrape."""
+    if MULTIPROC_DIR not in os.environ:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **more: object) -> Response:
@@ -121,7 +171,8 @@ class _RedisCheck:
             return self.problem
 
 
-def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None = None) -> Starlette:
+def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None = None) -> ASGIApp:
+    """The API: the Starlette app below, behind the entitlement check's own path (`checks`)."""
     bounds = bounds or Bounds.of(s.api)
     tokens = Tokens.load(s.api.tokens_file)
     buckets: dict[str, _Bucket] = {}
@@ -129,7 +180,9 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
     watch = ingest.watch if ingest else catalog_watch(s, Stats())  # a bad catalog stops start-up here
     reader = ReadModelReader(s.stores)
     queries = Queries(watch, reader)
+    changes = ReadModelChanges(s.stores, queries.changed, queries.set_live)  # run by the lifespan: answers are kept until changed
     redis_problem = _RedisCheck(reader, s.stores.redis_url)
+    tally = _Tally()
 
     def the_ingest() -> Ingest:
         if "ingest" not in state:
@@ -139,7 +192,7 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
     def authorize(request: Request, scope: str, tenant: str | None = None, html: bool = False) -> Client | Response:
         """The client, or the answer refusing it: before anything is looked up, so a token
         bound to tenants learns nothing about others (not even whether they exist)."""
-        client = tokens.client(request.headers.get("authorization"))
+        client = tokens.client(_authorization(request.scope))
         if client is None:
             if html:  # a browser asks its user for the token (as the password)
                 return _html("<p>A token with the read scope is needed.</p>", 401, headers={"WWW-Authenticate": 'Basic realm="Tallyflow"'})
@@ -166,25 +219,28 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         if isinstance(client, Response):
             return client
         try:
-            usage = await queries.usage(
+            body = await queries.usage_json(
                 request.path_params["tenant"], request.query_params.get("period"), request.query_params.get("meter")
             )
         except (NotFound, BadRequest, Unavailable) as e:
             return refused(e)
-        QUERIES.labels("usage").inc()
-        return Response(USAGE_ENCODER.encode(usage), media_type="application/json")
+        USAGES.inc()
+        return Response(body, media_type="application/json")
 
     async def get_entitlement(request: Request) -> Response:
-        client = authorize(request, "read", request.path_params["tenant"])
+        """The hot path (products ask it on every request they serve): the answer is encoded
+        once per version of the tenant's document, and asks Redis nothing while it is current
+        (serving/usage.py)."""
+        p = request.path_params
+        client = authorize(request, "read", p["tenant"])
         if isinstance(client, Response):
             return client
-        p = request.path_params
         try:
-            ent = await queries.entitlement(p["tenant"], p["meter"], request.query_params.get("period"))
+            body = await queries.entitlement_json(p["tenant"], p["meter"], _query(request.scope["query_string"]).get("period"))
         except (NotFound, BadRequest, Unavailable) as e:
             return refused(e)
-        QUERIES.labels("entitlement").inc()
-        return Response(USAGE_ENCODER.encode(ent), media_type="application/json")
+        tally.n += 1
+        return Response(body, media_type="application/json")
 
     async def usage_page(request: Request) -> Response:
         tenant = request.path_params["tenant"]
@@ -200,8 +256,8 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
             return _html(f"<p>{html_escape(str(e))}</p>", status_of(e))
         if usage.period not in periods:
             periods = sorted([*periods, usage.period], reverse=True)
-        QUERIES.labels("page").inc()
-        return _html(render(usage, watch.index, periods))
+        PAGES.inc()
+        return _html(render(usage, watch.index, periods, tz=request.query_params.get("tz")))
 
     async def post_events(request: Request) -> Response:
         client = authorize(request, "ingest")
@@ -272,11 +328,21 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         return JSONResponse({"status": "ready"})
 
     async def metrics(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        tally.flush()
+        return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(changes.run(), name="read-model-changes"),
+            asyncio.create_task(queries.keep_fresh(), name="confirm"),
+            asyncio.create_task(tally.run(), name="tally"),
+        ]
         yield
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if "ingest" in state:  # what the broker has not acknowledged yet, before exiting
             await run_in_threadpool(state["ingest"].close)
         await reader.close()
@@ -288,11 +354,11 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         """A bug answers JSON without a traceback (Starlette logs it after)."""
         return _error(500, "internal error; it is logged on the server")
 
-    return Starlette(
+    app = Starlette(
         routes=[
+            Route("/v1/tenants/{tenant}/entitlements/{meter}", get_entitlement),  # first: the route asked most, matched first
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/tenants/{tenant}/usage", get_usage),
-            Route("/v1/tenants/{tenant}/entitlements/{meter}", get_entitlement),
             Route("/tenants/{tenant}", usage_page),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -302,3 +368,32 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         lifespan=lifespan,
         exception_handlers={Exception: internal},
     )
+
+    async def answered(scope: Scope, tenant: str, meter: str) -> bytes | None:
+        """The check's answer when everything goes well; None when the route must answer
+        (no token, a refusal, a 4xx or 503, a bug): it does the same again and says why."""
+        client = tokens.client(_authorization(scope))
+        if client is None or "read" not in client.scopes or not client.serves(tenant):
+            return None
+        try:
+            return await queries.entitlement_json(tenant, meter, _query(scope["query_string"]).get("period"))
+        except Exception:
+            return None
+
+    async def checks(scope: Scope, receive: Receive, send: Send) -> None:
+        """GET /v1/tenants/{tenant}/entitlements/{meter} answered here, without the framework
+        (its routing, request and response objects and middleware cost more than the check
+        itself); everything else, and every answer but a 200, by the Starlette app."""
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("root_path"):
+            parts = scope["path"].split("/")
+            if len(parts) == 6 and parts[2] == "tenants" and parts[4] == "entitlements" and parts[1] == "v1" and parts[3] and parts[5]:
+                body = await answered(scope, parts[3], parts[5])
+                if body is not None:
+                    tally.n += 1
+                    headers = [*JSON_HEADERS, (b"content-length", b"%d" % len(body))]
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await app(scope, receive, send)
+
+    return checks

@@ -22,7 +22,7 @@ from typing import Any
 
 from dataflows import FLOWS
 from runtime import kafka
-from runtime.settings import KAFKA_PREFIX, ConfigError, env_name, load_settings, to_env, tune_gc
+from runtime.settings import KAFKA_PREFIX, ConfigError, env_name, load_settings, to_env
 from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
 
@@ -152,17 +152,11 @@ def _with_brokers(
 
 
 def _api(a: argparse.Namespace) -> int:
-    import uvicorn
-
-    from serving.app import build_app
-    from serving.server import Bounds, config
+    from serving.server import serve
 
     s = load_settings()
-    bounds = Bounds.of(s.api)
-    app = build_app(s, bounds=bounds)
-    tune_gc()  # the catalog is long-lived: freeze it, so collections do not pause requests rescanning it
-    uvicorn.Server(config(app, a.host or s.api.host, a.port or s.api.port, bounds, log_level="info")).run()
-    return 0
+    workers = a.workers or s.api.workers
+    return serve(s, a.host or s.api.host, a.port or s.api.port, workers=workers)
 
 
 def _wait_for_stop() -> None:
@@ -337,6 +331,12 @@ def parser() -> argparse.ArgumentParser:
     api = cmd("api", "the HTTP API: event ingest, usage and entitlement queries, the usage page", _api, API_DOC)
     api.add_argument("--host", default=None, help="address to listen on (default: TALLYFLOW_API_HOST)")
     api.add_argument("--port", type=int, default=None, help="port (default: TALLYFLOW_API_PORT)")
+    api.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes behind one port, each with its own cache (default: TALLYFLOW_API_WORKERS, 1)",
+    )
 
     t = cmd("topics", "create the input and output topics on TALLYFLOW_BROKERS and say what they have", _topics)
     t.add_argument("--partitions", type=int, default=12, help="partitions of the input topic (the most useful rating workers)")

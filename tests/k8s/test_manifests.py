@@ -26,7 +26,7 @@ K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 # The oldest Kubernetes minor we support and the newest the schemas know.
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor"}
 IMAGE = "ghcr.io/tallyflow/tallyflow"
 DATAFLOWS = {"tallyflow-rating": ["rate"], "tallyflow-alerts": ["deliver", "alerts"], "tallyflow-erp": ["deliver", "erp"]}
 WORKLOAD_KINDS = {"StatefulSet", "Deployment", "Job"}
@@ -117,6 +117,11 @@ def api(docs):
     deployment = named(docs, "Deployment", API)
     assert main_container(deployment)["args"] == ["api"] and ours(main_container(deployment))
     return deployment
+
+
+def dataflow_scalers(docs):
+    """The KEDA ScaledObjects of the dataflows (StatefulSets); the API's is checked on its own."""
+    return [so for so in of_kind(docs, "ScaledObject") if so["spec"]["scaleTargetRef"].get("kind") == "StatefulSet"]
 
 
 def long_running(docs):
@@ -276,7 +281,7 @@ def test_probes_use_the_metrics_endpoints_and_are_not_aggressive(docs):
 
 def test_recovery_store_is_one_shared_claim_per_dataflow(docs):
     dirs, claims = set(), set()
-    scaled = {s["spec"]["scaleTargetRef"]["name"] for s in of_kind(docs, "ScaledObject")}
+    scaled = {s["spec"]["scaleTargetRef"]["name"] for s in dataflow_scalers(docs)}
     for sts in dataflows(docs):
         name, spec = sts["metadata"]["name"], pod_spec(sts)
         (init,) = [c for c in spec.get("initContainers", []) if c["name"] == "recovery-init"]
@@ -302,7 +307,7 @@ def test_replica_counts_fit_recovery_and_topic_partitions(docs):
     partitions = int(settings_of(docs)["TALLYFLOW_RECOVERY_PARTITIONS"])
     replicas = {d["metadata"]["name"]: d["spec"].get("replicas", 1) for d in dataflows(docs)}
     assert max(replicas.values()) <= partitions
-    for so in of_kind(docs, "ScaledObject"):
+    for so in dataflow_scalers(docs):
         input_partitions = int(so["metadata"]["annotations"]["tallyflow.io/input-topic-partitions"])
         assert so["spec"]["minReplicaCount"] >= 1
         assert so["spec"]["maxReplicaCount"] <= min(partitions, input_partitions), "more workers than partitions"
@@ -311,7 +316,7 @@ def test_replica_counts_fit_recovery_and_topic_partitions(docs):
         if args[0] == "topics":
             assert replicas["tallyflow-rating"] <= flag(args, "--partitions")
             assert max(replicas["tallyflow-alerts"], replicas["tallyflow-erp"]) <= flag(args, "--output-partitions")
-            for so in of_kind(docs, "ScaledObject"):
+            for so in dataflow_scalers(docs):
                 assert so["spec"]["maxReplicaCount"] <= flag(args, "--partitions")
 
 
@@ -634,18 +639,31 @@ def test_api_deployment_service_hpa_and_pdb_agree(docs):
     assert (port["name"], port["port"], port.get("protocol", "TCP")) == ("http", 80, "TCP")
     assert container_port(deployment, port.get("targetPort", port["port"])) == API_PORT
 
-    (hpa,) = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
-    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["metadata"]["name"] == name
-    ref = hpa["spec"]["scaleTargetRef"]
-    assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment")
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 10)
-    (metric,) = hpa["spec"]["metrics"]
-    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
-    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    # Scaled by one autoscaler: KEDA on its request rate where KEDA is (components/autoscaling),
+    # else the base HPA on CPU; two would fight over the count.
+    hpas = [h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
+    keda = [so for so in of_kind(docs, "ScaledObject") if so["spec"]["scaleTargetRef"]["name"] == name]
+    assert len(hpas) + len(keda) == 1, "the API needs exactly one autoscaler"
     assert "cpu" in c["resources"]["requests"], "CPU utilization is relative to the request"
-    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 60
-    # The HPA owns the count: a replicas field would reset a scaled-out API on every apply.
-    assert "replicas" not in spec or hpa["spec"]["minReplicas"] <= spec["replicas"] <= hpa["spec"]["maxReplicas"]
+    if hpas:
+        (hpa,) = hpas
+        assert hpa["apiVersion"] == "autoscaling/v2" and hpa["metadata"]["name"] == name
+        ref, bounds = hpa["spec"]["scaleTargetRef"], (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+        assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+        behavior = hpa["spec"]["behavior"]
+    else:
+        (so,) = keda
+        assert so["apiVersion"] == "keda.sh/v1alpha1"
+        ref, bounds = so["spec"]["scaleTargetRef"], (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"])
+        behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert_api_scales_on_request_rate(so, docs)
+    assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment")
+    assert bounds == (2, 10)
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 60
+    # The autoscaler owns the count: a replicas field would reset a scaled-out API on every apply.
+    assert "replicas" not in spec or bounds[0] <= spec["replicas"] <= bounds[1]
 
     (pdb,) = [p for p in of_kind(docs, "PodDisruptionBudget") if selects(p["spec"]["selector"], labels)]
     assert pdb["metadata"]["name"] == name and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
@@ -656,6 +674,19 @@ def test_api_deployment_service_hpa_and_pdb_agree(docs):
     spread = pod_spec(deployment)["topologySpreadConstraints"]
     assert any(t["topologyKey"] == "kubernetes.io/hostname" and selects(t["labelSelector"], labels) for t in spread)
     assert all(t["whenUnsatisfiable"] == "ScheduleAnyway" for t in spread)
+
+
+def assert_api_scales_on_request_rate(so, docs):
+    """KEDA's triggers for the API: read queries per second over its pods (a Prometheus query
+    of the API's own counter), per replica, and CPU for ingest; Prometheus scrapes the pods."""
+    triggers = {t["type"]: t for t in so["spec"]["triggers"]}
+    assert set(triggers) == {"prometheus", "cpu"}
+    meta = triggers["prometheus"]["metadata"]
+    assert re.fullmatch(r'sum\(rate\(tallyflow_api_queries_total\{pod=~"tallyflow-api-\.\+"\}\[\dm\]\)\)', meta["query"]), meta["query"]
+    assert urlsplit(meta["serverAddress"]).scheme in ("http", "https") and int(meta["threshold"]) > 0
+    assert triggers["cpu"]["metricType"] == "Utilization" and int(triggers["cpu"]["metadata"]["value"]) == 70
+    (monitor,) = of_kind(docs, "PodMonitor")
+    assert selects(monitor["spec"]["selector"], pod_labels(api(docs)))
 
 
 def test_api_probes_hit_health_endpoints_on_the_container_port(docs):
@@ -743,7 +774,8 @@ def test_api_network_policy_admits_clients_and_reaches_kafka_and_redis(docs):
 
 def test_keda_scales_the_rating_statefulset_on_its_consumer_lag(docs):
     settings = settings_of(docs)
-    for so in of_kind(docs, "ScaledObject"):
+    assert {so["spec"]["scaleTargetRef"]["name"] for so in of_kind(docs, "ScaledObject")} <= {"tallyflow-rating", API}
+    for so in dataflow_scalers(docs):
         assert so["apiVersion"] == "keda.sh/v1alpha1"
         ref = so["spec"]["scaleTargetRef"]
         assert (ref.get("apiVersion"), ref.get("kind")) == ("apps/v1", "StatefulSet")
@@ -788,10 +820,16 @@ def test_prometheus_operator_scrapes_every_dataflow(docs):
         ann = sts["spec"]["template"]["metadata"].get("annotations", {})
         scrape = {k: ann.get(f"prometheus.io/{k}") for k in ("scrape", "port", "path")}
         assert scrape == {"scrape": "true", "port": str(METRICS_PORT), "path": "/metrics"}
-    # The API serves /metrics on its only port.
-    ann = api(docs)["spec"]["template"]["metadata"].get("annotations", {})
+    # The API serves /metrics on its only port: by annotation, and per pod where the operator is.
+    deployment = api(docs)
+    ann = deployment["spec"]["template"]["metadata"].get("annotations", {})
     scrape = {k: ann.get(f"prometheus.io/{k}") for k in ("scrape", "port", "path")}
     assert scrape == {"scrape": "true", "port": str(API_PORT), "path": "/metrics"}
+    for pm in of_kind(docs, "PodMonitor"):
+        assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert [w["metadata"]["name"] for w in workloads(docs) if selects(pm["spec"]["selector"], pod_labels(w))] == [API]
+        (ep,) = pm["spec"]["podMetricsEndpoints"]
+        assert ep["path"] == "/metrics" and container_port(deployment, ep["port"]) == API_PORT
 
 
 # --- the overlays ------------------------------------------------------------------------------
@@ -801,7 +839,7 @@ def test_dev_is_self_contained():
     docs = render("dev")
     (ns,) = of_kind(docs, "Namespace")
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {ns["metadata"]["name"]} == {"tallyflow-dev"}
-    assert not of_kind(docs, "ScaledObject") and not of_kind(docs, "ServiceMonitor"), "kind/minikube have no such CRDs"
+    assert not [d for d in docs if d["kind"] in CRD_KINDS], "kind/minikube have no such CRDs"
     images = {c["image"] for w in workloads(docs) for c in all_containers(pod_spec(w))}
     assert {"apache/kafka:3.9.1", "redis:7.2-alpine"} <= images
     services = {s["metadata"]["name"] for s in of_kind(docs, "Service")}
@@ -844,7 +882,10 @@ def test_prod_uses_external_endpoints_shared_rwx_storage_and_spreads_rating():
     docs = render("prod")
     assert {d["metadata"].get("namespace") for d in docs} == {"tallyflow"}
     assert not of_kind(docs, "Namespace") and not of_kind(docs, "Secret")
-    assert of_kind(docs, "ScaledObject") and of_kind(docs, "ServiceMonitor")
+    assert of_kind(docs, "ScaledObject") and of_kind(docs, "ServiceMonitor") and of_kind(docs, "PodMonitor")
+    # The API scales on its request rate (KEDA), not on the base's CPU-only HPA.
+    assert not of_kind(docs, "HorizontalPodAutoscaler")
+    assert_api_scales_on_request_rate(named(docs, "ScaledObject", API), docs)
     settings = settings_of(docs)
     assert settings["TALLYFLOW_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
     assert all(urlsplit(settings[k]).scheme == "https" for k in ("TALLYFLOW_CRM_URL", "TALLYFLOW_SUCCESS_URL", "TALLYFLOW_ERP_URL"))

@@ -192,3 +192,12 @@ def test_slow_clients_are_cut_off_and_cannot_hold_the_server(api: Callable[..., 
             "Content-Type: application/cloudevents+json\r\nContent-Length: 1000\r\n\r\n{".encode()
         )
         assert closed(s, 5).startswith(b"HTTP/1.1 408")
+
+
+def test_the_page_over_http_shows_times_in_the_viewers_offset(api: Callable[..., httpx.Client]) -> None:
+    """`?tz=` reaches the page (it was read by the renderer but not passed by the route)."""
+    c = api()
+    utc = c.get("/tenants/acme", auth=("me", READER))
+    plus = c.get("/tenants/acme", params={"tz": "+01:00"}, auth=("me", READER))
+    assert utc.status_code == plus.status_code == 200
+    assert 'id="tz">UTC<' in utc.text and 'id="tz">UTC+01:00<' in plus.text

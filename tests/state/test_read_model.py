@@ -1,6 +1,6 @@
 """The read model's store against a real redis-server: a write built from fewer input records
 than the stored document (an older state re-derived by a crash replay) is refused; as many
-or more wins, whatever its figures."""
+or more wins, whatever its figures; every document taken is announced with its version."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import redis
 from devkit.stack import LocalStack
 from runtime.settings import Settings
 from schemas.usage import USAGE_FACTS, UsageFacts
-from state.read_model import ReadModelReader, ReadModelWriter
+from state.read_model import ReadModelChanges, ReadModelReader, ReadModelWriter
 
 END_MS = int(time.time() * 1000) + 86_400_000
 
@@ -80,3 +80,40 @@ def test_a_document_from_before_the_records_guard_is_taken_over(stack: LocalStac
     ReadModelWriter(settings.stores).write([doc(3)])
     got = stored(settings)
     assert got is not None and got.events == 3
+
+
+def test_a_write_announces_the_documents_it_took_with_versions_that_only_grow(stack: LocalStack, settings: Settings) -> None:
+    """Every script call that takes documents publishes their keys and versions (records, then
+    writes), in the same script: what a reader caches is dropped by the next announcement.
+    A refused write announces nothing."""
+    announced: list[tuple[str, tuple[int, int]]] = []
+    live: list[bool] = []
+
+    async def listen() -> None:
+        changes = ReadModelChanges(settings.stores, announced.extend, live.append)
+        task = asyncio.create_task(changes.run())
+        try:
+            while not live:
+                await asyncio.sleep(0.01)  # polling the subscription's start
+            w = ReadModelWriter(settings.stores)
+            await asyncio.to_thread(w.write, [doc(10)])
+            await asyncio.to_thread(w.write, [doc(7)])  # refused: further back along the input
+            await asyncio.to_thread(w.write, [doc(10, 1_793_356_200_000)])  # as far: taken, a new version
+            await asyncio.to_thread(w.write, [doc(12)])
+            while len(announced) < 3:
+                await asyncio.sleep(0.01)  # polling the announcements' arrival
+            await asyncio.sleep(0.2)  # nothing more comes
+            r = ReadModelReader(settings.stores)
+            try:
+                k = f"{settings.stores.key('usage')}:acme:2026-11"
+                assert (await r.read(k))[1] == (12, 3)
+                assert await r.versions([k, k + "-none"]) == [(12, 3), (0, 0)]
+            finally:
+                await r.close()
+        finally:
+            task.cancel()
+
+    asyncio.run(listen())
+    k = f"{settings.stores.key('usage')}:acme:2026-11"
+    assert announced == [(k, (10, 1)), (k, (10, 2)), (k, (12, 3))]
+    assert live == [True, False]  # False: cancelled

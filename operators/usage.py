@@ -53,8 +53,18 @@ def access(pmi: PlanMeterIndex, used: Decimal) -> tuple[Decimal, Decimal, bool]:
     return max(included - used, ZERO), max(used - included, ZERO), pmi.hard_limit is None or used < pmi.hard_limit
 
 
-def entitlement(tenant_id: str, period: str, pmi: PlanMeterIndex, pv: str, used: Decimal, as_of: str, watermark: str | None) -> Entitlement:
-    """May the tenant use the meter: `used` measured under the plan meter in force."""
+def entitlement(
+    tenant_id: str,
+    period: str,
+    pmi: PlanMeterIndex,
+    pv: str,
+    used: Decimal,
+    as_of: str,
+    watermark: str | None,
+    credits_left: Decimal = ZERO,
+) -> Entitlement:
+    """May the tenant use the meter: `used` measured under the plan meter in force;
+    `credits_left` what its live grants still cover of it (`credits_remaining`)."""
     m = meter_usage(pmi, pv, used)
     return Entitlement(
         tenant_id=tenant_id,
@@ -69,6 +79,8 @@ def entitlement(tenant_id: str, period: str, pmi: PlanMeterIndex, pv: str, used:
         pricing_version=pv,
         as_of=as_of,
         watermark=watermark,
+        currency=m.currency,
+        credits_remaining=credits_left,
     )
 
 
@@ -286,6 +298,7 @@ def derive(cat: CatalogIndex, f: UsageFacts) -> TenantUsage:
         as_of=iso(f.as_of_ms),
         events=f.events,
         meters=meters,
+        credits=balances(f),
     )
 
 

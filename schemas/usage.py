@@ -166,6 +166,7 @@ class TenantUsage(msgspec.Struct, kw_only=True, gc=False):
     as_of: str  # wall time it was computed
     events: int  # accepted events in the period (all meters): grows along the input, so a replay never goes back
     meters: dict[str, MeterUsage]
+    credits: list[GrantBalance] = []  # the tenant's prepaid grants as of this document (SPEC §9.5)
 
 
 class Entitlement(msgspec.Struct, kw_only=True):
@@ -181,6 +182,19 @@ class Entitlement(msgspec.Struct, kw_only=True):
     pricing_version: str
     as_of: str  # when the figures were computed (the read model's time; now when there is no usage yet)
     watermark: str | None  # the latest event time they reflect (None: no usage in the period yet)
+    currency: str | None = None  # the plan meter's
+    credits_remaining: Decimal = Decimal(0)  # what the tenant's live prepaid grants still cover of this meter, in `currency`
+
+
+class Credits(msgspec.Struct, kw_only=True, gc=False):
+    """`GET /v1/tenants/{t}/credits`: the tenant's prepaid grants as of the read model."""
+
+    tenant_id: str
+    period: str  # the billing period whose document the balances come from
+    as_of: str | None  # when the rating dataflow wrote them (None: no document, no grants seen)
+    watermark: str | None
+    remaining: dict[str, Decimal]  # per currency, over the live grants
+    grants: list[GrantBalance]
 
 
 ENCODER = msgspec.json.Encoder(decimal_format="string")

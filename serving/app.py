@@ -49,9 +49,14 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from operators.credits import check_grant
 from operators.deadletters import clip
+from operators.periods import iso
 from operators.stats import Stats
 from runtime.settings import Settings, mask_url
+from schemas.catalog import quantum
+from schemas.events import GRANTED, VOIDED, GrantData
+from schemas.usage import ENCODER as USAGE_ENCODER
 from serving.auth import Client, Tokens
 from serving.ingest import BrokerDown, Ingest, Judged, NotServed, catalog_watch
 from serving.openapi import LISTED_REFUSALS, document
@@ -299,6 +304,10 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         except NotServed as e:
             EVENTS.labels("forbidden").inc(n)
             return _error(403, str(e), index=e.index)
+        if "credits:write" not in client.scopes and any(a.pricing_version == "" for a in judged.accepted):  # a grant or a void
+            EVENTS.labels("forbidden").inc(n)
+            first = min(a.offset for a in judged.accepted if a.pricing_version == "")
+            return _error(403, "granting or voiding credits needs the credits:write scope; nothing was sent", index=first)
         try:
             await ing.produce(judged.accepted)
         except BrokerDown as e:
@@ -315,6 +324,75 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         refused = [{"index": i, "reason": r, "message": m} for i, (r, m) in listed]
         body_out = {"accepted": len(accepted), "accepted_indexes": accepted, "refused": refused, "refused_count": len(judged.refused)}
         return Response(msgspec.json.encode(body_out), 400 if refused else 202, media_type="application/json")
+
+    async def get_credits(request: Request) -> Response:
+        tenant = request.path_params["tenant"]
+        client = authorize(request, "read", tenant)
+        if isinstance(client, Response):
+            return client
+        try:
+            credits = await queries.credits(tenant, request.query_params.get("period"))
+        except (NotFound, BadRequest, Unavailable) as e:
+            return refused(e)
+        QUERIES.labels("credits").inc()
+        return Response(USAGE_ENCODER.encode(credits), media_type="application/json")
+
+    async def credit_event(request: Request, kind: str) -> Response:
+        """A grant (the body: the grant's data, SPEC §9.5) or a void (no body) of the path's
+        tenant, as the CloudEvent the rating dataflow reads, judged as the dataflow judges it
+        and produced keyed by the tenant: 202 once the broker acknowledged it. Its id follows
+        from the grant id, so a POST retried after a lost answer is the same event again (a
+        duplicate, dropped), and so is a second grant under an id already used."""
+        tenant = request.path_params["tenant"]
+        client = authorize(request, "credits:write", tenant)
+        if isinstance(client, Response):
+            return client
+        if kind == GRANTED:
+            try:
+                async with asyncio.timeout(bounds.body_seconds):
+                    body = await request.body()
+            except TimeoutError:
+                return _error(408, f"the body did not arrive within {bounds.body_seconds:g} s", headers={"Connection": "close"})
+            if len(body) > s.api.max_body_bytes:
+                return _error(413, f"the body is over {s.api.max_body_bytes} bytes")
+            try:
+                grant = msgspec.json.decode(body, type=GrantData)
+            except msgspec.DecodeError as e:
+                return _error(400, f"bad_grant: {e}", reason="bad_grant")
+            why = check_grant(grant, quantum(grant.currency), {m.slug for m in watch.index.catalog.meters})
+            if why is not None:
+                return _error(400, f"bad_grant: grant '{grant.grant_id}': {why}", reason="bad_grant")
+            grant_id, data = grant.grant_id, msgspec.json.decode(body)
+        else:
+            grant_id = request.path_params["grant_id"]
+            data = {"grant_id": grant_id}
+        event = {
+            "specversion": "1.0",
+            "id": f"{'grant' if kind == GRANTED else 'void'}:{grant_id}",
+            "source": "tallyflow/api",
+            "type": kind,
+            "subject": tenant,
+            "time": iso(int(time.time() * 1000)),
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+        ing = the_ingest()
+        judged = await run_in_threadpool(ing.judge, [msgspec.json.encode(event)])
+        if judged.refused:
+            reason, message = judged.refused[0]
+            return _error(400, f"{reason}: {message}", reason=reason)
+        try:
+            await ing.produce(judged.accepted)
+        except BrokerDown as e:
+            return _error(503, f"the broker did not acknowledge the event ({e}); send it again", headers={"Retry-After": "5"})
+        EVENTS.labels("accepted").inc()
+        return JSONResponse({"grant_id": grant_id, "event_id": event["id"], "type": kind}, 202)
+
+    async def post_grant(request: Request) -> Response:
+        return await credit_event(request, GRANTED)
+
+    async def post_void(request: Request) -> Response:
+        return await credit_event(request, VOIDED)
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -359,6 +437,9 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
             Route("/v1/tenants/{tenant}/entitlements/{meter}", get_entitlement),  # first: the route asked most, matched first
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/tenants/{tenant}/usage", get_usage),
+            Route("/v1/tenants/{tenant}/credits", get_credits),
+            Route("/v1/tenants/{tenant}/grants", post_grant, methods=["POST"]),
+            Route("/v1/tenants/{tenant}/grants/{grant_id}/void", post_void, methods=["POST"]),
             Route("/tenants/{tenant}", usage_page),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -22,7 +22,7 @@ import yaml
 
 from runtime.settings import ConfigError
 
-Scope = Literal["ingest", "read"]
+Scope = Literal["ingest", "read", "credits:write"]  # credits:write: grant and void prepaid credits
 
 
 class ClientEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

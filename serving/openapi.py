@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from schemas.events import CloudEvent
-from schemas.usage import Entitlement, TenantUsage
+from schemas.events import CloudEvent, GrantData
+from schemas.usage import Credits, Entitlement, TenantUsage
 
 LISTED_REFUSALS = 100  # a 400 lists the first refusals by position; `refused_count` counts all
 
@@ -29,6 +29,17 @@ class Error(msgspec.Struct):
     error: str
 
 
+class Refused(msgspec.Struct):
+    error: str
+    reason: Annotated[str, msgspec.Meta(description="the dead-letter reason the rating dataflow would give it (bad_grant, ...)")]
+
+
+class CreditEventAnswer(msgspec.Struct):
+    grant_id: str
+    event_id: Annotated[str, msgspec.Meta(description="the CloudEvent's id: the same for the same grant, so a retry is a duplicate")]
+    type: str
+
+
 class Forbidden(msgspec.Struct):
     error: str
     index: Annotated[int | None, msgspec.Meta(description="the first event for a tenant the token does not serve")] = None
@@ -40,7 +51,8 @@ def _json(ref: str) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [IngestAnswer, Error, Forbidden, CloudEvent, TenantUsage, Entitlement], ref_template="#/components/schemas/{name}"
+        [IngestAnswer, Error, Refused, Forbidden, CloudEvent, TenantUsage, Entitlement, Credits, GrantData, CreditEventAnswer],
+        ref_template="#/components/schemas/{name}",
     )
     err = {"content": _json("Error")}
     page = {"content": {"text/html": {"schema": {"type": "string"}}}}
@@ -59,6 +71,12 @@ def document() -> dict[str, Any]:
         "400": {"description": "a malformed period", **err},
         "404": {"description": "no such tenant, or the meter is not in its plan", **err},
         "503": {"description": "the usage store does not answer, or the catalog is behind the usage; ask again", **err, **retry},
+    }
+    write = {
+        "400": {"description": "a bad grant (the field named) or event", "content": _json("Refused")},
+        "401": {"description": "no or unknown bearer token", **err},
+        "403": {"description": "the token lacks the credits:write scope, or does not serve this tenant", **err},
+        "503": {"description": "the broker did not acknowledge; send again", **err, **retry},
     }
     return {
         "openapi": "3.1.0",
@@ -94,7 +112,7 @@ def document() -> dict[str, Any]:
                         "401": {"description": "no or unknown bearer token", **err},
                         "403": {
                             "description": "the token lacks the ingest scope, or an event (the first at `index`) is for a tenant "
-                            "the token does not serve; nothing was sent",
+                            "the token does not serve or grants or voids credits without the credits:write scope; nothing was sent",
                             "content": _json("Forbidden"),
                         },
                         "408": {"description": "the body did not arrive in time", **err},
@@ -127,6 +145,28 @@ def document() -> dict[str, Any]:
                         "200": {"description": "measured under the pricing version in force", "content": _json("Entitlement")},
                         **read,
                     },
+                }
+            },
+            "/v1/tenants/{tenant}/credits": {
+                "get": {
+                    "summary": "The tenant's prepaid grants: granted, used, expired, voided, remaining, expiry, status",
+                    "parameters": [tenant, period],
+                    "responses": {"200": {"description": "as of the read model", "content": _json("Credits")}, **read},
+                }
+            },
+            "/v1/tenants/{tenant}/grants": {
+                "post": {
+                    "summary": "Grant prepaid credits (scope credits:write): produced as a tallyflow.credit.granted event",
+                    "parameters": [tenant],
+                    "requestBody": {"required": True, "content": _json("GrantData")},
+                    "responses": {"202": {"description": "on the input topic", "content": _json("CreditEventAnswer")}, **write},
+                }
+            },
+            "/v1/tenants/{tenant}/grants/{grant_id}/void": {
+                "post": {
+                    "summary": "Void what remains of a grant (scope credits:write): a tallyflow.credit.voided event",
+                    "parameters": [tenant, {"name": "grant_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"202": {"description": "on the input topic", "content": _json("CreditEventAnswer")}, **write},
                 }
             },
             "/tenants/{tenant}": {

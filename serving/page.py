@@ -26,7 +26,7 @@ from operators.catalog_index import CatalogIndex, PlanIndex
 from operators.thresholds import SPEND_METER
 from operators.usage import plan_in_force
 from schemas.catalog import quantum
-from schemas.usage import CellUsage, LevelCrossed, MeterUsage, TenantUsage
+from schemas.usage import CellUsage, GrantBalance, LevelCrossed, MeterUsage, TenantUsage
 
 # A meter's usage per UTC day of the period, oldest first: ("2026-12-02", quantity). Days
 # without usage may be left out (they are drawn as zero up to the tenant's watermark).
@@ -423,10 +423,30 @@ as of {_when(doc.as_of, z, year)} · events up to {_when(doc.watermark, z, year,
 <span style="background:#1d2330;opacity:.55;width:3px"></span>threshold<span style="background:#c62828;width:3px"></span>hard limit
 <span style="background:repeating-linear-gradient(#1d2330 0 3px,transparent 3px 6px);width:4px"></span>threshold beyond the bar</p>
 {_spend(in_force, spend, totals, z, year)}
+{_credits(doc.credits, z, year)}
 {"".join(meters) or "<p>No meters.</p>"}
 <h2>Thresholds crossed</h2>
 {alerts}
 </body></html>"""
+
+
+def _credits(grants: list[GrantBalance], z: Zone, year: int) -> str:
+    """The tenant's prepaid grants: what each gave, what usage took, what is left and until when."""
+    if not grants:
+        return ""
+    rows = "".join(
+        f'<tr data-grant="{escape(g.grant_id)}"><td>{escape(g.grant_id)}</td><td>{_money(g.currency, g.granted)}</td>'
+        f"<td>{_money(g.currency, g.used)}</td><td>{_money(g.currency, g.remaining)}</td>"
+        f"<td>{_when(g.expires_at, z, year, none='never')}</td><td>{escape(g.status)}"
+        f"{f' ({_money(g.currency, g.expired)} expired)' if g.expired else ''}"
+        f"{f' ({_money(g.currency, g.voided)} voided)' if g.voided else ''}</td></tr>"
+        for g in grants
+    )
+    return f"""
+<section class="spend" id="credits"><h2>Prepaid credits</h2>
+<p>Rated usage draws on these before it is invoiced, by priority, then the soonest to expire.</p>
+<table><thead><tr><th>grant</th><th>granted</th><th>used</th><th>remaining</th><th>expires</th><th>status</th></tr></thead>
+<tbody>{rows}</tbody></table></section>"""
 
 
 def _ms(iso: str) -> int:

@@ -39,16 +39,17 @@ import bisect
 import re
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import msgspec
 from prometheus_client import Counter
 
 from operators.catalog_index import CatalogIndex, PlanIndex
 from operators.periods import Period, iso, period_of
-from operators.usage import ZERO, UnknownVersion, derive, empty_usage, entitlement, plan_in_force
+from operators.usage import ZERO, UnknownVersion, balances, credits_remaining, derive, empty_usage, entitlement, plan_in_force
 from runtime.catalog_watch import CatalogWatch
 from runtime.redis import TRANSIENT
-from schemas.usage import ENCODER, USAGE_FACTS, TenantUsage, UsageFacts
+from schemas.usage import ENCODER, USAGE_FACTS, Credits, TenantUsage, UsageFacts
 from state.read_model import NO_DOCUMENT, ReadModelReader, Version, key
 
 _FORMATS = {
@@ -245,7 +246,8 @@ class Queries:
                                 )
                             if v.pricing_version == pv:
                                 used = v.quantity
-                ans = ENCODER.encode(entitlement(tenant_id, r.period.key, pmi, pv, used, iso(f.as_of_ms), iso(f.watermark_ms)))
+                left = credits_remaining(f, meter, pmi.plan.currency, f.as_of_ms) if f.grants else ZERO
+                ans = ENCODER.encode(entitlement(tenant_id, r.period.key, pmi, pv, used, iso(f.as_of_ms), iso(f.watermark_ms), left))
             d.answers[("entitlement", meter, pv)] = ans
         if len(self._hot) >= MAX_RESOLVED:
             self._hot.clear()
@@ -282,6 +284,32 @@ class Queries:
         if not isinstance(ans, bytes):
             ans = d.answers[("usage", meter, r.plan.pricing_version)] = ENCODER.encode(await self.usage(tenant_id, key_asked, meter))
         return ans
+
+    async def credits(self, tenant_id: str, key_asked: str | None) -> Credits:
+        """The tenant's grants as of the period's document (default: the current period's;
+        without one yet, the newest of its recent periods with a document: grants outlive
+        periods, and each document carries them all as of its writing)."""
+        cat = self._catalog()
+        now_ms = int(time.time() * 1000)
+        r = self._resolve(cat, tenant_id, key_asked, now_ms)
+        period = r.period.key
+        d = await self._current(key(self.prefix, tenant_id, period))
+        if d.facts is None and key_asked is None:
+            for p in await self.periods(tenant_id):
+                if p != period:
+                    d, period = await self._current(key(self.prefix, tenant_id, p)), p
+                    break
+        f = d.facts
+        if f is None:
+            return Credits(tenant_id=tenant_id, period=period, as_of=None, watermark=None, remaining={}, grants=[])
+        grants = balances(f)
+        remaining: dict[str, Decimal] = {}
+        for g in grants:
+            if g.status == "active":
+                remaining[g.currency] = remaining.get(g.currency, ZERO) + g.remaining
+        return Credits(
+            tenant_id=tenant_id, period=period, as_of=iso(f.as_of_ms), watermark=iso(f.watermark_ms), remaining=remaining, grants=grants
+        )
 
     def _usage_of(self, d: _Document) -> TenantUsage:
         if d.usage is None:

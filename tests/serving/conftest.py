@@ -18,6 +18,7 @@ from serving.server import Bounds
 
 INGEST, READER, SLOW = "ingest-token-0123456789", "read-token-0123456789", "slow-token-0123456789"
 ACME, LATE = "acme-only-token-0123456789", "late-prefix-token-0123456789"  # bound to tenants
+BILLING = "billing-token-0123456789"  # grants and voids credits
 
 
 @pytest.fixture
@@ -29,6 +30,7 @@ def api(small: Settings, tmp_path: Path) -> Iterator[Callable[..., httpx.Client]
         {"name": "slow", "token": SLOW, "scopes": ["ingest"], "rate_per_second": 5},
         {"name": "acme-portal", "token": ACME, "scopes": ["ingest", "read"], "tenants": ["acme"]},
         {"name": "late-portal", "token": LATE, "scopes": ["read"], "tenants": ["late-*"]},
+        {"name": "billing", "token": BILLING, "scopes": ["credits:write", "ingest", "read"]},
     ]
     tokens.write_text(yaml.safe_dump({"clients": clients}))
     with contextlib.ExitStack() as running:

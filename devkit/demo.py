@@ -52,8 +52,9 @@ from state.read_model import documents
 # closes mid-demo, a plan upgrade happens at 23:50, and a 10-minute grace makes hours-late
 # October events arrive too late once November is 10 minutes old.
 DEMO_START = datetime(2026, 10, 31, 23, 30, tzinfo=UTC)
-# Prepaid credits for every tenth tenant: 3 grants each (a trial expiring halfway, a first-
-# priority promo, a large one voided three quarters through), the demo's credit ledger.
+# Prepaid credits for every tenth tenant: 3 grants each (a trial drawn last and expiring
+# halfway, a first-priority promo, a large one voided three quarters through), the demo's
+# credit ledger.
 DEMO_CREDITS = 0.1
 
 

@@ -37,7 +37,8 @@ class GenSpec:
     rate: float | None = None  # events/s; None = as fast as possible
     event_types: tuple[str, ...] | None = None  # only these types (None: every type the catalog meters)
     # Share of the tenants given prepaid credits before their traffic: 3 grants each (one
-    # expiring halfway through, one of first priority, one voided three quarters through).
+    # drawn last and expiring halfway through, one of first priority, one voided three
+    # quarters through).
     credits: float = 0.0
 
 
@@ -214,7 +215,8 @@ def _grants(spec: GenSpec, tenant: str, currency: str) -> Iterator[tuple[str, st
     start = _iso(spec.start - timedelta(days=1))
     base = f"{spec.seed}-{tenant}"
     grants = [
-        {"grant_id": f"{base}-trial", "amount": "5.00", "priority": 10, "expires_at": _iso(spec.start + spec.span / 2)},
+        # Drawn last (after the large one), so it expires halfway with most of it unused.
+        {"grant_id": f"{base}-trial", "amount": "5.00", "priority": 30, "expires_at": _iso(spec.start + spec.span / 2)},
         {"grant_id": f"{base}-promo", "amount": "3.00", "priority": 1},
         {"grant_id": f"{base}-big", "amount": "500.00", "priority": 20},
     ]

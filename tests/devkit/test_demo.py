@@ -82,3 +82,31 @@ def test_the_verdict_fails_when_alert_p99_exceeds_its_budget():
     assert "p99 612 ms over its 500 ms budget" in why
     assert verdict(True, True, True, 0, True, math.nan), "no alert measured is no evidence of latency"
     assert len(verdict(False, True, True, 2, False, 100.0)) == 3
+
+
+def test_the_readme_shows_what_the_demo_traffic_comes_to() -> None:
+    """The README's sample output (issue 23: it printed 2,038 alerts where the demo made
+    2,031): its counts that do not depend on timing are what the rating operators make of
+    the demo's traffic, computed here without a broker."""
+    import re
+    from pathlib import Path
+
+    from devkit.demo import deterministic
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("summary: rating (what the rating dataflow made of the input)", 1)[1].split("```", 1)[0]
+
+    def row(label: str) -> str:
+        m = re.search(rf"^  {re.escape(label)}\s+(.*)$", block, re.M)
+        assert m, label
+        return m.group(1)
+
+    want = deterministic()
+    assert int(row("accepted").replace(",", "")) == want["accepted"]
+    assert int(row("duplicates dropped").split()[0].replace(",", "")) == want["duplicates"]
+    dead = dict(re.findall(r"(\w+) (\d+)", row("dead letters (usage.dlq)").split("  ", 1)[1]))
+    assert {k: int(v) for k, v in dead.items()} == want["dead"]
+    alerts = row("threshold alerts (usage.alerts)")
+    assert int(alerts.split()[0].replace(",", "")) == sum(want["alerts"].values())
+    levels = dict(re.findall(r"([\w%:.\-]+) (\d+)(?:,|$)", alerts.split("by level: ", 1)[1]))
+    assert {k: int(v) for k, v in levels.items()} == want["alerts"]

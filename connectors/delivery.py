@@ -9,10 +9,10 @@ so the backlog waits in Kafka as consumer lag and memory stays bounded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -73,7 +73,15 @@ class CourierSink(DynamicSink[Any], Generic[T]):
         return _CourierPartition(self.make(), self.decode, self.label)
 
 
-Route = tuple[Courier[Any], Callable[[Any], list[Any]]]  # a kind's courier, and how its batch decodes
+class Deliverer(Protocol):
+    """What a route hands its batches to: a courier, or the review desk's steps."""
+
+    def deliver(self, items: Sequence[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+Route = tuple[Deliverer, Callable[[Any], list[Any]]]  # a kind's courier (or desk), and how its batch decodes
 
 
 class _RoutedPartition(StatelessSinkPartition[tuple[str, Any]]):

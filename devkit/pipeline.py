@@ -104,6 +104,8 @@ class LocalPipeline:
                 s.topics.dlq: 1,
                 s.topics.exceptions: 1,
                 s.topics.credits: 1,
+                s.topics.review: 1,
+                s.topics.audit: 1,
             }
         )
         return self

@@ -135,6 +135,7 @@ def line_records(ln: RatedUsageLine) -> list[CreditRecord]:
             at=ln.window_start,
             line_id=ln.line_id,
             period=ln.period,
+            review=ln.review,
         )
         for c in ln.credits or ()
     ]

@@ -157,6 +157,7 @@ class TenantState:
     credits: Credits | None = None  # prepaid grants, once the tenant has one (operators/credits.py)
     gross: dict[str, Decimal] = field(default_factory=dict)  # a closing period's rated gross, for its minimum
     true_ups: dict[str, tuple[str, Decimal, int]] = field(default_factory=dict)  # period -> (version, amount, end ms), for the read model
+    emitted: dict[str, Decimal] = field(default_factory=dict)  # per period: the gross of its lines so far (review's spike rule)
 
 
 @dataclass(slots=True)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from operators import credits
+from operators import credits, review
 from operators.catalog_index import CatalogIndex
 from operators.credits import Cell, CreditsToken
 from operators.engine_state import EngineConfig, MeterPeriod, Out, TenantState, WindowAcc, WKey
 from operators.ids import stable_id
-from operators.periods import Period, iso
+from operators.periods import Period, iso, period_of
 from operators.stats import Stats
 from schemas.catalog import Plan
 from schemas.outputs import RatedUsageLine, ThresholdAlert
@@ -114,7 +114,7 @@ class Windows:
             revision=revision,
             dimensions=dims,
         )
-        self._emit(t, ln, Decimal(after), charged, events, acc.start_ms, cell, plan.plan, out)
+        self._emit(t, ln, Decimal(after), charged, events, acc.start_ms, cell, plan.plan, mp.period, out)
 
     def _emit(
         self,
@@ -126,11 +126,23 @@ class Windows:
         at_ms: int,
         cell: Cell,
         plan: Plan,
+        period: Period,
         out: Out,
         any_meter: bool = False,
     ) -> None:
         """A line goes out with its key's period-to-date totals; with the tenant's grants, it
-        draws on them (or gives back) first, and the register settles its credits too."""
+        draws on them (or gives back) first, and the register settles its credits too. The
+        review rules (operators/review.py) may hold it, and its draws, for a person."""
+        emitted = getattr(t, "emitted", None)  # absent in snapshots of earlier versions
+        if emitted is None:
+            emitted = t.emitted = {}
+        previous = emitted.get(period_of(period.start_ms - 1, plan.billing_period).key)
+        gross = review.add_gross(emitted, period.key, ln.amount)
+        why = review.hold_reason(
+            self.cat.catalog.review, self.cat.tenants[t.tenant_id].tenant.review, ln.amount, ln.currency, gross, previous
+        )
+        if why is not None:
+            ln.review = why
         token: CreditsToken = ()
         if t.credits is not None:
             token = credits.apply(t.credits, ln, at_ms, cell, any_meter=any_meter)
@@ -232,4 +244,4 @@ class Windows:
             revision=0,
             kind="minimum_true_up",
         )
-        self._emit(t, ln, Decimal(1), amount, 0, period.end_ms, None, plan.plan, out, any_meter=True)
+        self._emit(t, ln, Decimal(1), amount, 0, period.end_ms, None, plan.plan, period, out, any_meter=True)

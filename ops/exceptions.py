@@ -22,7 +22,8 @@ from ops import arguments
 from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
-from schemas.outputs import RatedUsageLine, ThresholdAlert
+from schemas.outputs import CreditRecord, RatedUsageLine, ThresholdAlert
+from sinks.erp import CREDITS
 from state.ledger import Ledger
 
 
@@ -49,6 +50,9 @@ def _item_id(dest: str, raw: msgspec.Raw) -> tuple[str, str, str]:
     if dest == "erp":
         ln = msgspec.json.decode(raw, type=RatedUsageLine)
         return ln.line_id, ln.tenant_id, "rated"
+    if dest == CREDITS:
+        r = msgspec.json.decode(raw, type=CreditRecord)
+        return r.record_id, r.tenant_id, "credits"
     a = msgspec.json.decode(raw, type=ThresholdAlert)
     return a.alert_id, a.tenant_id, "alerts"
 
@@ -64,11 +68,13 @@ def summary(parked: list[Parked]) -> dict[str, Any]:
 def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
     """Re-send what is still rejected; returns counts per destination."""
     ledger = Ledger(s.stores)
-    topics = {"rated": s.topics.rated, "alerts": s.topics.alerts}
+    topics = {"rated": s.topics.rated, "alerts": s.topics.alerts, "credits": s.topics.credits}
     sent: Counter[str] = Counter()
     records: list[tuple[str, bytes, bytes | None]] = []
     seen: set[tuple[str, str]] = set()
     for e in parked:
+        if e.destination == "review":  # a person rejected it: not sent again behind their back
+            continue
         items = [(raw, *_item_id(e.destination, raw)) for raw in e.items]
         items = [it for it in items if (e.destination, it[1]) not in seen]
         ids = [it[1] for it in items]
@@ -84,11 +90,13 @@ def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--destination", action="append", default=[], help="only this destination: erp, crm, success (repeatable)")
+    ap.add_argument(
+        "--destination", action="append", default=[], help="only this destination: erp, erp-credits, crm, success, review (repeatable)"
+    )
     ap.add_argument("--redrive", action="store_true", help="send the still-rejected items again (after fixing their cause)")
 
 
-DESTINATIONS = ("erp", "crm", "success")  # the couriers' names (sinks/*.py `name`)
+DESTINATIONS = ("erp", CREDITS, "crm", "success", "review")  # the couriers' names (sinks/*.py `name`)
 
 
 def check(a: argparse.Namespace) -> None:

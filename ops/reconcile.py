@@ -41,7 +41,7 @@ from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
-from schemas.outputs import CreditRecord, RatedUsageLine
+from schemas.outputs import CreditRecord, RatedUsageLine, ReviewDecision
 from sinks.erp import CREDITS
 
 Key = tuple[str, str, str]  # tenant, meter, period
@@ -102,9 +102,29 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
     return totals, stats
 
 
-def rated_and_acknowledged(s: Settings, with_erp: bool, conflicts: list[str] | None = None) -> tuple[Totals, Totals | None]:
+def rejected_in_review(s: Settings) -> set[str]:
+    """The review ids a person rejected (`usage.audit`): never posted, by decision."""
+    out: set[str] = set()
+    for v in read_topic(s.kafka.config(), s.topics.audit):
+        d = msgspec.json.decode(v, type=ReviewDecision)
+        if d.decision == "reject":
+            out.add(d.review_id)
+    return out
+
+
+def rated_and_acknowledged(
+    s: Settings,
+    with_erp: bool,
+    conflicts: list[str] | None = None,
+    rejected: set[str] | None = None,
+    review: dict[str, Totals] | None = None,
+) -> tuple[Totals, Totals | None]:
     """`conflicts` collects the line ids found on the topic with different contents (a crash
-    replay must re-send a line byte for byte; the ERP took the first copy, so it counts)."""
+    replay must re-send a line byte for byte; the ERP took the first copy, so it counts).
+
+    The ERP column is what the ERP booked plus what review keeps from it (SPEC §10.1:
+    rated = ERP + held + rejected): a line held for review and not posted counts as `held`,
+    or as `rejected` once a person rejected it; `review` collects those two apart."""
     rated = Totals()
     # A line id can be on the topic more than once (a crash replay produces it again, with
     # the same content); it counts once, as it does at the ERP: the first copy.
@@ -131,10 +151,17 @@ def rated_and_acknowledged(s: Settings, with_erp: bool, conflicts: list[str] | N
         for ln, st in zip(part, ledger.status("erp", [ln.line_id for ln in part]), strict=True):
             if st == "ok":
                 erp.add(ln, credits=False)  # the ERP's credits are the credit records it took
+            elif ln.review is not None:
+                erp.add(ln, credits=False)
+                if review is not None:
+                    column = "rejected" if rejected and ln.line_id in rejected else "held"
+                    review.setdefault(column, Totals()).add(ln, credits=False)
     return rated, erp
 
 
-def credit_ledger(s: Settings, with_erp: bool, conflicts: list[str] | None = None) -> tuple[Totals, Totals | None]:
+def credit_ledger(
+    s: Settings, with_erp: bool, conflicts: list[str] | None = None, rejected: set[str] | None = None
+) -> tuple[Totals, Totals | None]:
     """The credits applied on the credit ledger topic, and those of its records the ERP
     acknowledged. A record id counts once, its first copy (a crash replay re-sends a line's
     draws under the same ids); `conflicts` collects the record ids whose copies differ."""
@@ -160,7 +187,7 @@ def credit_ledger(s: Settings, with_erp: bool, conflicts: list[str] | None = Non
     for i in range(0, len(records), 1000):
         part = records[i : i + 1000]
         for r, st in zip(part, ledger.status(CREDITS, [r.record_id for r in part]), strict=True):
-            if st == "ok":
+            if st == "ok" or r.review is not None:  # booked, or kept from the ERP by review (as its line)
                 erp.add_record(r)
     return topic, erp
 
@@ -246,7 +273,9 @@ def run(args: argparse.Namespace) -> int:
     source, stats = recount(s)
     conflicts: list[str] = []
     credit_conflicts: list[str] = []
-    rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp, conflicts=conflicts)
+    rejected = rejected_in_review(s)
+    review: dict[str, Totals] = {}
+    rated, erp = rated_and_acknowledged(s, with_erp=not args.no_erp, conflicts=conflicts, rejected=rejected, review=review)
     ledger, erp_credits = credit_ledger(s, with_erp=not args.no_erp, conflicts=credit_conflicts)
     if erp is not None and erp_credits is not None:
         erp.credits = erp_credits.credits
@@ -268,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
                 cur: str(sum((a for k, a in t.amount.items() if t.currency[k] == cur), Decimal(0)))
                 for cur in sorted(set(t.currency.values()))
             }
-            for name, t in totals.items()
+            for name, t in {**totals, **review}.items()
         },
         "money": money_summary(rated, ledger, erp),  # per column and currency: gross, credits, net
     }
@@ -279,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
     cols = list(totals)
     print(f"{summary['keys']:,} tenant/meter/period totals from {stats.records_in:,} input records; compared: {', '.join(cols)}")
     for name, by_cur in summary["amount"].items():  # type: ignore[attr-defined]
-        print(f"  {name:<7} " + ", ".join(f"{cur} {Decimal(v):,}" for cur, v in by_cur.items()))
+        label = f"  of which {name} for review" if name in review else f"  {name:<7}"
+        print(f"{label} " + ", ".join(f"{cur} {Decimal(v):,}" for cur, v in by_cur.items()))
     print("money per tenant, period and currency (gross - credits applied = net):")
     for name, by_cur in summary["money"].items():  # type: ignore[attr-defined]
         shown = [

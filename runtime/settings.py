@@ -67,6 +67,8 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     dlq: str = "usage.dlq"
     exceptions: str = "usage.exceptions"  # requests a destination rejected for good
     credits: str = "usage.credits"  # the credit ledger: granted, drawn, returned, expired, voided
+    review: str = "usage.review"  # lines and credit records held for a person's decision before the ERP
+    audit: str = "usage.audit"  # review decisions: who, when, why, what
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

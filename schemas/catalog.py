@@ -161,6 +161,16 @@ class Minimum(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     product_code: str
 
 
+class ReviewRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a person reviews before it is posted to the ERP (SPEC §10.1): a line whose amount
+    is above its currency's limit, and every line of a tenant's period once the period's gross
+    is above `period_gross_over_previous` times the previous period's (a spike). Tenants
+    marked `review: true` have every line and draw reviewed."""
+
+    line_amount_over: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")], Decimal] = {}
+    period_gross_over_previous: Decimal | None = None
+
+
 class Plan(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     id: Slug
     version: Annotated[int, msgspec.Meta(ge=1)]
@@ -189,6 +199,7 @@ class Tenant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     erp_customer_id: str
     contract_id: str
     legal_entity: str | None = None
+    review: bool = False  # every line and draw of the tenant waits for a person before the ERP (SPEC §10.1)
     region: str | None = None
     effective_from: datetime | None = None
     effective_until: datetime | None = None
@@ -199,6 +210,7 @@ class Catalog(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     meters: list[Meter]
     plans: list[Plan]
     tenants: list[Tenant]
+    review: ReviewRules | None = None
 
 
 def _utc(dt: datetime, where: str) -> datetime:
@@ -285,6 +297,14 @@ def check_catalog(cat: Catalog) -> None:
                 _utc(dt, f"{where}.{field}")
         for j, c in enumerate(t.plan_changes):
             _utc(c.effective_from, f"{where}.plan_changes[{j}].effective_from")
+    if cat.review is not None:
+        for cur, limit in cat.review.line_amount_over.items():
+            _nonneg(limit, f"$.review.line_amount_over.{cur}", strict=True)
+        n = cat.review.period_gross_over_previous
+        if n is not None and (not n.is_finite() or n <= 1):
+            raise CatalogError(
+                f"$.review.period_gross_over_previous: {n} would hold every period that merely grows; use a factor above 1, such as 3"
+            )
 
 
 MAX_NUMBER = Decimal(10**18)

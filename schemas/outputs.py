@@ -66,6 +66,7 @@ class CreditRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     line_id: str | None = None  # drawn / returned: the line that did it
     period: str | None = None
     seq: int = 1
+    review: str | None = None  # drawn / returned of a line held for review: held with it
 
 
 class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
@@ -93,6 +94,9 @@ class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True)
     credits: list[CreditUse] | None = None
     net_amount: Decimal | None = None
     kind: Literal["usage", "minimum_true_up"] = "usage"
+    # Why a person must approve it before the ERP books it (SPEC §10.1, `code: detail`);
+    # absent for a line posted as it comes.
+    review: str | None = None
 
     @property
     def cell(self) -> tuple[str, ...] | None:
@@ -119,6 +123,41 @@ class DeadLetter(msgspec.Struct, gc=False, kw_only=True):
     # A CloudEvent sent in binary content mode: its `ce_*` and `content-type` headers (the
     # payload is its body), bounded, so it can be read and re-driven as it was sent.
     headers: dict[str, str] | None = None
+
+
+class HeldItem(msgspec.Struct, gc=False, kw_only=True):
+    """A rated line or credit record held for review (`usage.review`, SPEC §10.1): the item
+    as rated, waiting for a person's decision. `review_id` is its line or record id."""
+
+    review_id: str
+    kind: Literal["line", "credit"]
+    tenant_id: str
+    period: str | None
+    amount: Decimal  # the line's amount; the record's (drawn: taken off the invoice, returned: given back)
+    currency: str
+    reason: str
+    held_at: str
+    item: msgspec.Raw  # the line or record, byte for byte as on usage.rated / usage.credits
+
+
+class ReviewDecision(msgspec.Struct, gc=False, kw_only=True):
+    """A person's decision on a held item (`usage.audit`): who, when, why and what. The ERP
+    delivery posts an approved item (once: the delivery ledger knows its id) and parks a
+    rejected one on `usage.exceptions`."""
+
+    audit_id: str
+    review_id: str
+    decision: Literal["approve", "reject"]
+    by: str
+    why: str
+    at: str
+    kind: Literal["line", "credit"]
+    tenant_id: str
+    period: str | None
+    amount: Decimal
+    currency: str
+    reason: str  # why it was held
+    item: msgspec.Raw
 
 
 ENCODER = msgspec.json.Encoder(decimal_format="string")

@@ -28,7 +28,7 @@ from schemas.errors import TallyflowError
 
 OVERVIEW = """\
 run the pipeline:      rate, deliver alerts, deliver erp, api
-operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq, exceptions, invoice
+operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq, exceptions, invoice, review
 develop and try it:    stack, sandbox, generate, demo, bench
 
 Settings come from TALLYFLOW_* variables (and an optional YAML file named by
@@ -88,7 +88,10 @@ def _topics(a: argparse.Namespace) -> int:
     s = load_settings()
     kafka.ensure_reachable(s.kafka.config())
     t = s.topics
-    wanted = {t.input: a.partitions, **dict.fromkeys((t.alerts, t.rated, t.dlq, t.exceptions), a.output_partitions)}
+    wanted = {
+        t.input: a.partitions,
+        **dict.fromkeys((t.alerts, t.rated, t.dlq, t.exceptions, t.credits, t.review, t.audit), a.output_partitions),
+    }
     short = 0
     for r in kafka.ensure_topics(s.kafka.config(), wanted):
         print(f"{r.name}: {'created' if r.created else 'already existed'} with {r.partitions} partition(s)", end="")
@@ -173,7 +176,7 @@ def _stack(a: argparse.Namespace) -> int:
     with LocalStack(redis=not a.no_redis) as st, contextlib.ExitStack() as more:
         s = load_settings(brokers=st.brokers)
         t = s.topics
-        st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1, t.credits: 1})
+        st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1, t.credits: 1, t.review: 1, t.audit: 1})
         print(f"export TALLYFLOW_BROKERS={st.brokers}")
         if not a.no_redis:
             print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
@@ -304,7 +307,7 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def parser() -> argparse.ArgumentParser:
     from devkit import bench, demo
-    from ops import dlq, exceptions, invoice, reconcile, replay
+    from ops import dlq, exceptions, invoice, reconcile, replay, review
 
     ap = argparse.ArgumentParser(
         prog="tallyflow",
@@ -355,6 +358,7 @@ def parser() -> argparse.ArgumentParser:
         (dlq, "dlq", "dead letters by reason and tenant; --redrive sends fixed ones back to the input topic"),
         (exceptions, "exceptions", "what destinations rejected for good; --redrive sends it again once fixed"),
         (invoice, "invoice", "invoice a period in Tryton; rated = in Tryton = invoiced per customer"),
+        (review, "review", "lines held for review before the ERP: list, approve or reject them (who, when, why kept)"),
     ):
         mod.add_arguments(cmd(name, what, _with_brokers(mod.run, getattr(mod, "check", None)), mod.__doc__))
 

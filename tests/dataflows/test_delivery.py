@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from dataflows import FLOWS
 from devkit.pipeline import wait_until
 from devkit.sandbox import Sandbox
 from devkit.stack import LocalStack
@@ -58,12 +56,6 @@ class FlowProcess:
                 self.p.wait(10)
 
 
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    with Sandbox(hmac_key=HMAC_KEY.encode()) as sb:
-        yield sb
-
-
 # Delivery policies a test can wait out: quick retries, a quick breaker, small ERP batches soon.
 QUICK_DELIVERY = {
     "retry_base_seconds": 0.05,
@@ -76,31 +68,13 @@ QUICK_DELIVERY = {
 
 
 def with_exceptions_topic(s: Settings, stack: LocalStack, **flat: object) -> Settings:
-    """`s` with quick delivery policies, and an exceptions topic and a credit ledger of the test's own."""
+    """`s` with quick delivery policies, and an exceptions topic, a credit ledger and review
+    topics of the test's own."""
     tag = uuid.uuid4().hex[:8]
-    s = s.replace(exceptions_topic=f"exceptions-{tag}", credits_topic=f"credits-{tag}", **{**QUICK_DELIVERY, **flat})
-    stack.create_topics({s.topics.exceptions: 1, s.topics.credits: 1})
+    topics = {f"{name}_topic": f"{name}-{tag}" for name in ("exceptions", "credits", "review", "audit")}
+    s = s.replace(**topics, **{**QUICK_DELIVERY, **flat})
+    stack.create_topics(dict.fromkeys(topics.values(), 1))
     return s
-
-
-@pytest.fixture
-def dsettings(settings: Settings, stack: LocalStack, sandbox: Sandbox) -> Settings:
-    urls = {"crm_url": sandbox.url, "success_url": sandbox.url, "erp_url": sandbox.url}
-    return with_exceptions_topic(settings, stack, redis_url=stack.redis_url, success_hmac_key=HMAC_KEY, **urls)
-
-
-@pytest.fixture
-def flows(tmp_path: Path) -> Iterator[Callable[[str, Settings], FlowProcess]]:
-    started: list[FlowProcess] = []
-
-    def start(which: str, s: Settings) -> FlowProcess:
-        fp = FlowProcess(FLOWS[which], s, tmp_path / f"{which}.log")
-        started.append(fp)
-        return fp
-
-    yield start
-    for fp in started:
-        fp.stop()
 
 
 def produce(s: Settings, topic: str, records: list[Any]) -> dict[str, float]:

@@ -1,0 +1,43 @@
+"""Review before posting (SPEC §10.1): which rated lines a person must approve before the
+ERP books them, and why. Decided where lines are made (the rating engine), from the
+tenant's state there, so a crash replay decides as the first run did and the emission
+register keeps the line, its reason included, as first emitted. The ERP delivery only reads
+the line's `review`: a held line (and its draws) waits on `usage.review` for a decision."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from schemas.catalog import ReviewRules
+
+KEEP_PERIODS = 3  # periods of emitted gross kept per tenant: the current, the previous, one in grace
+
+
+def hold_reason(
+    rules: ReviewRules | None, tenant_review: bool, amount: Decimal, currency: str, gross_after: Decimal, previous: Decimal | None
+) -> str | None:
+    """Why a line of `amount` must wait for review (`code: detail`), or None to post it.
+    `gross_after` is its tenant's period gross with it, `previous` the previous period's
+    (None: no previous period seen, which never counts as a spike)."""
+    if tenant_review:
+        return "tenant_under_review: the catalog marks this tenant review: true"
+    if rules is None:
+        return None
+    limit = rules.line_amount_over.get(currency)
+    if limit is not None and amount > limit:
+        return f"amount_over_limit: {currency} {amount} is over the review limit of {currency} {limit} per line"
+    n = rules.period_gross_over_previous
+    if n is not None and previous is not None and previous > 0 and gross_after > n * previous:
+        return f"gross_spike: the period's gross {currency} {gross_after} is over {n} x the previous period's {currency} {previous}"
+    return None
+
+
+def add_gross(emitted: dict[str, Decimal], period: str, amount: Decimal) -> Decimal:
+    """Add a line to its period's emitted gross; the period's gross after it. Keeps the last
+    KEEP_PERIODS periods (keys sort in time: YYYY-MM, YYYY-MM-DD)."""
+    g = emitted[period] = emitted.get(period, Decimal(0)) + amount
+    if len(emitted) > KEEP_PERIODS:
+        for old in sorted(emitted)[: len(emitted) - KEEP_PERIODS]:
+            if old != period:
+                del emitted[old]
+    return g

@@ -7,6 +7,10 @@ One process delivers both, so they share the ERP's rate limit and circuit breake
 lines (`erp` in the delivery ledger, by `line_id`) are the gross charges; the credit
 ledger's records (`erp-credits`, by `record_id`) are what prepaid grants took off them.
 
+Review before posting (SPEC §10.1): an item rated with `review` set goes to `usage.review`
+instead, and waits for a person; their decisions on `usage.audit` come back here, the
+approved item to its courier, the rejected one parked (sinks/review.py).
+
 Run: `tallyflow deliver erp`, or `python -m bytewax.run "dataflows.erp:get_flow()"`.
 """
 

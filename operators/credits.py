@@ -105,7 +105,14 @@ def check_grant(data: GrantData, quantum: Decimal, meters: set[str]) -> str | No
 
 
 def record(
-    kind: str, tenant_id: str, erp_customer_id: str, g: Grant, amount: Decimal, at_ms: int, period: str | None = None
+    kind: str,
+    tenant_id: str,
+    erp_customer_id: str,
+    g: Grant,
+    amount: Decimal,
+    at_ms: int,
+    period: str | None = None,
+    legal_entity: str | None = None,
 ) -> CreditRecord:
     """A grant-level record (granted, expired, voided): its id is the grant's and the kind's."""
     return CreditRecord(
@@ -118,6 +125,7 @@ def record(
         currency=g.currency,
         at=iso(at_ms),
         period=period,
+        legal_entity=legal_entity,
     )
 
 
@@ -136,6 +144,7 @@ def line_records(ln: RatedUsageLine) -> list[CreditRecord]:
             line_id=ln.line_id,
             period=ln.period,
             review=ln.review,
+            legal_entity=ln.legal_entity,
         )
         for c in ln.credits or ()
     ]

@@ -421,7 +421,9 @@ class ShardEngine:
                 if data.grant_id in cr.grants:
                     return 0
                 g = cr.grants[data.grant_id] = credits.grant_of(data, len(cr.grants))
-                p.out.credits.append(credits.record("granted", t.tenant_id, ti.tenant.erp_customer_id, g, g.amount, ts))
+                p.out.credits.append(
+                    credits.record("granted", t.tenant_id, ti.tenant.erp_customer_id, g, g.amount, ts, legal_entity=ti.tenant.legal_entity)
+                )
             else:
                 g = cr.grants.get(data.grant_id)  # type: ignore[assignment]
                 if g is None:
@@ -432,7 +434,9 @@ class ShardEngine:
                 g.status = "voided"
                 if rest > 0:
                     g.voided = rest
-                    p.out.credits.append(credits.record("voided", t.tenant_id, ti.tenant.erp_customer_id, g, rest, ts))
+                    p.out.credits.append(
+                        credits.record("voided", t.tenant_id, ti.tenant.erp_customer_id, g, rest, ts, legal_entity=ti.tenant.legal_entity)
+                    )
             t.credits = cr
             if t.last_wall != p.now:  # the read model shows the tenant's grants: it is due a write
                 t.last_wall = p.now
@@ -461,7 +465,9 @@ class ShardEngine:
             if rest > 0:
                 g.expired = rest
                 tenant = self.cat.tenants[t.tenant_id].tenant
-                out.credits.append(credits.record("expired", t.tenant_id, tenant.erp_customer_id, g, rest, g.expires_ms))
+                out.credits.append(
+                    credits.record("expired", t.tenant_id, tenant.erp_customer_id, g, rest, g.expires_ms, legal_entity=tenant.legal_entity)
+                )
 
     def _too_late(self, t: TenantState, ev: Any, ts: int, period: Period, raw: bytes, p: _Pass, off: int, idx: int | None) -> None:
         self.stats.dead["too_late"] += 1

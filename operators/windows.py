@@ -113,6 +113,7 @@ class Windows:
             last_event_time=iso(acc.last_ms),
             revision=revision,
             dimensions=dims,
+            legal_entity=tenant.legal_entity,
         )
         self._emit(t, ln, Decimal(after), charged, events, acc.start_ms, cell, plan.plan, mp.period, out)
 
@@ -243,5 +244,6 @@ class Windows:
             last_event_time=iso(period.end_ms),
             revision=0,
             kind="minimum_true_up",
+            legal_entity=ti.tenant.legal_entity,
         )
         self._emit(t, ln, Decimal(1), amount, 0, period.end_ms, None, plan.plan, period, out, any_meter=True)

@@ -58,6 +58,7 @@ class Totals:
     # Per tenant, period and currency: gross, and credits applied (drawn > 0, given back < 0).
     gross: dict[MoneyKey, Decimal] = field(default_factory=dict)
     credits: dict[MoneyKey, Decimal] = field(default_factory=dict)
+    entity: dict[MoneyKey, str] = field(default_factory=dict)  # the tenant's legal entity, where the catalog has entities
 
     def add(self, ln: RatedUsageLine, *, credits: bool = True) -> None:
         """A line's quantity and amount, and (`credits`) the credits it carries."""
@@ -67,6 +68,8 @@ class Totals:
         self.currency[k] = ln.currency
         m = (ln.tenant_id, ln.period, ln.currency)
         self.gross[m] = self.gross.get(m, ZERO) + ln.amount
+        if ln.legal_entity is not None:
+            self.entity[m] = ln.legal_entity
         if credits and ln.credits:
             self.credits[m] = self.credits.get(m, ZERO) + sum((c.amount for c in ln.credits), ZERO)
 
@@ -241,6 +244,26 @@ def money_summary(rated: Totals, ledger: Totals, erp: Totals | None) -> dict[str
     return out
 
 
+def by_entity(rated: Totals, erp: Totals | None) -> dict[str, dict[str, dict[str, str]]]:
+    """Per legal entity and currency (SPEC §10.2): gross, credits and net rated, and what the
+    ERP books (with review's held and rejected, as in the ERP column). Tenants belong to one
+    entity, so the per-tenant comparison holds per entity too; this is what each company sees."""
+    cols = [("rated", rated)] + ([("erp", erp)] if erp is not None else [])
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for name, t in cols:
+        acc: dict[tuple[str, str], list[Decimal]] = {}
+        for k in set(t.gross) | set(t.credits):
+            entity = rated.entity.get(k)
+            if entity is None:
+                continue
+            a = acc.setdefault((entity, k[2]), [ZERO, ZERO])
+            a[0] += t.gross.get(k, ZERO)
+            a[1] += t.credits.get(k, ZERO)
+        for (entity, cur), (g, c) in sorted(acc.items()):
+            out.setdefault(entity, {})[f"{name} {cur}"] = {"gross": str(g), "credits": str(c), "net": str(g - c)}
+    return out
+
+
 def compare(totals: dict[str, Totals]) -> list[dict[str, object]]:
     """One row per tenant/meter/period where the sources disagree."""
     keys = sorted(set().union(*(t.quantity for t in totals.values())))
@@ -300,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
             for name, t in {**totals, **review}.items()
         },
         "money": money_summary(rated, ledger, erp),  # per column and currency: gross, credits, net
+        "entities": by_entity(rated, erp),  # per legal entity and currency (catalogs with entities)
     }
     failed = bool(rows or conflicts or money_rows or credit_conflicts)
     if args.json:
@@ -319,6 +343,9 @@ def run(args: argparse.Namespace) -> int:
             for cur, t in by_cur.items()
         ]
         print(f"  {name:<7} " + (", ".join(shown) or "nothing"))
+    for entity, cols_of in summary["entities"].items():  # type: ignore[attr-defined]
+        shown = [f"{col} {Decimal(t['gross']):,} - {Decimal(t['credits']):,} = {Decimal(t['net']):,}" for col, t in cols_of.items()]
+        print(f"  entity {entity}: " + "; ".join(shown))
     if conflicts:
         print(f"{len(conflicts)} line id(s) on {s.topics.rated} with different copies (the first counts): {', '.join(conflicts[:5])}")
     if credit_conflicts:

@@ -161,6 +161,16 @@ class Minimum(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     product_code: str
 
 
+class LegalEntity(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A company of the group that invoices its tenants (SPEC §10.2): the ERP books their
+    lines and credits under `erp_company`, in `currency`."""
+
+    id: Slug
+    name: str
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+    erp_company: str
+
+
 class ReviewRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """What a person reviews before it is posted to the ERP (SPEC §10.1): a line whose amount
     is above its currency's limit, and every line of a tenant's period once the period's gross
@@ -211,6 +221,7 @@ class Catalog(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     plans: list[Plan]
     tenants: list[Tenant]
     review: ReviewRules | None = None
+    entities: list[LegalEntity] = []  # with entities, every tenant names its `legal_entity`
 
 
 def _utc(dt: datetime, where: str) -> datetime:
@@ -297,6 +308,7 @@ def check_catalog(cat: Catalog) -> None:
                 _utc(dt, f"{where}.{field}")
         for j, c in enumerate(t.plan_changes):
             _utc(c.effective_from, f"{where}.plan_changes[{j}].effective_from")
+    _check_entities(cat)
     if cat.review is not None:
         for cur, limit in cat.review.line_amount_over.items():
             _nonneg(limit, f"$.review.line_amount_over.{cur}", strict=True)
@@ -305,6 +317,34 @@ def check_catalog(cat: Catalog) -> None:
             raise CatalogError(
                 f"$.review.period_gross_over_previous: {n} would hold every period that merely grows; use a factor above 1, such as 3"
             )
+
+
+def _check_entities(cat: Catalog) -> None:
+    """Entities are unique; with any declared, each tenant belongs to one of them, and its
+    plans are in that entity's currency (it invoices in it)."""
+    entities: dict[str, LegalEntity] = {}
+    for i, e in enumerate(cat.entities):
+        if e.id in entities:
+            raise CatalogError(f"$.entities[{i}].id: entity '{e.id}' is declared twice; give each entity a unique id")
+        entities[e.id] = e
+    currency = {p.id: p.currency for p in cat.plans}
+    for i, t in enumerate(cat.tenants):
+        where = f"$.tenants[{i}].legal_entity"
+        if t.legal_entity is None:
+            if entities:
+                raise CatalogError(f"{where}: tenant '{t.tenant_id}' names no legal entity; set one of {sorted(entities)}")
+            continue
+        entity = entities.get(t.legal_entity)
+        if entity is None:
+            known = f"one of {sorted(entities)}" if entities else "an id declared under `entities:` (none is)"
+            raise CatalogError(f"{where}: no entity '{t.legal_entity}' is declared; use {known}")
+        for field, pid in [("plan", t.plan)] + [(f"plan_changes[{j}].plan", c.plan) for j, c in enumerate(t.plan_changes)]:
+            if currency.get(pid) != entity.currency:
+                raise CatalogError(
+                    f"$.tenants[{i}].{field}: plan '{pid}' is in {currency.get(pid)} but entity '{entity.id}' invoices in "
+                    f"{entity.currency}; "
+                    "give the tenant a plan in its entity's currency, or move it to an entity in the plan's"
+                )
 
 
 MAX_NUMBER = Decimal(10**18)

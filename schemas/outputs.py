@@ -67,6 +67,7 @@ class CreditRecord(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     period: str | None = None
     seq: int = 1
     review: str | None = None  # drawn / returned of a line held for review: held with it
+    legal_entity: str | None = None  # the tenant's (SPEC §10.2)
 
 
 class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
@@ -97,6 +98,7 @@ class RatedUsageLine(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True)
     # Why a person must approve it before the ERP books it (SPEC §10.1, `code: detail`);
     # absent for a line posted as it comes.
     review: str | None = None
+    legal_entity: str | None = None  # the tenant's (SPEC §10.2); absent when the catalog declares no entities
 
     @property
     def cell(self) -> tuple[str, ...] | None:

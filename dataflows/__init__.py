@@ -3,7 +3,8 @@
 * `rating`: usage.events -> validate -> dedup -> thresholds -> windows -> rating ->
   usage.alerts, usage.rated, usage.dlq;
 * `alerts`: usage.alerts -> CRM and customer-success tool, each alert at once;
-* `erp`: usage.rated -> ERP in micro-batches, with backpressure.
+* `erp`: usage.rated -> ERP in micro-batches, with backpressure;
+* `status`: erp.status -> the CRM account's billing status, each invoice state once.
 """
 
 # `tallyflow rate|deliver alerts|deliver erp` -> the bytewax.run entry point of its flow.
@@ -11,4 +12,5 @@ FLOWS = {
     "rate": "dataflows.rating:get_flow()",
     "alerts": "dataflows.alerts:get_flow()",
     "erp": "dataflows.erp:get_flow()",
+    "status": "dataflows.status:get_flow()",
 }

@@ -106,6 +106,7 @@ class LocalPipeline:
                 s.topics.credits: 1,
                 s.topics.review: 1,
                 s.topics.audit: 1,
+                s.topics.status: 1,
             }
         )
         return self

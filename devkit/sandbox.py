@@ -34,9 +34,13 @@ from typing import Any
 
 from sinks.success import secret_bytes
 
-TARGETS = ("crm", "success", "erp", "erp-credits")
+TARGETS = ("crm", "success", "erp", "erp-credits", "crm-status")
 PATHS = {"/success/webhook": "success", "/erp/usage-batches": "erp", "/erp/credit-batches": "erp-credits"}
-ITEMS = {"erp": ("lines", "line_id"), "erp-credits": ("credits", "record_id")}  # a batch's list and its items' id
+ITEMS = {
+    "erp": ("lines", "line_id"),
+    "erp-credits": ("credits", "record_id"),
+    "crm-status": ("", "status_id"),
+}  # a batch's list and its items' id
 
 
 @dataclass
@@ -200,9 +204,14 @@ class _Handler(BaseHTTPRequestHandler):
             with st.lock:
                 st.faults[target] = Fault(**spec)
             return self._json(200, {"faults": {k: vars(v) for k, v in st.faults.items()}})
-        crm = self.path.startswith("/crm/accounts/") and self.path.endswith("/signals")
-        target = "crm" if crm else PATHS.get(self.path)
-        if target is None:
+        account = self.path.startswith("/crm/accounts/")
+        if account and self.path.endswith("/signals"):
+            target = "crm"
+        elif account and self.path.endswith("/billing-status"):
+            target = "crm-status"  # an invoice's state on the account (SPEC §10.3)
+        elif self.path in PATHS:
+            target = PATHS[self.path]
+        else:
             return self._json(404, {"error": "not found"})
         ep = st.endpoints[target]
         with st.lock:
@@ -234,7 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # A timeout is a slow answer the client gave up on; the work still happens,
                 # which is exactly when idempotency keys matter.
                 time.sleep(fault.latency_ms / 1000)
-        token = st.tokens.get("erp" if target == "erp-credits" else target, "")
+        token = st.tokens.get({"erp-credits": "erp", "crm-status": "crm"}.get(target, target), "")
         if token and not hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {token}"):
             return 401, b'{"error": "bad token"}', {}
         if target == "success":

@@ -69,6 +69,7 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     credits: str = "usage.credits"  # the credit ledger: granted, drawn, returned, expired, voided
     review: str = "usage.review"  # lines and credit records held for a person's decision before the ERP
     audit: str = "usage.audit"  # review decisions: who, when, why, what
+    status: str = "erp.status"  # invoice states the ERP reached, on their way to the CRM
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -144,6 +145,7 @@ class ErpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     rate_per_second: Pos = 5.0
     batch_max_lines: PosInt = 500
     batch_max_latency_seconds: Pos = 2.0
+    webhook_secret: str = ""  # Standard Webhooks key (`whsec_<base64>`) the ERP signs invoice statuses with; empty: none taken
 
 
 class TrytonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -253,7 +255,7 @@ for _sec in msgspec.structs.fields(Settings):
         FLAT[_flat] = (_sec.name, _field.name)
 # Secrets come from the environment or a mounted file (TALLYFLOW_<NAME>_FILE), never from
 # the catalog, and are masked wherever settings are printed; URLs may carry credentials.
-SECRETS = ("crm_token", "erp_token", "success_hmac_key", "sandbox_admin_token", "tryton_password")
+SECRETS = ("crm_token", "erp_token", "success_hmac_key", "sandbox_admin_token", "tryton_password", "erp_webhook_secret")
 DATAFLOW_SECRETS = ("crm_token", "erp_token", "success_hmac_key")  # what the dataflows authenticate with
 URLS = ("redis_url", "crm_url", "success_url", "erp_url", "tryton_url")
 FILE_FIELDS = (*SECRETS, "redis_url")

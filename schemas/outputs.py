@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -160,6 +161,39 @@ class ReviewDecision(msgspec.Struct, gc=False, kw_only=True):
     currency: str
     reason: str  # why it was held
     item: msgspec.Raw
+
+
+InvoiceState = Literal["draft", "posted", "paid", "cancelled"]
+
+
+class StatusNotice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What an ERP tells of an invoice (its webhook's body, SPEC §10.3)."""
+
+    invoice_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    erp_customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    state: InvoiceState
+    at: Annotated[datetime, msgspec.Meta(tz=True)]
+    period: str | None = None
+    amount: Decimal | None = None
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")] | None = None
+
+
+class InvoiceStatus(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
+    """An invoice state the ERP reached (`erp.status`, SPEC §10.3), on its way to the tenant's
+    CRM account. `status_id` follows from the invoice and the state, so the same change
+    told twice (a webhook retried, a poller restarted) is one change at the CRM."""
+
+    status_id: str
+    invoice_id: str
+    state: InvoiceState
+    tenant_id: str
+    crm_account_id: str
+    erp_customer_id: str
+    at: str  # when the ERP reached the state
+    period: str | None = None
+    amount: Decimal | None = None
+    currency: str | None = None
+    legal_entity: str | None = None
 
 
 ENCODER = msgspec.json.Encoder(decimal_format="string")

@@ -53,9 +53,13 @@ from operators.credits import check_grant
 from operators.deadletters import clip
 from operators.periods import iso
 from operators.stats import Stats
+from operators.status import status_of as invoice_status
+from operators.status import verify
 from runtime.settings import Settings, mask_url
 from schemas.catalog import quantum
 from schemas.events import GRANTED, VOIDED, GrantData
+from schemas.outputs import ENCODER as OUTPUT_ENCODER
+from schemas.outputs import StatusNotice
 from schemas.usage import ENCODER as USAGE_ENCODER
 from serving.auth import Client, Tokens
 from serving.ingest import BrokerDown, Ingest, Judged, NotServed, catalog_watch
@@ -394,6 +398,49 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
     async def post_void(request: Request) -> Response:
         return await credit_event(request, VOIDED)
 
+    async def erp_status(request: Request) -> Response:
+        """An ERP's webhook (SPEC §10.3): an invoice state, signed per Standard Webhooks with
+        TALLYFLOW_ERP_WEBHOOK_SECRET, to `erp.status` keyed by tenant (202 after the broker's
+        ack). A notice for a customer the catalog does not know is parked on the exceptions
+        topic with its reason, and answered 202 too: sending it again would not help."""
+        secret = s.erp.webhook_secret
+        if not secret:
+            return _error(404, "no ERP webhook is configured here; set TALLYFLOW_ERP_WEBHOOK_SECRET")
+        try:
+            async with asyncio.timeout(bounds.body_seconds):
+                body = await request.body()
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {bounds.body_seconds:g} s", headers={"Connection": "close"})
+        h = request.headers
+        why = verify(secret, h.get("webhook-id"), h.get("webhook-timestamp"), h.get("webhook-signature"), body)
+        if why:
+            return _error(401, f"the webhook is not signed right: {why}")
+        try:
+            notice = msgspec.json.decode(body, type=StatusNotice)
+        except msgspec.DecodeError as e:
+            return _error(400, f"not an invoice status: {e}")
+        watch.poll()
+        told = invoice_status(watch.index, notice)
+        ing = the_ingest()
+        try:
+            if isinstance(told, str):
+                parked = {
+                    "destination": "erp-status",
+                    "key": h.get("webhook-id"),
+                    "ids": [notice.invoice_id],
+                    "status": 0,
+                    "reasons": {notice.invoice_id: told},
+                    "response": "",
+                    "items": [msgspec.json.decode(body)],
+                    "at": iso(int(time.time() * 1000)),
+                }
+                await ing.send([(s.topics.exceptions, b"erp-status", msgspec.json.encode(parked))])
+                return JSONResponse({"parked": told}, 202)
+            await ing.send([(s.topics.status, told.tenant_id.encode(), OUTPUT_ENCODER.encode(told))])
+        except BrokerDown as e:
+            return _error(503, f"the broker did not acknowledge the status ({e}); send it again", headers={"Retry-After": "5"})
+        return JSONResponse({"status_id": told.status_id, "tenant_id": told.tenant_id}, 202)
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -436,6 +483,7 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         routes=[
             Route("/v1/tenants/{tenant}/entitlements/{meter}", get_entitlement),  # first: the route asked most, matched first
             Route("/v1/events", post_events, methods=["POST"]),
+            Route("/v1/erp/status", erp_status, methods=["POST"]),
             Route("/v1/tenants/{tenant}/usage", get_usage),
             Route("/v1/tenants/{tenant}/credits", get_credits),
             Route("/v1/tenants/{tenant}/grants", post_grant, methods=["POST"]),

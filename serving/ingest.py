@@ -194,11 +194,16 @@ class Ingest:
         """Hand the events to the broker and wait for their acknowledgements, and only theirs:
         concurrent requests do not wait for each other (a flush would wait for every message
         in flight). Delivery reports are served by the poller thread."""
-        if not accepted:
+        topic = self.s.topics.input
+        await self.send([(topic, a.tenant_id.encode(), a.payload) for a in accepted])
+
+    async def send(self, records: list[tuple[str, bytes, bytes]]) -> None:
+        """(topic, key, value) records to the broker, acknowledged (as `produce`)."""
+        if not records:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        left = [len(accepted)]
+        left = [len(records)]
         errors: list[KafkaError] = []
 
         def settle() -> None:
@@ -212,12 +217,12 @@ class Ingest:
             if left[0] == 0:
                 loop.call_soon_threadsafe(settle)
 
-        topic, timeout = self.s.topics.input, self.s.api.produce_timeout_seconds
+        timeout = self.s.api.produce_timeout_seconds
         deadline = loop.time() + timeout
-        for a in accepted:
+        for topic, key, value in records:
             while True:
                 try:
-                    self.producer.produce(topic, a.payload, a.tenant_id.encode(), on_delivery=report)
+                    self.producer.produce(topic, value, key, on_delivery=report)
                     break
                 except BufferError:  # the local queue is full: the broker is slow or away
                     if loop.time() > deadline:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 import msgspec
 
 from schemas.events import CloudEvent, GrantData
+from schemas.outputs import StatusNotice
 from schemas.usage import Credits, Entitlement, TenantUsage
 
 LISTED_REFUSALS = 100  # a 400 lists the first refusals by position; `refused_count` counts all
@@ -51,7 +52,19 @@ def _json(ref: str) -> dict[str, Any]:
 
 def document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [IngestAnswer, Error, Refused, Forbidden, CloudEvent, TenantUsage, Entitlement, Credits, GrantData, CreditEventAnswer],
+        [
+            IngestAnswer,
+            Error,
+            Refused,
+            Forbidden,
+            CloudEvent,
+            TenantUsage,
+            Entitlement,
+            Credits,
+            GrantData,
+            CreditEventAnswer,
+            StatusNotice,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     err = {"content": _json("Error")}
@@ -144,6 +157,24 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "measured under the pricing version in force", "content": _json("Entitlement")},
                         **read,
+                    },
+                }
+            },
+            "/v1/erp/status": {
+                "post": {
+                    "summary": "An ERP's invoice state (Standard Webhooks, signed with TALLYFLOW_ERP_WEBHOOK_SECRET), on to the CRM",
+                    "security": [],
+                    "parameters": [
+                        {"name": h, "in": "header", "required": True, "schema": {"type": "string"}}
+                        for h in ("webhook-id", "webhook-timestamp", "webhook-signature")
+                    ],
+                    "requestBody": {"required": True, "content": _json("StatusNotice")},
+                    "responses": {
+                        "202": {"description": "on erp.status (or parked with its reason: an unknown customer)"},
+                        "400": {"description": "not an invoice status (the field named)", **err},
+                        "401": {"description": "not signed right (missing, stale or bad signature)", **err},
+                        "404": {"description": "no webhook secret configured", **err},
+                        "503": {"description": "the broker did not acknowledge; send again", **err, **retry},
                     },
                 }
             },

@@ -176,7 +176,8 @@ def _stack(a: argparse.Namespace) -> int:
     with LocalStack(redis=not a.no_redis) as st, contextlib.ExitStack() as more:
         s = load_settings(brokers=st.brokers)
         t = s.topics
-        st.create_topics({t.input: a.partitions, t.alerts: 1, t.rated: 1, t.dlq: 1, t.exceptions: 1, t.credits: 1, t.review: 1, t.audit: 1})
+        outputs = (t.alerts, t.rated, t.dlq, t.exceptions, t.credits, t.review, t.audit, t.status)
+        st.create_topics({t.input: a.partitions, **dict.fromkeys(outputs, 1)})
         print(f"export TALLYFLOW_BROKERS={st.brokers}")
         if not a.no_redis:
             print(f"export TALLYFLOW_REDIS_URL={st.redis_url}")
@@ -324,13 +325,21 @@ def parser() -> argparse.ArgumentParser:
 
     r = cmd("rate", "run the rating dataflow (tails the input topic)", lambda a: _run_flow("rate", a.bytewax))
     r.usage, r.epilog = "tallyflow rate [BYTEWAX OPTIONS]", BYTEWAX_HELP
-    d = cmd("deliver", "run a delivery dataflow: alerts (CRM, success tool) or erp", lambda a: _run_flow(a.what, a.bytewax))
+    d = cmd(
+        "deliver",
+        "run a delivery dataflow: alerts (CRM, success tool), erp, or status (invoice states to the CRM)",
+        lambda a: _run_flow(a.what, a.bytewax),
+    )
     d.usage, d.epilog, d.formatter_class = (
-        "tallyflow deliver {alerts,erp} [BYTEWAX OPTIONS]",
+        "tallyflow deliver {alerts,erp,status} [BYTEWAX OPTIONS]",
         BYTEWAX_HELP,
         argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument("what", choices=["alerts", "erp"], help="alerts: to the CRM and the success tool; erp: rated usage to the ERP")
+    d.add_argument(
+        "what",
+        choices=["alerts", "erp", "status"],
+        help="alerts: to the CRM and the success tool; erp: rated usage to the ERP; status: invoice states to the CRM",
+    )
     api = cmd("api", "the HTTP API: event ingest, usage and entitlement queries, the usage page", _api, API_DOC)
     api.add_argument("--host", default=None, help="address to listen on (default: TALLYFLOW_API_HOST)")
     api.add_argument("--port", type=int, default=None, help="port (default: TALLYFLOW_API_PORT)")

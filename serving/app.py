@@ -68,6 +68,9 @@ from serving.page import render
 from serving.server import MULTIPROC_DIR, Bounds
 from serving.usage import BadRequest, NotFound, Queries, Unavailable
 from state.read_model import ReadModelChanges, ReadModelReader
+from state.review import Refused as ReviewRefused
+from state.review import decide as decide_items
+from state.review import load as load_review
 
 EVENTS = Counter("tallyflow_api_events", "Events posted to the API, by outcome.", ["outcome"])
 QUERIES = Counter("tallyflow_api_queries", "Usage queries answered, by kind.", ["kind"])
@@ -441,6 +444,46 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
             return _error(503, f"the broker did not acknowledge the status ({e}); send it again", headers={"Retry-After": "5"})
         return JSONResponse({"status_id": told.status_id, "tenant_id": told.tenant_id}, 202)
 
+    def reviewer(request: Request) -> Client | Response:
+        """The review desk is the finance team's, over every tenant: a token bound to tenants is refused."""
+        client = authorize(request, "review:write")
+        if isinstance(client, Response):
+            return client
+        if client.bound:
+            return _error(403, "the review desk spans every tenant: use a token not bound to tenants, with review:write")
+        return client
+
+    async def get_review(request: Request) -> Response:
+        """What waits for a person before the ERP (SPEC §10.1), oldest first per tenant."""
+        client = reviewer(request)
+        if isinstance(client, Response):
+            return client
+        desk = await run_in_threadpool(load_review, s)
+        items = desk.pending(request.query_params.get("tenant"))
+        return Response(OUTPUT_ENCODER.encode({"pending": items, "count": len(items)}), media_type="application/json")
+
+    async def decide_review(request: Request) -> Response:
+        """A decision on one held item, by the token's client (who), with `{"why": ...}`: an
+        audit record on usage.audit, after the broker's ack. Unknown: 404; decided: 409."""
+        client = reviewer(request)
+        if isinstance(client, Response):
+            return client
+        action = request.path_params["action"]
+        if action not in ("approve", "reject"):
+            return _error(404, "approve or reject")
+        try:
+            why = str(msgspec.json.decode(await request.body(), type=dict[str, str]).get("why", ""))
+        except msgspec.DecodeError:
+            return _error(400, 'send {"why": "..."}: the audit record keeps why')
+        desk = await run_in_threadpool(load_review, s)
+        try:
+            done = await run_in_threadpool(decide_items, s, desk, action, [request.path_params["review_id"]], None, client.name, why)
+        except ReviewRefused as e:
+            status = 409 if e.code == 1 else (404 if "no held item" in str(e) else 400)
+            return _error(status, str(e))
+        (d,) = done
+        return JSONResponse({"review_id": d.review_id, "decision": d.decision, "by": d.by, "at": d.at, "audit_id": d.audit_id})
+
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -484,6 +527,8 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
             Route("/v1/tenants/{tenant}/entitlements/{meter}", get_entitlement),  # first: the route asked most, matched first
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/erp/status", erp_status, methods=["POST"]),
+            Route("/v1/review", get_review),
+            Route("/v1/review/{review_id}/{action}", decide_review, methods=["POST"]),
             Route("/v1/tenants/{tenant}/usage", get_usage),
             Route("/v1/tenants/{tenant}/credits", get_credits),
             Route("/v1/tenants/{tenant}/grants", post_grant, methods=["POST"]),

@@ -22,7 +22,8 @@ import yaml
 
 from runtime.settings import ConfigError
 
-Scope = Literal["ingest", "read", "credits:write"]  # credits:write: grant and void prepaid credits
+# credits:write: grant and void prepaid credits; review:write: list and decide what waits for review
+Scope = Literal["ingest", "read", "credits:write", "review:write"]
 
 
 class ClientEntry(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -178,6 +178,34 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/review": {
+                "get": {
+                    "summary": "What waits for a person before the ERP (scope review:write, a token not bound to tenants)",
+                    "parameters": [{"name": "tenant", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "the held items that wait: id, tenant, period, kind, amount, reason, the item"},
+                        "401": {"description": "no or unknown bearer token", **err},
+                        "403": {"description": "the token lacks review:write, or is bound to tenants", **err},
+                    },
+                }
+            },
+            "/v1/review/{review_id}/{action}": {
+                "post": {
+                    "summary": 'Approve or reject a held item (action approve|reject), body {"why": ...}; the token\'s client is who',
+                    "parameters": [
+                        {"name": "review_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "action", "in": "path", "required": True, "schema": {"enum": ["approve", "reject"]}},
+                    ],
+                    "responses": {
+                        "200": {"description": "decided: the audit record is on usage.audit"},
+                        "400": {"description": "no why", **err},
+                        "401": {"description": "no or unknown bearer token", **err},
+                        "403": {"description": "the token lacks review:write, or is bound to tenants", **err},
+                        "404": {"description": "no held item with this id", **err},
+                        "409": {"description": "already decided (by whom, when, why)", **err},
+                    },
+                }
+            },
             "/v1/tenants/{tenant}/credits": {
                 "get": {
                     "summary": "The tenant's prepaid grants: granted, used, expired, voided, remaining, expiry, status",

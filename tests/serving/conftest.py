@@ -19,6 +19,7 @@ from serving.server import Bounds
 INGEST, READER, SLOW = "ingest-token-0123456789", "read-token-0123456789", "slow-token-0123456789"
 ACME, LATE = "acme-only-token-0123456789", "late-prefix-token-0123456789"  # bound to tenants
 BILLING = "billing-token-0123456789"  # grants and voids credits
+REVIEWER = "finance-token-0123456789"  # the review desk
 
 
 @pytest.fixture
@@ -31,6 +32,8 @@ def api(small: Settings, tmp_path: Path) -> Iterator[Callable[..., httpx.Client]
         {"name": "acme-portal", "token": ACME, "scopes": ["ingest", "read"], "tenants": ["acme"]},
         {"name": "late-portal", "token": LATE, "scopes": ["read"], "tenants": ["late-*"]},
         {"name": "billing", "token": BILLING, "scopes": ["credits:write", "ingest", "read"]},
+        {"name": "finance", "token": REVIEWER, "scopes": ["review:write"]},
+        {"name": "acme-finance", "token": "acme-finance-token-0123", "scopes": ["review:write"], "tenants": ["acme"]},
     ]
     tokens.write_text(yaml.safe_dump({"clients": clients}))
     with contextlib.ExitStack() as running:

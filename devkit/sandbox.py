@@ -360,6 +360,7 @@ _COLUMNS = {
     "success": ("alert_id", "tenant_id", "meter", "period", "level", "usage", "limit"),
     "erp": ("line_id", "tenant_id", "erp_customer_id", "product_code", "quantity", "amount", "currency", "window_start", "revision"),
     "erp-credits": ("record_id", "kind", "tenant_id", "erp_customer_id", "grant_id", "amount", "currency", "period", "at"),
+    "crm-status": ("status_id", "invoice_id", "state", "tenant_id", "crm_account_id", "amount", "currency", "at"),
 }
 
 

@@ -503,6 +503,8 @@ class _RatingPartition(StatelessSinkPartition[tuple[str, ShardOut]]):
         if grants:
             if self.register is not None:
                 grants, commit = self.register.settle_records(grants)
+            else:  # without a register nothing is corrected: a record of nothing is no record
+                grants = [r for r in grants if r.amount]
             ledger += grants
         recs += [(self.credits_topic, r.tenant_id.encode(), ENCODER.encode(r)) for r in ledger]
         self.outbox.send("", recs)

@@ -393,8 +393,11 @@ class ShardEngine:
         due = [w.end_ms + lateness for w in t.open.values()]
         due += [mp.period.end_ms + self.cfg.grace_ms for mp in t.periods.values()]
         due.append(t.dedup.next_rotation())
-        if t.credits is not None:
-            due += [g.expires_ms for g in t.credits.grants.values() if g.status == "active" and g.expires_ms is not None]
+        if t.credits is not None:  # expiries ahead; one already passed waits for its window's end, due above
+            wm = t.watermark
+            due += [
+                g.expires_ms for g in t.credits.grants.values() if g.status == "active" and g.expires_ms is not None and g.expires_ms > wm
+            ]
         t.next_due = min(due)
 
     def _credit_event(self, ev: Any, raw: bytes, off: int, mx: int, idx: int | None, p: _Pass) -> int:
@@ -432,11 +435,13 @@ class ShardEngine:
                     return 0
                 rest = g.remaining if g.status == "active" else Decimal(0)
                 g.status = "voided"
-                if rest > 0:
-                    g.voided = rest
-                    p.out.credits.append(
-                        credits.record("voided", t.tenant_id, ti.tenant.erp_customer_id, g, rest, ts, legal_entity=ti.tenant.legal_entity)
-                    )
+                g.voided = rest
+                # Also when nothing remains (amount 0): after a crash replay that drew more than
+                # the first run, it corrects the void the first run emitted. The register (or the
+                # sink without one) never emits a first record of 0 (SPEC §9.8).
+                p.out.credits.append(
+                    credits.record("voided", t.tenant_id, ti.tenant.erp_customer_id, g, rest, ts, legal_entity=ti.tenant.legal_entity)
+                )
             t.credits = cr
             if t.last_wall != p.now:  # the read model shows the tenant's grants: it is due a write
                 t.last_wall = p.now
@@ -462,12 +467,13 @@ class ShardEngine:
                 continue
             g.status = "expired"
             rest = g.remaining
-            if rest > 0:
-                g.expired = rest
-                tenant = self.cat.tenants[t.tenant_id].tenant
-                out.credits.append(
-                    credits.record("expired", t.tenant_id, tenant.erp_customer_id, g, rest, g.expires_ms, legal_entity=tenant.legal_entity)
-                )
+            g.expired = rest
+            tenant = self.cat.tenants[t.tenant_id].tenant
+            # Also when nothing remains (amount 0), for the register to correct a first run's
+            # expiry that a replay's draws used up (as a void above).
+            out.credits.append(
+                credits.record("expired", t.tenant_id, tenant.erp_customer_id, g, rest, g.expires_ms, legal_entity=tenant.legal_entity)
+            )
 
     def _too_late(self, t: TenantState, ev: Any, ts: int, period: Period, raw: bytes, p: _Pass, off: int, idx: int | None) -> None:
         self.stats.dead["too_late"] += 1

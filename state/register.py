@@ -305,6 +305,8 @@ class EmissionRegister:
             k, f = f"{self.prefix}:credits:{r.tenant_id}", f"{r.grant_id}\x1f{r.kind}"
             was = commit.get(k, {}).get(f) or stored[k].get(f)
             if was is None:
+                if not r.amount:
+                    continue  # nothing expired or voided, and nothing went out to correct
                 out.append(r)
                 commit.setdefault(k, {})[f] = f"1|{r.amount}"
                 continue

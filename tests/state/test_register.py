@@ -185,3 +185,30 @@ def test_each_matrix_cell_is_settled_on_its_own(stack: LocalStack, settings: Set
     ]
     assert reg.key(large) != reg.key(small) and out.lines[0].line_id != out.lines[1].line_id
     assert _t3(reg.totals([reg.key(small)])) == {reg.key(small): (D(10), D("0.01"), 1)}
+
+
+def test_a_replay_that_used_up_a_grant_corrects_the_expiry_the_first_run_emitted(stack: LocalStack, settings: Settings) -> None:
+    """SPEC §9.5: per grant granted = drawn - returned + expired + voided + remaining, also
+    across a crash. The first run expired 5.00 of a trial; its replay drew it all first (the
+    idle clock closed a window earlier) and expires nothing: that record of 0 corrects the
+    first (-5.00, seq 2), while a record of 0 with nothing before it goes nowhere."""
+    from decimal import Decimal
+
+    from schemas.outputs import CreditRecord
+
+    def expired(amount: str, grant: str = "trial") -> CreditRecord:
+        return CreditRecord(
+            record_id=f"exp-{grant}", kind="expired", tenant_id="acme", erp_customer_id="ERP-1", grant_id=grant,
+            amount=Decimal(amount), currency="USD", at="2026-03-10T12:30:00.000Z",
+        )  # fmt: skip
+
+    reg = EmissionRegister(settings.stores)
+    out, commit = reg.settle_records([expired("5.00"), expired("0", "promo")])
+    assert [(r.grant_id, r.amount) for r in out] == [("trial", Decimal("5.00"))]  # no record of nothing
+    reg.commit_records(commit)
+    again = EmissionRegister(settings.stores)
+    out, commit = again.settle_records([expired("0"), expired("0", "promo")])
+    assert [(r.grant_id, r.amount, r.seq) for r in out] == [("trial", Decimal("-5.00"), 2)]
+    assert out[0].record_id != "exp-trial"
+    again.commit_records(commit)
+    assert again.settle_records([expired("0")])[0] == []  # settled: a further replay adds nothing

@@ -28,7 +28,7 @@ from schemas.errors import TallyflowError
 
 OVERVIEW = """\
 run the pipeline:      rate, deliver alerts, deliver erp, api
-operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq, exceptions, invoice, review
+operate it:            topics, config, check-catalog, recovery, reconcile, replay, dlq, exceptions, invoice, review, erp-status
 develop and try it:    stack, sandbox, generate, demo, bench
 
 Settings come from TALLYFLOW_* variables (and an optional YAML file named by
@@ -308,7 +308,7 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def parser() -> argparse.ArgumentParser:
     from devkit import bench, demo
-    from ops import dlq, exceptions, invoice, reconcile, replay, review
+    from ops import dlq, exceptions, invoice, reconcile, replay, review, status
 
     ap = argparse.ArgumentParser(
         prog="tallyflow",
@@ -368,6 +368,7 @@ def parser() -> argparse.ArgumentParser:
         (exceptions, "exceptions", "what destinations rejected for good; --redrive sends it again once fixed"),
         (invoice, "invoice", "invoice a period in Tryton; rated = in Tryton = invoiced per customer"),
         (review, "review", "lines held for review before the ERP: list, approve or reject them (who, when, why kept)"),
+        (status, "erp-status", "poll Tryton's invoices and tell each state they reach (erp.status) for the CRM"),
     ):
         mod.add_arguments(cmd(name, what, _with_brokers(mod.run, getattr(mod, "check", None)), mod.__doc__))
 

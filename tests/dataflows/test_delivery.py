@@ -71,7 +71,7 @@ def with_exceptions_topic(s: Settings, stack: LocalStack, **flat: object) -> Set
     """`s` with quick delivery policies, and an exceptions topic, a credit ledger and review
     topics of the test's own."""
     tag = uuid.uuid4().hex[:8]
-    topics = {f"{name}_topic": f"{name}-{tag}" for name in ("exceptions", "credits", "review", "audit")}
+    topics = {f"{name}_topic": f"{name}-{tag}" for name in ("exceptions", "credits", "review", "audit", "status")}
     s = s.replace(**topics, **{**QUICK_DELIVERY, **flat})
     stack.create_topics(dict.fromkeys(topics.values(), 1))
     return s

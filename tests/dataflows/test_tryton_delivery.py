@@ -183,3 +183,35 @@ def test_the_invoice_has_the_gross_lines_and_one_negative_line_per_grant_used_an
     (row,) = out["differences"]
     assert code == 1 and out["invoices_created"] == 0 and row["customer"] == "ERP-2"
     assert (D(row["ledger_credits"]), D(row["rated_credits"]), D(row["tryton_credits"])) == (D("1.75"), D("1.50"), D("1.50"))
+
+
+def test_tryton_invoice_states_are_told_once_each_for_the_crm(tsettings: Settings, tryton: TrytonServer) -> None:
+    """SPEC §10.3 with Tryton as the ERP: the poller tells each state an invoice reaches
+    (draft, then posted) on erp.status once, for the tenant of its customer, across polls and
+    a new poller (its cursor and what it told are in Redis)."""
+    from ops.status import TrytonInvoices
+    from schemas.outputs import InvoiceStatus
+    from sinks.tryton import TrytonErp
+    from tests.sinks.test_tryton import line as tline
+
+    assert not TrytonErp(tsettings.tryton).send("u", [tline("10.00"), tline("2.50", customer="ERP-2")]).rejected
+    invoice.close_period(tsettings, "2026-03")  # two draft invoices
+
+    def told() -> list[InvoiceStatus]:
+        return [msgspec.json.decode(v, type=InvoiceStatus) for v in read_topic(tsettings.kafka.config(), tsettings.topics.status)]
+
+    poller = TrytonInvoices(tsettings)
+    assert poller.once() == {"invoices": 2, "told": 2, "parked": 0}
+    assert sorted((st.tenant_id, st.crm_account_id, st.state, st.amount) for st in told()) == [
+        ("acme", "CRM-1", "draft", D("10.00")),
+        ("bolt", "CRM-2", "draft", D("2.50")),
+    ]
+    assert poller.once()["told"] == 0  # nothing changed: nothing told again
+    client = tryton.client()
+    (acme_invoice,) = client.call("model.account.invoice.search", [["party.code", "=", "ERP-1"]], 0, None, None)
+    client.call("model.account.invoice.post", [acme_invoice])
+    again = TrytonInvoices(tsettings)  # a restarted poller: its cursor and what it told are kept
+    assert again.once()["told"] == 1
+    states = [(st.tenant_id, st.state) for st in told()]
+    assert sorted(states) == [("acme", "draft"), ("acme", "posted"), ("bolt", "draft")]
+    assert len({st.status_id for st in told()}) == 3

@@ -18,10 +18,12 @@ from connectors.delivery import CourierSink, message_values
 from connectors.kafka_source import KafkaBatchSource
 from dataflows.alerts import DELIVERY_PREFETCH
 from runtime import kafka, process
-from runtime.settings import ConfigError, Settings, load_settings
+from runtime.settings import Settings, load_settings
 from schemas.outputs import InvoiceStatus
+from sinks.base import Destination
 from sinks.courier import Courier, Parking, ledger_problem
 from sinks.crm import CrmStatusHttp
+from sinks.tryton import TrytonCrmStatus
 from state.ledger import Ledger
 
 _STATUS = msgspec.json.Decoder(InvoiceStatus)
@@ -32,14 +34,17 @@ def _describe(key: str, items: Sequence[InvoiceStatus]) -> dict[str, Any]:
     return {"status_id": st.status_id, "invoice_id": st.invoice_id, "state": st.state, "tenant_id": st.tenant_id}
 
 
+def destination(s: Settings) -> Destination[InvoiceStatus]:
+    """Where the CRM is (`TALLYFLOW_CRM_KIND`): its billing-status endpoint, or Tryton's parties."""
+    if s.crm.kind == "tryton":
+        return TrytonCrmStatus(s.tryton)
+    return CrmStatusHttp(s.crm, s.delivery.sink_timeout_seconds)
+
+
 def couriers(s: Settings) -> list[Courier[InvoiceStatus]]:
-    if s.crm.kind != "http":
-        raise ConfigError(
-            "TALLYFLOW_CRM_KIND: invoice statuses go to an HTTP CRM only so far (billing-status endpoint); use http for deliver status"
-        )
     return [
         Courier(
-            CrmStatusHttp(s.crm, s.delivery.sink_timeout_seconds),
+            destination(s),
             InvoiceStatus,
             lambda st: st.status_id,
             rate_per_second=s.crm.rate_per_second,

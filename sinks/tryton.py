@@ -31,7 +31,7 @@ import httpx
 import msgspec
 
 from runtime.settings import TrytonSettings
-from schemas.outputs import CreditRecord, RatedUsageLine, ThresholdAlert
+from schemas.outputs import CreditRecord, InvoiceStatus, RatedUsageLine, ThresholdAlert
 from sinks.base import Answer
 from sinks.erp import CREDITS
 
@@ -178,3 +178,13 @@ class TrytonCrm(_TrytonDestination):
 
     def send(self, key: str, items: Sequence[ThresholdAlert]) -> Answer:
         return self._ingest("model.sale.opportunity.tallyflow_ingest", [a.alert_id for a in items], items)
+
+
+class TrytonCrmStatus(_TrytonDestination):
+    """An invoice state becomes a `tallyflow.billing_status` record for the party of its
+    `crm_account_id`, once per status id, and the party shows its newest billing status."""
+
+    name = "crm-status"
+
+    def send(self, key: str, items: Sequence[InvoiceStatus]) -> Answer:
+        return self._ingest("model.tallyflow.billing_status.ingest", [st.status_id for st in items], items)

@@ -215,3 +215,49 @@ def test_tryton_invoice_states_are_told_once_each_for_the_crm(tsettings: Setting
     states = [(st.tenant_id, st.state) for st in told()]
     assert sorted(states) == [("acme", "draft"), ("acme", "posted"), ("bolt", "draft")]
     assert len({st.status_id for st in told()}) == 3
+
+
+def test_invoice_states_reach_the_party_in_trytons_crm_once(tsettings: Settings, tryton: TrytonServer, tmp_path: Path) -> None:
+    """`deliver status` with the Tryton CRM: each state a billing-status record of the party of
+    its CRM account, once per status id (told twice, and read again after a kill -9), and the
+    party shows its newest state, whatever order they arrive in."""
+    import datetime as dt
+
+    from operators.catalog_index import CatalogIndex
+    from operators.status import status_of
+    from runtime import kafka
+    from schemas.catalog import parse_catalog
+    from schemas.outputs import ENCODER as OUT
+    from schemas.outputs import StatusNotice
+    from tests.support.events import CATALOG
+
+    s = tsettings.replace(crm_kind="tryton")
+    cat = CatalogIndex.build(parse_catalog(CATALOG))
+
+    def record(invoice: str, state: str, hour: int) -> tuple[str, bytes, bytes]:
+        at = dt.datetime(2026, 4, 2, hour, tzinfo=dt.UTC)
+        st = status_of(cat, StatusNotice(invoice_id=invoice, erp_customer_id="ERP-1", state=state, at=at))  # type: ignore[arg-type]
+        assert not isinstance(st, str)
+        return (s.topics.status, OUT.encode(st), b"acme")
+
+    first = [record("tryton-1", state, h) for state, h in (("draft", 9), ("posted", 10), ("paid", 11))]
+    kafka.produce_confirmed(s.kafka.config(), first + first[:1], "status(es)")  # the first one twice
+    client = tryton.client()
+
+    def in_crm() -> list[dict[str, Any]]:
+        return client.call("model.tallyflow.billing_status.search_read", [], 0, None, None, ["external_id", "state", "party.code"])
+
+    flow = FlowProcess(FLOWS["status"], s, tmp_path / "status.log")
+    try:
+        wait_until(lambda: len(in_crm()) == 3, 60, "three billing statuses in Tryton")
+        flow.kill9()
+        flow = FlowProcess(FLOWS["status"], s, tmp_path / "status.log")  # reads erp.status from the start again
+        kafka.produce_confirmed(s.kafka.config(), [record("tryton-2", "draft", 8)], "status")  # older than tryton-1's paid
+        wait_until(lambda: len(in_crm()) == 4, 60, "the new status after the restart")
+    finally:
+        flow.stop()
+    rows = in_crm()
+    assert len({r["external_id"] for r in rows}) == 4 and {r["party."]["code"] for r in rows} == {"ERP-1"}
+    assert sorted(r["state"] for r in rows) == ["draft", "draft", "paid", "posted"]
+    (party,) = client.call("model.party.party.search_read", [["code", "=", "ERP-1"]], 0, None, None, ["tallyflow_billing_status"])
+    assert party["tallyflow_billing_status"] == "tryton-1: paid"

@@ -64,6 +64,7 @@ def fire(
                 detected_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 destinations=list(lv.threshold.notify),
                 sustained_periods=n,
+                legal_entity=tenant.legal_entity,
             )
         )
     mp.next_limit = next_limit(mp, pmi, pv)
@@ -110,5 +111,6 @@ def fire_spend(
             plan_version=plan.plan.version,
             detected_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             destinations=list(st.notify),
+            legal_entity=tenant.legal_entity,
         )
     )

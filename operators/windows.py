@@ -181,6 +181,7 @@ class Windows:
                         detected_at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                         destinations=["crm", "success"],
                         grant_id=g.grant_id,
+                        legal_entity=tenant.legal_entity,
                     )
                 )
 

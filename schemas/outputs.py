@@ -44,6 +44,7 @@ class ThresholdAlert(msgspec.Struct, gc=False, kw_only=True):
     destinations: list[Destination]
     sustained_periods: int | None = None
     grant_id: str | None = None  # a credit threshold's grant (level `credit:<pct>`, meter `credits`)
+    legal_entity: str | None = None  # the tenant's (SPEC §10.2), where the catalog has entities
 
 
 class CreditUse(msgspec.Struct, gc=False, array_like=False, frozen=True):

@@ -33,7 +33,7 @@ def _catalog() -> dict[str, Any]:
     return cat
 
 
-def test_lines_draws_and_grant_records_carry_the_tenants_entity() -> None:
+def test_lines_draws_grant_records_and_alerts_carry_the_tenants_entity() -> None:
     h = Harness(catalog=_catalog())
     out = h.feed(grant("g-1", "1.00", expires_at="2026-03-10T12:00:30Z"), *[ev("acme", at=i * S) for i in range(25)])
     h.flush()
@@ -41,6 +41,7 @@ def test_lines_draws_and_grant_records_carry_the_tenants_entity() -> None:
     assert ln.legal_entity == "us"
     assert [r.legal_entity for r in credits.line_records(ln)] == ["us"]
     assert [(r.kind, r.legal_entity) for r in out.credits] == [("granted", "us")]
+    assert h.alerts and {a.legal_entity for a in h.alerts} == {"us"}  # the threshold alerts too
 
 
 def test_a_catalog_without_entities_leaves_lines_as_they_were() -> None:

@@ -25,7 +25,7 @@ from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER
 from tests.support.events import Msg, hostile
 
-LATER = ("headers", "grant_id")
+LATER = ("headers", "grant_id", "legal_entity")
 # From the two-pass path (Validator.parse_batch -> Sharder.group -> ShardEngine.process(records)).
 TWO_PASS = {
     "lines": (11509, "75bc54d421e59ad1d3df0f8ec284aac45efb672cfafd3e927511604b1890e878"),
@@ -69,7 +69,7 @@ def run() -> dict[str, Any]:
 
     def canon(xs: list[Any], drop: str, key: Any) -> tuple[int, str]:
         # Fields added since the digests were taken (absent there): `headers` (binary-mode dead
-        # letters) and `grant_id` (credit alerts), when unset.
+        # letters), `grant_id` (credit alerts) and `legal_entity` (SPEC §10.2), when unset.
         docs = [{k: v for k, v in orjson.loads(ENCODER.encode(x)).items() if k != drop and (v is not None or k not in LATER)} for x in xs]
         docs.sort(key=key)
         return len(docs), hashlib.sha256(orjson.dumps(docs, option=orjson.OPT_SORT_KEYS)).hexdigest()

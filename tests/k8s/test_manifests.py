@@ -28,7 +28,12 @@ OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomiz
 K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor"}
 IMAGE = "ghcr.io/tallyflow/tallyflow"
-DATAFLOWS = {"tallyflow-rating": ["rate"], "tallyflow-alerts": ["deliver", "alerts"], "tallyflow-erp": ["deliver", "erp"]}
+DATAFLOWS = {
+    "tallyflow-rating": ["rate"],
+    "tallyflow-alerts": ["deliver", "alerts"],
+    "tallyflow-erp": ["deliver", "erp"],
+    "tallyflow-status": ["deliver", "status"],
+}
 WORKLOAD_KINDS = {"StatefulSet", "Deployment", "Job"}
 # Secrets that an overlay expects to be created out of band (k8s/README.md says how).
 OUT_OF_BAND_SECRETS = {"prod": {"tallyflow-credentials", "tallyflow-kafka"}}

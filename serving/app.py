@@ -34,8 +34,10 @@ import functools
 import math
 import os
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from html import escape as html_escape
+from typing import Any
 
 import msgspec
 import redis
@@ -87,6 +89,36 @@ HTML_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+
+
+# The review page posts its own forms (and nothing else may): form-action 'self'.
+REVIEW_HEADERS = {"Content-Security-Policy": HTML_HEADERS["Content-Security-Policy"].replace("form-action 'none'", "form-action 'self'")}
+
+
+def review_html(items: list[Any], done: str | None) -> str:
+    """The review desk's page: one row per held item, with its form."""
+    rows = "".join(
+        f"<tr><td><code>{html_escape(h.review_id)}</code></td><td>{html_escape(h.tenant_id)}</td><td>{html_escape(h.period or '')}</td>"
+        f"<td>{html_escape(h.kind)}</td><td class=n>{html_escape(h.currency)} {h.amount:,}</td><td>{html_escape(h.reason)}</td>"
+        f'<td><form method="post" action="/review/{urllib.parse.quote(h.review_id)}">'
+        '<input name="why" required placeholder="why" aria-label="why">'
+        '<button name="action" value="approve">Approve</button> <button name="action" value="reject">Reject</button></form></td></tr>'
+        for h in items
+    )
+    note = f'<p class="done">{html_escape(done)}.</p>' if done else ""
+    table = (
+        "<table><thead><tr><th>review id</th><th>tenant</th><th>period</th><th>kind</th><th>amount</th><th>why held</th>"
+        f"<th>decision</th></tr></thead><tbody>{rows}</tbody></table>"
+        if items
+        else "<p>Nothing waits for review.</p>"
+    )
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Review before posting · Tallyflow</title>'
+        "<style>body{font-family:system-ui,sans-serif;margin:2rem}table{border-collapse:collapse}td,th{padding:.3rem .6rem;"
+        "border-bottom:1px solid #dde2ea;text-align:left}.n{text-align:right}.done{color:#1b5e20}</style></head><body>"
+        f"<h1>Review before posting</h1><p>{len(items)} item(s) wait; approved ones go to the ERP, rejected ones to the "
+        f"exceptions topic, and every decision is kept with who, when and why.</p>{note}{table}</body></html>"
+    )
 
 
 class _Tally:
@@ -444,14 +476,48 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
             return _error(503, f"the broker did not acknowledge the status ({e}); send it again", headers={"Retry-After": "5"})
         return JSONResponse({"status_id": told.status_id, "tenant_id": told.tenant_id}, 202)
 
-    def reviewer(request: Request) -> Client | Response:
+    def reviewer(request: Request, html: bool = False) -> Client | Response:
         """The review desk is the finance team's, over every tenant: a token bound to tenants is refused."""
-        client = authorize(request, "review:write")
+        client = authorize(request, "review:write", html=html)
         if isinstance(client, Response):
             return client
         if client.bound:
-            return _error(403, "the review desk spans every tenant: use a token not bound to tenants, with review:write")
+            why = "the review desk spans every tenant: use a token not bound to tenants, with review:write"
+            return _html(f"<p>{html_escape(why)}.</p>", 403) if html else _error(403, why)
         return client
+
+    async def review_page(request: Request) -> Response:
+        """The desk for people (HTML, no script): what waits, each with a form to approve or
+        reject it with why; the decision is the token's client's (HTTP Basic, as the page)."""
+        client = reviewer(request, html=True)
+        if isinstance(client, Response):
+            return client
+        desk = await run_in_threadpool(load_review, s)
+        items = desk.pending(request.query_params.get("tenant"))
+        return _html(review_html(items, request.query_params.get("done")), headers=REVIEW_HEADERS)
+
+    async def review_form(request: Request) -> Response:
+        """A decision from the page's form; back to the page (303) once it is on usage.audit.
+        Only from the page itself: a browser sends Basic credentials to any site's form, so a
+        request another site's page made (Sec-Fetch-Site, or an Origin of another host) is refused."""
+        client = reviewer(request, html=True)
+        if isinstance(client, Response):
+            return client
+        site, origin = request.headers.get("sec-fetch-site"), request.headers.get("origin")
+        host = request.headers.get("host", "")
+        if site not in (None, "same-origin", "none") or (origin is not None and origin.split("://", 1)[-1] != host):
+            return _html("<p>Decide from the review page itself.</p>", 403)
+        form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
+        action, why = (form.get("action") or [""])[0], (form.get("why") or [""])[0]
+        if action not in ("approve", "reject"):
+            return _html("<p>Approve or reject.</p>", 400)
+        desk = await run_in_threadpool(load_review, s)
+        review_id = request.path_params["review_id"]
+        try:
+            await run_in_threadpool(decide_items, s, desk, action, [review_id], None, client.name, why)
+        except ReviewRefused as e:
+            return _html(f'<p>{html_escape(str(e))}</p><p><a href="/review">Back to the review desk</a></p>', 409 if e.code == 1 else 400)
+        return Response(status_code=303, headers={"Location": "/review?" + urllib.parse.urlencode({"done": f"{action}d {review_id}"})})
 
     async def get_review(request: Request) -> Response:
         """What waits for a person before the ERP (SPEC §10.1), oldest first per tenant."""
@@ -528,6 +594,8 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/erp/status", erp_status, methods=["POST"]),
             Route("/v1/review", get_review),
+            Route("/review", review_page),
+            Route("/review/{review_id}", review_form, methods=["POST"]),
             Route("/v1/review/{review_id}/{action}", decide_review, methods=["POST"]),
             Route("/v1/tenants/{tenant}/usage", get_usage),
             Route("/v1/tenants/{tenant}/credits", get_credits),

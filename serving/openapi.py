@@ -206,6 +206,27 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/review": {
+                "get": {
+                    "summary": "The review desk for people (HTML): what waits, each with a form to approve or reject it",
+                    "security": [{"bearer": []}, {"basic": []}],
+                    "parameters": [{"name": "tenant", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "the page", **page}, "401": {"description": "no token", **page}},
+                }
+            },
+            "/review/{review_id}": {
+                "post": {
+                    "summary": "The page's form: action=approve|reject and why; 303 back to the page (same-origin requests only)",
+                    "security": [{"bearer": []}, {"basic": []}],
+                    "parameters": [{"name": "review_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "303": {"description": "decided: back to the page"},
+                        "400": {"description": "no why, or no action", **page},
+                        "403": {"description": "not review:write, a bound token, or another site's form", **page},
+                        "409": {"description": "already decided", **page},
+                    },
+                }
+            },
             "/v1/tenants/{tenant}/credits": {
                 "get": {
                     "summary": "The tenant's prepaid grants: granted, used, expired, voided, remaining, expiry, status",

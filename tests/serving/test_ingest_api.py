@@ -97,6 +97,8 @@ def test_the_openapi_document_is_valid_openapi_3_1(api: Callable[..., httpx.Clie
         "/v1/erp/status",
         "/v1/review",
         "/v1/review/{review_id}/{action}",
+        "/review",
+        "/review/{review_id}",
         "/v1/tenants/{tenant}/grants",
         "/v1/tenants/{tenant}/grants/{grant_id}/void",
         "/tenants/{tenant}",

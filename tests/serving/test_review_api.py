@@ -75,3 +75,22 @@ def test_the_desk_lists_and_decides_as_the_tokens_client(api: Callable[..., http
         Decimal("250.00"),
     )
     assert [h["review_id"] for h in c.get("/v1/review", headers=FINANCE).json()["pending"]] == [b.review_id]
+
+
+def test_the_review_page_lists_and_decides_from_its_own_forms_only(api: Callable[..., httpx.Client], desk: Settings) -> None:
+    flat: dict[str, Any] = {"review_topic": desk.topics.review, "audit_topic": desk.topics.audit, "redis_url": desk.stores.redis_url}
+    c = api(**flat)
+    a = _held("acme", "250.00")
+    kafka.produce_confirmed(desk.kafka.config(), [(desk.topics.review, ENCODER.encode(a), b"acme")], "held item")
+    assert c.get("/review").status_code == 401  # a browser asks for the token
+    page = c.get("/review", auth=("me", REVIEWER))
+    assert page.status_code == 200 and a.review_id in page.text and f'action="/review/{a.review_id}"' in page.text
+    assert "form-action 'self'" in page.headers["content-security-policy"]
+    form = {"why": "confirmed by phone", "action": "approve"}
+    forged = c.post(f"/review/{a.review_id}", data=form, auth=("me", REVIEWER), headers={"Sec-Fetch-Site": "cross-site"})
+    assert forged.status_code == 403 and read_topic(desk.kafka.config(), desk.topics.audit) == []  # another site's form: nothing decided
+    ok = c.post(f"/review/{a.review_id}", data=form, auth=("me", REVIEWER), headers={"Sec-Fetch-Site": "same-origin"})
+    assert ok.status_code == 303 and ok.headers["location"].startswith("/review?done=approved")
+    (d,) = [msgspec.json.decode(v, type=ReviewDecision) for v in read_topic(desk.kafka.config(), desk.topics.audit)]
+    assert (d.decision, d.by, d.why) == ("approve", "finance", "confirmed by phone")
+    assert "Nothing waits for review." in c.get("/review", auth=("me", REVIEWER)).text

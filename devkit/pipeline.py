@@ -129,7 +129,7 @@ class LocalPipeline:
         p.wait(10)
 
     def start_all(self) -> None:
-        """The rating, alert-delivery and ERP-delivery dataflows, once rating serves metrics."""
+        """The rating, alert-delivery, ERP-delivery and status-delivery dataflows, once rating serves metrics."""
         for name in FLOWS:
             self.start(name)
         wait_until(lambda: RECORDS_IN in self.metrics(), 60, "the rating dataflow to start")

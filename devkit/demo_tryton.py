@@ -134,7 +134,7 @@ def _statuses(s: Settings, client: TrytonClient) -> bool:
         # Those in the company's currency: posting another currency needs the company's
         # exchange accounts set up in Tryton, which the demo's company does not have.
         assert client.context is not None
-        ((company,),) = [client.call("model.company.company.read", [client.context["company"]], ["currency.code"])]
+        (company,) = client.call("model.company.company.read", [client.context["company"]], ["currency.code"])
         domain = [["state", "=", "draft"], ["currency.code", "=", company["currency."]["code"]]]
         drafts = client.call("model.account.invoice.search", domain, 0, None, None)
         client.call("model.account.invoice.post", drafts)

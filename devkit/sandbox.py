@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import islice
 from typing import Any
 
-from sinks.success import secret_bytes
+from operators.status import secret_bytes
 
 TARGETS = ("crm", "success", "erp", "erp-credits", "crm-status")
 PATHS = {"/success/webhook": "success", "/erp/usage-batches": "erp", "/erp/credit-batches": "erp-credits"}

@@ -17,17 +17,23 @@ from schemas.catalog import Tenant
 from schemas.outputs import InvoiceStatus, StatusNotice
 
 WEBHOOK_TOLERANCE_S = 300  # Standard Webhooks: a timestamp further off than this is refused (replays)
-_BY_CUSTOMER: dict[int, dict[str, Tenant]] = {}
+_BY_CUSTOMER: list[tuple[CatalogIndex, dict[str, Tenant]]] = []  # the catalog last asked, and its map
 
 
 def _customers(cat: CatalogIndex) -> dict[str, Tenant]:
-    """Tenants by ERP customer id, built once per catalog loaded (a reload is a new index)."""
-    key = id(cat)
-    got = _BY_CUSTOMER.get(key)
-    if got is None:
-        _BY_CUSTOMER.clear()
-        got = _BY_CUSTOMER[key] = {ti.tenant.erp_customer_id: ti.tenant for ti in cat.tenants.values()}
-    return got
+    """Tenants by ERP customer id, built once per catalog loaded (a reload is a new index;
+    held by reference, so a new index is never taken for the old one)."""
+    if not _BY_CUSTOMER or _BY_CUSTOMER[0][0] is not cat:
+        _BY_CUSTOMER[:] = [(cat, {ti.tenant.erp_customer_id: ti.tenant for ti in cat.tenants.values()})]
+    return _BY_CUSTOMER[0][1]
+
+
+def secret_bytes(setting: str) -> bytes:
+    """A Standard Webhooks key: a spec-form `whsec_<base64>` secret decoded, any other string as is."""
+    if setting.startswith("whsec_"):
+        b64 = setting.removeprefix("whsec_")
+        return base64.b64decode(b64 + "=" * (-len(b64) % 4))
+    return setting.encode()
 
 
 def status_of(cat: CatalogIndex, n: StatusNotice) -> InvoiceStatus | str:
@@ -63,9 +69,7 @@ def verify(secret: str, msg_id: str | None, timestamp: str | None, signatures: s
     now = time.time() if now is None else now
     if not (timestamp.isascii() and timestamp.isdigit()) or abs(now - int(timestamp)) > WEBHOOK_TOLERANCE_S:
         return f"webhook-timestamp is not within {WEBHOOK_TOLERANCE_S} s of now"
-    b64 = secret.removeprefix("whsec_")
-    key = base64.b64decode(b64 + "=" * (-len(b64) % 4)) if secret.startswith("whsec_") else secret.encode()
-    want = b"v1," + base64.b64encode(hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest())
+    want = b"v1," + base64.b64encode(hmac.new(secret_bytes(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest())
     if not any(hmac.compare_digest(want, s.encode("latin-1")) for s in signatures.split(" ")):
         return "bad webhook-signature"
     return ""

@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TypeVar
 
 import msgspec
 from confluent_kafka import Message
@@ -47,6 +48,7 @@ from sinks.erp import CREDITS
 Key = tuple[str, str, str]  # tenant, meter, period
 MoneyKey = tuple[str, str, str]  # tenant, period, currency
 SOURCES = ("source", "rated", "erp")
+T = TypeVar("T")
 ZERO = Decimal(0)
 
 
@@ -105,6 +107,22 @@ def recount(s: Settings) -> tuple[Totals, Stats]:
     return totals, stats
 
 
+def first_copies(values: Iterable[bytes], kind: type[T], id_of: Callable[[T], str], conflicts: list[str] | None) -> list[T]:
+    """Each id's first copy, in topic order, as the ERP took it; `conflicts` collects the ids
+    whose later copies differ (a crash replay must send an item again byte for byte)."""
+    first: dict[str, bytes] = {}
+    out: list[T] = []
+    for v in values:
+        x = msgspec.json.decode(v, type=kind)
+        k = id_of(x)
+        seen = first.setdefault(k, v)
+        if seen is v:
+            out.append(x)
+        elif seen != v and conflicts is not None and k not in conflicts:
+            conflicts.append(k)
+    return out
+
+
 def rejected_in_review(s: Settings) -> set[str]:
     """The review ids a person rejected (`usage.audit`): never posted, by decision."""
     out: set[str] = set()
@@ -131,16 +149,7 @@ def rated_and_acknowledged(
     rated = Totals()
     # A line id can be on the topic more than once (a crash replay produces it again, with
     # the same content); it counts once, as it does at the ERP: the first copy.
-    unique: dict[str, RatedUsageLine] = {}
-    first: dict[str, bytes] = {}
-    for v in read_topic(s.kafka.config(), s.topics.rated):
-        ln = msgspec.json.decode(v, type=RatedUsageLine)
-        seen = first.setdefault(ln.line_id, v)
-        if seen is v:
-            unique[ln.line_id] = ln
-        elif seen != v and conflicts is not None and ln.line_id not in conflicts:
-            conflicts.append(ln.line_id)
-    lines = list(unique.values())
+    lines = first_copies(read_topic(s.kafka.config(), s.topics.rated), RatedUsageLine, lambda ln: ln.line_id, conflicts)
     for ln in lines:
         rated.add(ln)
     if not with_erp:
@@ -162,22 +171,11 @@ def rated_and_acknowledged(
     return rated, erp
 
 
-def credit_ledger(
-    s: Settings, with_erp: bool, conflicts: list[str] | None = None, rejected: set[str] | None = None
-) -> tuple[Totals, Totals | None]:
+def credit_ledger(s: Settings, with_erp: bool, conflicts: list[str] | None = None) -> tuple[Totals, Totals | None]:
     """The credits applied on the credit ledger topic, and those of its records the ERP
     acknowledged. A record id counts once, its first copy (a crash replay re-sends a line's
     draws under the same ids); `conflicts` collects the record ids whose copies differ."""
-    unique: dict[str, CreditRecord] = {}
-    first: dict[str, bytes] = {}
-    for v in read_topic(s.kafka.config(), s.topics.credits):
-        r = msgspec.json.decode(v, type=CreditRecord)
-        seen = first.setdefault(r.record_id, v)
-        if seen is v:
-            unique[r.record_id] = r
-        elif seen != v and conflicts is not None and r.record_id not in conflicts:
-            conflicts.append(r.record_id)
-    records = list(unique.values())
+    records = first_copies(read_topic(s.kafka.config(), s.topics.credits), CreditRecord, lambda r: r.record_id, conflicts)
     topic = Totals()
     for r in records:
         topic.add_record(r)

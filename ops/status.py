@@ -19,16 +19,15 @@ import signal
 import threading
 from typing import Any
 
-import msgspec
 import redis
 
 from operators.catalog_index import CatalogIndex
-from operators.periods import iso
 from operators.status import status_of
 from runtime import kafka
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, StatusNotice
+from sinks.courier import parked
 from sinks.tryton import TrytonClient
 
 log = logging.getLogger(__name__)
@@ -80,17 +79,8 @@ class TrytonInvoices:
             )
             st = status_of(self.cat, notice)
             if isinstance(st, str):
-                parked = {
-                    "destination": "erp-status",
-                    "key": f"{invoice_id}:{state}",
-                    "ids": [invoice_id],
-                    "status": 0,
-                    "reasons": {invoice_id: st},
-                    "response": "",
-                    "items": [msgspec.to_builtins(notice)],
-                    "at": iso(int(dt.datetime.now(dt.UTC).timestamp() * 1000)),
-                }
-                records.append((self.s.topics.exceptions, json.dumps(parked).encode(), b"erp-status"))
+                record = parked("erp-status", f"{invoice_id}:{state}", [notice], [invoice_id], {invoice_id: st})
+                records.append((self.s.topics.exceptions, record, b"erp-status"))
                 counts["parked"] += 1
             else:
                 records.append((self.s.topics.status, ENCODER.encode(st), st.tenant_id.encode()))

@@ -69,6 +69,7 @@ from serving.openapi import LISTED_REFUSALS, document
 from serving.page import render
 from serving.server import MULTIPROC_DIR, Bounds
 from serving.usage import BadRequest, NotFound, Queries, Unavailable
+from sinks.courier import parked
 from state.read_model import ReadModelChanges, ReadModelReader
 from state.review import Refused as ReviewRefused
 from state.review import decide as decide_items
@@ -459,17 +460,10 @@ def build_app(s: Settings, ingest: Ingest | None = None, bounds: Bounds | None =
         ing = the_ingest()
         try:
             if isinstance(told, str):
-                parked = {
-                    "destination": "erp-status",
-                    "key": h.get("webhook-id"),
-                    "ids": [notice.invoice_id],
-                    "status": 0,
-                    "reasons": {notice.invoice_id: told},
-                    "response": "",
-                    "items": [msgspec.json.decode(body)],
-                    "at": iso(int(time.time() * 1000)),
-                }
-                await ing.send([(s.topics.exceptions, b"erp-status", msgspec.json.encode(parked))])
+                record = parked(
+                    "erp-status", h.get("webhook-id") or "", [msgspec.json.decode(body)], [notice.invoice_id], {notice.invoice_id: told}
+                )
+                await ing.send([(s.topics.exceptions, b"erp-status", record)])
                 return JSONResponse({"parked": told}, 202)
             await ing.send([(s.topics.status, told.tenant_id.encode(), OUTPUT_ENCODER.encode(told))])
         except BrokerDown as e:

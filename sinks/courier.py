@@ -62,6 +62,32 @@ def batch_key(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
 
 
+def parked(
+    destination: str,
+    key: str,
+    items: Sequence[Any],
+    ids: list[str],
+    reasons: dict[str, str],
+    *,
+    status: int | str | None = 0,
+    response: str = "",
+    at: str | None = None,
+) -> bytes:
+    """A record of the exceptions topic (read by `ops.exceptions.Parked`): items kept for a
+    person, with why per id. Written here, by review, and by the invoice-status paths."""
+    rec = {
+        "destination": destination,
+        "key": key,
+        "ids": ids,
+        "status": status,
+        "reasons": reasons,
+        "response": response[:2000],
+        "items": list(items),
+        "at": at or iso(int(time.time() * 1000)),
+    }
+    return ENCODER.encode(rec)
+
+
 class Parking:
     """Items a destination rejected for good, kept with why for a person (and a re-drive)."""
 
@@ -69,17 +95,8 @@ class Parking:
         self.producer, self.topic = producer, topic
 
     def park(self, destination: str, key: str, items: Sequence[Any], ids: list[str], answer: Answer, reasons: dict[str, str]) -> None:
-        rec = {
-            "destination": destination,
-            "key": key,
-            "ids": ids,
-            "status": answer.status,
-            "reasons": reasons,
-            "response": answer.detail[:2000],
-            "items": list(items),
-            "at": iso(int(time.time() * 1000)),
-        }
-        self.producer.produce(self.topic, ENCODER.encode(rec), destination.encode())
+        rec = parked(destination, key, items, ids, reasons, status=answer.status, response=answer.detail)
+        self.producer.produce(self.topic, rec, destination.encode())
         self.producer.flush()
         log.error("%s rejected %d item(s) with %s; parked in %s", destination, len(ids), answer.status, self.topic)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import msgspec
 
 from operators.periods import iso
 from runtime.settings import Settings
 from schemas.outputs import ENCODER, CreditRecord, HeldItem, RatedUsageLine, ReviewDecision
+from sinks.courier import parked
 from sinks.kafka import KafkaOutbox
 
 _LINE = msgspec.json.Decoder(RatedUsageLine)
@@ -24,28 +24,15 @@ _CREDIT = msgspec.json.Decoder(CreditRecord)
 
 def held(kind: str, value: bytes, at_ms: int) -> HeldItem:
     """The held item of a line (`kind` line) or credit record (`credit`) as rated."""
-    if kind == "line":
-        ln = _LINE.decode(value)
-        return HeldItem(
-            review_id=ln.line_id,
-            kind="line",
-            tenant_id=ln.tenant_id,
-            period=ln.period,
-            amount=ln.amount,
-            currency=ln.currency,
-            reason=ln.review or "",
-            held_at=iso(at_ms),
-            item=msgspec.Raw(value),
-        )
-    r = _CREDIT.decode(value)
+    x: RatedUsageLine | CreditRecord = _LINE.decode(value) if kind == "line" else _CREDIT.decode(value)
     return HeldItem(
-        review_id=r.record_id,
-        kind="credit",
-        tenant_id=r.tenant_id,
-        period=r.period,
-        amount=r.amount,
-        currency=r.currency,
-        reason=r.review or "",
+        review_id=x.line_id if isinstance(x, RatedUsageLine) else x.record_id,
+        kind="line" if kind == "line" else "credit",
+        tenant_id=x.tenant_id,
+        period=x.period,
+        amount=x.amount,
+        currency=x.currency,
+        reason=x.review or "",
         held_at=iso(at_ms),
         item=msgspec.Raw(value),
     )
@@ -69,19 +56,14 @@ class ReviewDesk:
     def reject(self, decisions: Sequence[ReviewDecision]) -> None:
         """As `sinks.courier.Parking` parks what a destination refused for good, so the
         exceptions tooling reads both alike (destination `review`)."""
-        records: list[tuple[str, bytes | None, bytes]] = []
-        for d in decisions:
-            rec: dict[str, Any] = {
-                "destination": "review",
-                "key": d.audit_id,
-                "ids": [d.review_id],
-                "status": 0,
-                "reasons": {d.review_id: f"rejected in review by {d.by}: {d.why}"},
-                "response": "",
-                "items": [d.item],
-                "at": d.at,
-            }
-            records.append((self.exceptions, b"review", ENCODER.encode(rec)))
+        records: list[tuple[str, bytes | None, bytes]] = [
+            (
+                self.exceptions,
+                b"review",
+                parked("review", d.audit_id, [d.item], [d.review_id], {d.review_id: f"rejected in review by {d.by}: {d.why}"}, at=d.at),
+            )
+            for d in decisions
+        ]
         self.out.send("rejected", records)
 
     def close(self) -> None:

@@ -21,19 +21,11 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from operators.status import secret_bytes
 from runtime.settings import SuccessSettings
 from schemas.outputs import ENCODER, ThresholdAlert
 from sinks.base import Answer
 from sinks.http import HttpClient
-
-PREFIX = "whsec_"
-
-
-def secret_bytes(setting: str) -> bytes:
-    """The HMAC key: a spec-form `whsec_<base64>` secret decoded, any other string as is."""
-    if setting.startswith(PREFIX):
-        return base64.b64decode(setting[len(PREFIX) :] + "==")
-    return setting.encode()
 
 
 def sign(secret_key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

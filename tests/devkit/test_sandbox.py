@@ -11,9 +11,10 @@ import httpx
 import orjson
 
 from devkit.sandbox import Sandbox
+from operators.status import secret_bytes
 from runtime.settings import SuccessSettings
 from schemas.outputs import ThresholdAlert
-from sinks.success import SuccessWebhook, secret_bytes, sign
+from sinks.success import SuccessWebhook, sign
 
 LINE = {"batch_id": "b", "lines": [{"line_id": "l1", "tenant_id": "t", "currency": "USD", "amount": "1.00"}]}
 ALERT = {"alert_id": "a1"}

@@ -13,6 +13,7 @@ import pytest
 from operators import credits
 from ops.reconcile import Totals, by_entity
 from schemas.catalog import CatalogError, parse_catalog
+from schemas.outputs import ENCODER
 from tests.operators.test_credits import grant
 from tests.support.events import CATALOG, Harness, ev
 from tests.support.lines import rated_line
@@ -49,7 +50,7 @@ def test_a_catalog_without_entities_leaves_lines_as_they_were() -> None:
     h.feed(*[ev("acme", at=i * S) for i in range(25)])
     h.flush()
     assert h.lines and all(ln.legal_entity is None for ln in h.lines)
-    assert b"legal_entity" not in __import__("schemas.outputs", fromlist=["ENCODER"]).ENCODER.encode(h.lines[0])
+    assert b"legal_entity" not in ENCODER.encode(h.lines[0])
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,11 @@ import pytest
 from devkit.pipeline import wait_until
 from devkit.sandbox import Sandbox
 from devkit.stack import LocalStack
+from operators.status import secret_bytes
 from runtime.kafka import read_topic
 from runtime.settings import Settings
 from schemas.outputs import InvoiceStatus
-from sinks.success import secret_bytes, sign
+from sinks.success import sign
 from tests.dataflows.test_delivery import FlowProcess
 
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGhlLWVycA=="  # base64 of "secret-key-for-the-erp"

@@ -132,6 +132,24 @@ def find_parties(codes: Iterable[str]) -> dict[str, Any]:
     return found
 
 
+def new_items(
+    model: Any, batch: list[dict[str, Any]], id_key: str, column: str = "external_id"
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """The first half of every `ingest`: outcomes so far (an item without its id rejected, one
+    already stored `existing`) and the items still to create, by id (a repeated id once)."""
+    outcomes: dict[str, str] = {}
+    items: dict[str, dict[str, Any]] = {}
+    for index, item in enumerate(batch):
+        key = item.get(id_key)
+        if not isinstance(key, str) or not key:
+            outcomes[f"#{index}"] = rejected(f"missing {id_key}")
+        elif key not in items:
+            items[key] = item
+    existing = existing_keys(model, column, list(items))  # `column` holds the id
+    outcomes.update(dict.fromkeys(existing, EXISTING))
+    return outcomes, {k: v for k, v in items.items() if k not in existing}
+
+
 def create_unique(model: Any, vlist: list[dict[str, Any]]) -> list[Any]:
     """Create records with the caller's create access but without the field read-only checks.
 

@@ -101,17 +101,7 @@ class Credit(ModelSQL, ModelView):  # type: ignore[misc]
         batch = common.check_batch(records)
         company = common.company_id()
 
-        outcomes: dict[str, str] = {}
-        items: dict[str, dict[str, Any]] = {}
-        for index, item in enumerate(batch):
-            record_id = item.get("record_id")
-            if not isinstance(record_id, str) or not record_id:
-                outcomes[f"#{index}"] = common.rejected("missing record_id")
-            elif record_id not in items:
-                items[record_id] = item
-        existing = common.existing_keys(cls, "external_id", list(items))
-        outcomes.update(dict.fromkeys(existing, common.EXISTING))
-        todo = {k: v for k, v in items.items() if k not in existing}
+        outcomes, todo = common.new_items(cls, batch, "record_id")
 
         parties = common.find_parties(str(i.get("erp_customer_id")) for i in todo.values())
         currencies = {c.code: c for c in Currency.search([])}

@@ -47,17 +47,7 @@ class SaleOpportunity(metaclass=PoolMeta):  # type: ignore[metaclass]
         batch = common.check_batch(alerts)
         company = Company(common.company_id())
 
-        outcomes: dict[str, str] = {}
-        items: dict[str, dict[str, Any]] = {}
-        for index, item in enumerate(batch):
-            alert_id = item.get("alert_id")
-            if not isinstance(alert_id, str) or not alert_id:
-                outcomes[f"#{index}"] = common.rejected("missing alert_id")
-            elif alert_id not in items:
-                items[alert_id] = item
-        existing = common.existing_keys(cls, "tallyflow_alert_id", list(items))
-        outcomes.update(dict.fromkeys(existing, common.EXISTING))
-        todo = {k: v for k, v in items.items() if k not in existing}
+        outcomes, todo = common.new_items(cls, batch, "alert_id", "tallyflow_alert_id")
         parties = common.find_parties(str(i.get("crm_account_id")) for i in todo.values())
 
         vlist, created = [], []

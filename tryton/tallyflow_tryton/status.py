@@ -47,17 +47,7 @@ class BillingStatus(ModelSQL, ModelView):  # type: ignore[misc]
         """Store InvoiceStatus dicts for the party of their `crm_account_id`, and set each
         party's latest billing status; {status_id: created|existing|rejected: ...}."""
         batch = common.check_batch(statuses)
-        outcomes: dict[str, str] = {}
-        items: dict[str, dict[str, Any]] = {}
-        for index, item in enumerate(batch):
-            status_id = item.get("status_id")
-            if not isinstance(status_id, str) or not status_id:
-                outcomes[f"#{index}"] = common.rejected("missing status_id")
-            elif status_id not in items:
-                items[status_id] = item
-        existing = common.existing_keys(cls, "external_id", list(items))
-        outcomes.update(dict.fromkeys(existing, common.EXISTING))
-        todo = {k: v for k, v in items.items() if k not in existing}
+        outcomes, todo = common.new_items(cls, batch, "status_id")
         parties = common.find_parties(str(i.get("crm_account_id")) for i in todo.values())
         vlist, created = [], []
         for status_id, item in todo.items():

@@ -109,17 +109,7 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         batch = common.check_batch(lines)
         company = common.company_id()
 
-        outcomes: dict[str, str] = {}
-        items: dict[str, dict[str, Any]] = {}
-        for index, item in enumerate(batch):
-            line_id = item.get("line_id")
-            if not isinstance(line_id, str) or not line_id:
-                outcomes[f"#{index}"] = common.rejected("missing line_id")
-            elif line_id not in items:
-                items[line_id] = item
-        existing = common.existing_keys(cls, "external_id", list(items))
-        outcomes.update(dict.fromkeys(existing, common.EXISTING))
-        todo = {k: v for k, v in items.items() if k not in existing}
+        outcomes, todo = common.new_items(cls, batch, "line_id")
 
         parties = common.find_parties(str(i.get("erp_customer_id")) for i in todo.values())
         products = {p.code: p for p in Product.search([("code", "in", sorted({str(i.get("product_code")) for i in todo.values()}))])}

@@ -34,7 +34,7 @@ from sinks.base import Destination
 from sinks.courier import Courier, Parking, ledger_problem
 from sinks.erp import ErpCreditsHttp
 from sinks.review import ReviewDesk
-from sinks.tryton import TrytonErpCredits
+from sinks.tryton import EntityCompanies, TrytonErpCredits
 from state.ledger import Ledger
 
 LINES, CREDITS = "erp", "credits"  # the batcher's keys: one batch never mixes the kinds
@@ -55,7 +55,7 @@ def _describe_credits(key: str, records: Sequence[CreditRecord]) -> dict[str, An
 def credit_destination(s: Settings) -> Destination[CreditRecord]:
     """The credit records go where the lines go (`TALLYFLOW_ERP_KIND`)."""
     if s.erp.kind == "tryton":
-        return TrytonErpCredits(s.tryton)
+        return TrytonErpCredits(s.tryton, companies=EntityCompanies(s.process.catalog))
     return ErpCreditsHttp(s.erp, s.delivery.sink_timeout_seconds)
 
 

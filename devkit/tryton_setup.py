@@ -1,5 +1,5 @@
 """A Tryton 8.2 SQLite database with the Tallyflow module and a ready-to-invoice set-up:
-company, currencies (USD, EUR), chart of accounts, fiscal years, payment term, one service
+a company per legal entity of the catalog (else one), currencies (USD, EUR), chart of accounts, fiscal years, payment term, one service
 product per `product_code` of the catalog and one for prepaid credits applied
 (`TALLYFLOW-CREDIT`), one party per tenant (code: its `erp_customer_id`, identifier: its
 `crm_account_id`, so the ERP and CRM adapters both find it).
@@ -39,7 +39,7 @@ class SetupResult:
     database: str
     db_path: Path
     config_file: Path
-    company: int
+    companies: list[int]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,6 +89,21 @@ def create_database(db_path: Path, password: str = ADMIN_PASSWORD) -> Path:
     return config_file
 
 
+@dataclass(frozen=True)
+class CompanySpec:
+    """A company to set up: a legal entity's (its party's code is the entity's `erp_company`,
+    which is how the Tallyflow module finds it) or, for a catalog without entities, the one
+    company every line goes under."""
+
+    code: str | None
+    name: str
+    currency: str
+
+
+DEFAULT_COMPANY = CompanySpec(None, "Tallyflow Demo Company", "USD")
+PAYMENT_METHOD = "Cash"  # per company: how `pay` (the demo's paid invoice) settles an invoice
+
+
 def configure(
     database: str,
     config_file: Path,
@@ -96,9 +111,12 @@ def configure(
     parties: Sequence[tuple[str, str]],
     aliases: Mapping[str, Sequence[str]],
     today: dt.date,
-) -> int:
-    """Company, currencies, chart, fiscal years, payment term, products and parties (proteus,
-    in this process). Returns the company id."""
+    companies: Sequence[CompanySpec] = (DEFAULT_COMPANY,),
+) -> list[int]:
+    """Companies, currencies, a chart, fiscal years, payment term, a cash payment method and
+    the products' accounts per company; products and parties (shared). The admin user works
+    for every company (company filter "all"), the first being its own. Returns the company
+    ids (proteus, in this process)."""
     from proteus import Model, Wizard
     from proteus import config as pconfig
 
@@ -113,33 +131,39 @@ def configure(
         currencies[code] = currency
 
     Party = Model.get("party.party")
+    Company = Model.get("company.company")
+    company_parties = [Party(name=c.name, code=c.code) for c in companies]
+    Party.save(company_parties)
     wizard = Wizard("company.company.config")
     wizard.execute("company")
-    company_party = Party(name="Tallyflow Demo Company")
-    company_party.save()
-    wizard.form.party = company_party
-    wizard.form.currency = currencies["USD"]
+    wizard.form.party = company_parties[0]
+    wizard.form.currency = currencies[companies[0].currency]
     wizard.execute("add")
     User = Model.get("res.user")
     cfg._context = User.get_preferences(True, {})  # every later call runs in the company context
-    company = Model.get("company.company").find()[0]
-
-    accounts = _create_chart(company, cfg)
-    for year in (today.year - 1, today.year):
-        _create_fiscalyear(company, year)
+    records = [Company.find([("party", "=", company_parties[0].id)])[0]]
+    for spec, party in zip(companies[1:], company_parties[1:], strict=True):
+        company = Company(party=party, currency=currencies[spec.currency])
+        company.save()
+        records.append(company)
+    if len(records) > 1:
+        admin = User(cfg.user)
+        admin.companies.extend(Company(c.id) for c in records[1:])
+        admin.company_filter = "all"  # its records of every company, each invoiced in its own context
+        admin.save()
+        cfg._context = User.get_preferences(True, {})
 
     PaymentTerm = Model.get("account.invoice.payment_term")
     term = PaymentTerm(name="Due on receipt")
     term.lines.new(type="remainder")
     term.save()
-    AccountConfiguration = Model.get("account.configuration")
-    account_config = AccountConfiguration(1)
-    account_config.default_customer_payment_term = term
-    account_config.save()
-
     Category = Model.get("product.category")
-    category = Category(name="Tallyflow usage", accounting=True, account_revenue=accounts["revenue"], account_expense=accounts["expense"])
+    category = Category(name="Tallyflow usage", accounting=True)
     category.save()
+    for company in records:
+        with cfg.set_context(company=company.id):
+            _configure_company(company, cfg, today, term, category)
+
     (unit,) = Model.get("product.uom").find([("name", "=", "Unit")])
     Template = Model.get("product.template")
     templates = [
@@ -161,14 +185,37 @@ def configure(
     )
     Template.save(templates)
 
-    records = []
+    party_records = []
     for code, name in parties:
         party = Party(name=name, code=code)
         for alias in aliases.get(code, ()):
             party.identifiers.new(code=alias)
-        records.append(party)
-    Party.save(records)
-    return int(company.id)
+        party_records.append(party)
+    Party.save(party_records)
+    return [int(c.id) for c in records]
+
+
+def _configure_company(company: Any, cfg: Any, today: dt.date, term: Any, category: Any) -> None:
+    """What each company needs of its own to invoice and be paid (in its context): a chart,
+    fiscal years, the default payment term, the usage category's accounts, a payment method."""
+    from proteus import Model
+
+    accounts = _create_chart(company, cfg)
+    for year in (today.year - 1, today.year):
+        _create_fiscalyear(company, year)
+    account_config = Model.get("account.configuration")(1)
+    account_config.default_customer_payment_term = Model.get("account.invoice.payment_term")(term.id)
+    account_config.save()
+    category = Model.get("product.category")(category.id)
+    category.account_revenue = accounts["revenue"]
+    category.account_expense = accounts["expense"]
+    category.save()
+    (journal,) = Model.get("account.journal").find([("type", "=", "cash")], limit=1)
+    (cash,) = Model.get("account.account").find([("company", "=", company.id), ("code", "=", "1.1.1")], limit=1)
+    method = Model.get("account.invoice.payment.method")(
+        name=PAYMENT_METHOD, company=company, journal=journal, credit_account=cash, debit_account=cash
+    )
+    method.save()
 
 
 def _create_chart(company: Any, cfg: Any) -> dict[str, Any]:
@@ -239,6 +286,7 @@ def setup(
     *,
     aliases: Mapping[str, Sequence[str]] | None = None,
     today: dt.date | None = None,
+    companies: Sequence[CompanySpec] = (DEFAULT_COMPANY,),
 ) -> SetupResult:
     """Create db_path (must not exist) and configure it; see the module docstring."""
     db_path = Path(db_path).resolve()
@@ -247,30 +295,31 @@ def setup(
     config_file = create_database(db_path)
     timings["create_database"] = time.monotonic() - started
     started = time.monotonic()
-    company = configure(db_path.stem, config_file, product_codes, parties, aliases or {}, today or dt.date.today())
+    ids = configure(db_path.stem, config_file, product_codes, parties, aliases or {}, today or dt.date.today(), companies)
     timings["configure"] = time.monotonic() - started
     conn = sqlite3.connect(db_path)
     try:  # fold the WAL into the main file (best effort: this process may still hold connections)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
-    return SetupResult(db_path.stem, db_path, config_file, company, timings)
+    return SetupResult(db_path.stem, db_path, config_file, ids, timings)
 
 
 def setup_from_catalog(db_path: str | Path, catalog_path: str | Path) -> SetupResult:
-    """Products and parties from a catalog file."""
+    """Products, parties and companies (one per legal entity, else one) from a catalog file."""
     from schemas.catalog import load_catalog
 
     cat = load_catalog(catalog_path)
     products = sorted({pm.product_code for p in cat.plans for pm in p.meters.values()})
     parties = [(t.erp_customer_id, t.tenant_id) for t in cat.tenants]
     aliases = {t.erp_customer_id: [t.crm_account_id] for t in cat.tenants if t.crm_account_id != t.erp_customer_id}
-    return setup(db_path, products, parties, aliases=aliases)
+    companies = [CompanySpec(e.erp_company, e.name, e.currency) for e in cat.entities] or [DEFAULT_COMPANY]
+    return setup(db_path, products, parties, aliases=aliases, companies=companies)
 
 
 def main(argv: Sequence[str]) -> int:
     result = setup_from_catalog(argv[0], argv[1])
-    print(f"{result.database} {result.db_path} {result.company}")
+    print(f"{result.database} {result.db_path} {','.join(map(str, result.companies))}")
     return 0
 
 

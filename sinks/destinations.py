@@ -9,18 +9,18 @@ from sinks.base import Destination
 from sinks.crm import CrmHttp
 from sinks.erp import ErpHttp
 from sinks.success import SuccessWebhook
-from sinks.tryton import TrytonCrm, TrytonErp
+from sinks.tryton import EntityCompanies, TrytonCrm, TrytonErp
 
 
 def erp(s: Settings) -> Destination[RatedUsageLine]:
     if s.erp.kind == "tryton":
-        return TrytonErp(s.tryton)
+        return TrytonErp(s.tryton, companies=EntityCompanies(s.process.catalog))
     return ErpHttp(s.erp, s.delivery.sink_timeout_seconds)
 
 
 def crm(s: Settings) -> Destination[ThresholdAlert]:
     if s.crm.kind == "tryton":
-        return TrytonCrm(s.tryton)
+        return TrytonCrm(s.tryton, companies=EntityCompanies(s.process.catalog))
     return CrmHttp(s.crm, s.delivery.sink_timeout_seconds)
 
 

@@ -21,8 +21,10 @@ session) is answered before the method runs, so logging in again and re-sending 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
+import time
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
@@ -31,6 +33,7 @@ import httpx
 import msgspec
 
 from runtime.settings import TrytonSettings
+from schemas.catalog import CatalogError, load_catalog
 from schemas.outputs import CreditRecord, InvoiceStatus, RatedUsageLine, ThresholdAlert
 from sinks.base import Answer
 from sinks.erp import CREDITS
@@ -130,20 +133,83 @@ def _answer(ids: Sequence[str], outcomes: dict[str, str]) -> Answer:
     return Answer(rejected=rejected, status="ok", detail=f"{created} created, {len(ids) - created - len(rejected)} existing")
 
 
+ERP_COMPANY = "erp_company"  # the item's key the module books it under (tryton/tallyflow_tryton/common.py)
+
+
+class EntityCompanies:
+    """Each legal entity's ERP company (SPEC §10.2), from the catalog file: the Tryton module
+    books an item under the company whose party has that code (or name). The file is read
+    again, at most every RELOAD_S, when an item names an entity not known yet (the catalog
+    gained one since)."""
+
+    RELOAD_S = 5.0
+
+    def __init__(self, catalog_path: str) -> None:
+        self.path = catalog_path
+        self._companies = self._load()
+        self._loaded = time.monotonic()
+
+    def _load(self) -> dict[str, str]:
+        return {e.id: e.erp_company for e in load_catalog(self.path).entities}
+
+    def __call__(self, entity: str) -> str | None:
+        if entity not in self._companies and time.monotonic() - self._loaded >= self.RELOAD_S:
+            self._loaded = time.monotonic()
+            with contextlib.suppress(CatalogError):  # a catalog being edited: the last good one stands
+                self._companies = self._load()
+        return self._companies.get(entity)
+
+
 class _TrytonDestination:
-    def __init__(self, cfg: TrytonSettings, timeout_s: float | None = None, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrytonSettings,
+        timeout_s: float | None = None,
+        transport: httpx.BaseTransport | None = None,
+        companies: EntityCompanies | None = None,
+    ) -> None:
         self.client = TrytonClient(cfg, timeout_s=timeout_s, transport=transport)
+        self.companies = companies
 
     def _ingest(self, method: str, ids: list[str], items: Sequence[Any]) -> Answer:
+        payload: list[dict[str, Any]] = msgspec.to_builtins(items)
+        unknown = self._name_companies(payload)
+        send = [k for k in range(len(ids)) if k not in unknown]
+        if not send:
+            return Answer(rejected=unknown, status="unknown_entity", detail=next(iter(unknown.values()), ""))
         try:
-            outcomes = self.client.call(method, msgspec.to_builtins(items))
+            outcomes = self.client.call(method, [payload[k] for k in send])
         except TrytonError as e:
             # Tryton down or busy, or the whole call refused (no company, module missing): no item
             # was decided; the backlog waits in Kafka until it works, which loses nothing.
             return Answer.later(e.status, str(e))
         if not isinstance(outcomes, dict):
             return Answer.later("unexpected", f"{method} answered {str(outcomes)[:200]}")
-        return _answer(ids, outcomes)
+        answer = _answer([ids[k] for k in send], outcomes)
+        if not unknown or answer.retry:
+            return answer
+        rejected = {**{send[i]: why for i, why in answer.rejected.items()}, **unknown}
+        return Answer(rejected=rejected, status=answer.status, detail=answer.detail)
+
+    def _name_companies(self, payload: list[dict[str, Any]]) -> dict[int, str]:
+        """Each item of a legal entity gets its ERP company; those whose entity the catalog
+        does not declare are rejected (parked with why; replayed once it does)."""
+        unknown: dict[int, str] = {}
+        if self.companies is None:
+            return unknown
+        for k, item in enumerate(payload):
+            entity = item.get("legal_entity")
+            if entity is None:
+                continue
+            company = self.companies(entity)
+            if company is None:
+                unknown[k] = (
+                    f"legal entity {entity} is not declared in the catalog {self.companies.path}: "
+                    "add it under entities: with its erp_company"
+                )
+            else:
+                item[ERP_COMPANY] = company
+        return unknown
 
     def close(self) -> None:
         self.client.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,15 +71,47 @@ def own_redis() -> Iterator[OwnRedis]:
         r.stop()
 
 
+# The test catalog with two legal entities (SPEC §10.2): its tenants in `us` (company TF-US,
+# USD, the Tryton user's own), and `euro-co` on a euro plan in `eu` (company TF-EU, EUR).
+ENTITIES_CATALOG: dict[str, Any] = {
+    **CATALOG,
+    "plans": [
+        *CATALOG["plans"],
+        {"id": "euro", "version": 1, "currency": "EUR", "meters": {"calls": CATALOG["plans"][0]["meters"]["calls"]}},
+    ],
+    "tenants": [
+        *({**t, "legal_entity": "us"} for t in CATALOG["tenants"]),
+        {
+            "tenant_id": "euro-co",
+            "plan": "euro",
+            "crm_account_id": "CRM-4",
+            "erp_customer_id": "ERP-4",
+            "contract_id": "C-4",
+            "legal_entity": "eu",
+        },
+    ],
+    "entities": [
+        {"id": "us", "name": "Tallyflow Inc.", "currency": "USD", "erp_company": "TF-US"},
+        {"id": "eu", "name": "Tallyflow GmbH", "currency": "EUR", "erp_company": "TF-EU"},
+    ],
+}
+
+
 @pytest.fixture(scope="session")
-def tryton_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Tryton database set up for the test catalog (parties ERP-1..3 with aliases CRM-1..3,
-    products CALLS, TOK, STO, MAU, SEAT), made once (~30 s) and kept between runs."""
+def tryton_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("catalog") / "catalog.yaml"
+    write_catalog(path, ENTITIES_CATALOG)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tryton_template(tryton_catalog: Path) -> Path:
+    """A Tryton database set up for the test catalog with entities (parties ERP-1..4 with
+    aliases CRM-1..4, products CALLS, TOK, STO, MAU, SEAT, companies TF-US and TF-EU), made
+    once (~40 s) and kept between runs. Lines that name no entity go under TF-US."""
     from devkit.tryton import template
 
-    path = tmp_path_factory.mktemp("catalog") / "catalog.yaml"
-    write_catalog(path, CATALOG)
-    return template(path)
+    return template(tryton_catalog)
 
 
 @pytest.fixture

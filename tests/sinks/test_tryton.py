@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -16,7 +17,7 @@ from devkit.tryton import TrytonServer
 from operators.ids import stable_id
 from runtime.settings import Settings
 from schemas.outputs import CreditRecord, RatedUsageLine, ThresholdAlert
-from sinks.tryton import TrytonClient, TrytonCrm, TrytonErp, TrytonErpCredits, TrytonError
+from sinks.tryton import EntityCompanies, TrytonClient, TrytonCrm, TrytonErp, TrytonErpCredits, TrytonError
 from tests.dataflows.test_delivery import alerts
 from tests.support.lines import rated_line
 
@@ -232,3 +233,48 @@ def test_the_invoice_shows_the_gross_lines_and_one_negative_line_per_grant_used(
         client.call("model.tallyflow.credit.write", [got[ledger[1].record_id]["id"]], {"amount": D("3.01")})
     posted = client.call("model.tallyflow.usage.invoice_period", "2026-04", None, True)
     assert [(r["party"], r["untaxed_amount"], r["state"]) for r in posted] == [("ERP-1", D("-9.00"), "posted")]
+
+
+def test_each_legal_entity_books_under_its_company_and_invoices_there(tryton: TrytonServer, tryton_catalog: Path) -> None:
+    """SPEC §10.2: a line, a credit record and an alert of a legal entity go under that entity's
+    company (TF-US, TF-EU), each company invoices its own records in its own currency and
+    posts them; an entity the catalog does not declare, or a company Tryton lacks, is
+    rejected with why, and the rest of the batch lands."""
+    s = tryton.settings(Settings()).tryton
+    companies = EntityCompanies(str(tryton_catalog))
+    us = line("10.00", customer="ERP-1", currency="USD")
+    eu = [rated_line(tenant_id="euro-co", erp_customer_id="ERP-4", currency="EUR", amount=a, legal_entity="eu") for a in ("20.00", "0.50")]
+    us = msgspec.structs.replace(us, legal_entity="us")
+    mars = msgspec.structs.replace(line("1.00"), legal_entity="mars")
+    answer = TrytonErp(s, companies=companies).send("k", [us, mars, *eu])
+    assert not answer.retry and set(answer.rejected) == {1} and "legal entity mars is not declared" in answer.rejected[1]
+    assert answer.detail == "3 created, 0 existing"
+    drawn = msgspec.structs.replace(credit("drawn", "g-eu", "5.00", customer="ERP-4"), currency="EUR", legal_entity="eu")
+    lead = msgspec.structs.replace(alert(1, account="CRM-4"), legal_entity="eu")
+    for answer in (TrytonErpCredits(s, companies=companies).send("c", [drawn]), TrytonCrm(s, companies=companies).send("a", [lead])):
+        assert not answer.retry and not answer.rejected and answer.detail == "1 created, 0 existing"
+
+    client = tryton.client()
+    fields = ["external_id", "company.party.code", "company.currency.code"]
+    booked = {r["external_id"]: r["company."] for r in client.call("model.tallyflow.usage.search_read", [], 0, None, None, fields)}
+    assert {k: (c["party."]["code"], c["currency."]["code"]) for k, c in booked.items()} == {
+        us.line_id: ("TF-US", "USD"),
+        eu[0].line_id: ("TF-EU", "EUR"),
+        eu[1].line_id: ("TF-EU", "EUR"),
+    }
+    (credit_row,) = client.call("model.tallyflow.credit.search_read", [], 0, None, None, ["company.party.code"])
+    (lead_row,) = client.call(
+        "model.sale.opportunity.search_read", [("tallyflow_alert_id", "=", lead.alert_id)], 0, None, None, ["company.party.code"]
+    )
+    assert credit_row["company."]["party."]["code"] == lead_row["company."]["party."]["code"] == "TF-EU"
+
+    # An item naming a company Tryton does not have: rejected, never booked under another.
+    odd = {**msgspec.to_builtins(line("2.00")), "erp_company": "TF-NOWHERE"}
+    (why,) = client.call("model.tallyflow.usage.ingest", [odd]).values()
+    assert why.startswith("rejected: unknown ERP company TF-NOWHERE")
+
+    posted = client.call("model.tallyflow.usage.invoice_period", "2026-03", None, True)
+    got = {(r["company"], r["party"], r["currency"]): (r["untaxed_amount"], r["state"]) for r in posted}
+    assert got == {("TF-US", "ERP-1", "USD"): (D("10.00"), "posted"), ("TF-EU", "ERP-4", "EUR"): (D("15.50"), "posted")}
+    invoices = client.call("model.account.invoice.read", [r["invoice"] for r in posted], ["company.party.code", "number", "move.company"])
+    assert all(inv["number"] and inv["move."]["company"] == inv["company."]["id"] for inv in invoices)

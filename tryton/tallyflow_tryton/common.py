@@ -38,6 +38,45 @@ def company_id() -> int:
     return int(company)
 
 
+ERP_COMPANY = "erp_company"  # an item's legal entity's company, added by Tallyflow's adapter
+
+
+def find_companies(items: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The companies the items name in `erp_company` (SPEC §10.2: a legal entity's company),
+    matched to the code of the company's party, else to its name when one company has it;
+    only those the calling user may work for (its companies)."""
+    pool = Pool()
+    Company = pool.get("company.company")
+    User = pool.get("res.user")
+    wanted = sorted({str(v) for i in items if (v := i.get(ERP_COMPANY))})
+    if not wanted:
+        return {}
+    user = Transaction().user
+    with without_check_access():
+        companies = Company.search(["OR", ("party.code", "in", wanted), ("party.name", "in", wanted)])
+        allowed = {c.id for c in companies} if user == 0 else {c.id for c in User(user).companies}
+    found = {c.party.code: c.id for c in companies if c.party.code in wanted}
+    by_name: dict[str, set[int]] = {}
+    for c in companies:
+        by_name.setdefault(c.party.name, set()).add(c.id)
+    found.update({n: next(iter(ids)) for n, ids in by_name.items() if n in wanted and n not in found and len(ids) == 1})
+    return {k: v for k, v in found.items() if v in allowed}
+
+
+def item_company(item: dict[str, Any], default: int, companies: dict[str, int]) -> int:
+    """The company an item is booked under: its `erp_company`'s, or the caller's (context)
+    when it names none (a catalog without legal entities)."""
+    name = item.get(ERP_COMPANY)
+    if not name:
+        return default
+    company = companies.get(str(name))
+    if company is None:
+        raise Rejected(
+            f"unknown ERP company {name}: create a company whose party has that code (or name) and add it to the Tallyflow user's companies"
+        )
+    return company
+
+
 def check_batch(batch: Any) -> list[dict[str, Any]]:
     if not isinstance(batch, list) or not all(isinstance(x, dict) for x in batch):
         raise UserError(gettext("tallyflow.msg_bad_batch"))

@@ -105,10 +105,11 @@ class Credit(ModelSQL, ModelView):  # type: ignore[misc]
 
         parties = common.find_parties(str(i.get("erp_customer_id")) for i in todo.values())
         currencies = {c.code: c for c in Currency.search([])}
+        companies = common.find_companies(todo.values())
         vlist, created = [], []
         for record_id, item in todo.items():
             try:
-                vlist.append(cls._ingest_values(item, company, parties, currencies))
+                vlist.append(cls._ingest_values(item, common.item_company(item, company, companies), parties, currencies))
                 created.append(record_id)
             except Rejected as exc:
                 outcomes[record_id] = common.rejected(str(exc))

@@ -7,6 +7,7 @@ from typing import Any
 from trytond.model import Unique, fields
 from trytond.pool import Pool, PoolMeta
 from trytond.rpc import RPC
+from trytond.transaction import Transaction
 
 from . import common
 from .common import Rejected
@@ -45,19 +46,25 @@ class SaleOpportunity(metaclass=PoolMeta):  # type: ignore[metaclass]
         pool = Pool()
         Company = pool.get("company.company")
         batch = common.check_batch(alerts)
-        company = Company(common.company_id())
+        company = common.company_id()
 
         outcomes, todo = common.new_items(cls, batch, "alert_id", "tallyflow_alert_id")
         parties = common.find_parties(str(i.get("crm_account_id")) for i in todo.values())
+        companies = common.find_companies(todo.values())
 
-        vlist, created = [], []
+        # A lead's company must be the context's (its field's domain): one create per company.
+        vlists: dict[int, list[dict[str, Any]]] = {}
+        created = []
         for alert_id, item in todo.items():
             try:
-                vlist.append(cls._tallyflow_values(item, company, parties))
+                company_ = common.item_company(item, company, companies)
+                vlists.setdefault(company_, []).append(cls._tallyflow_values(item, Company(company_), parties))
                 created.append(alert_id)
             except Rejected as exc:
                 outcomes[alert_id] = common.rejected(str(exc))
-        common.create_unique(cls, vlist)
+        for company_, vlist in vlists.items():
+            with Transaction().set_context(company=company_):
+                common.create_unique(cls, vlist)
         outcomes.update(dict.fromkeys(created, common.CREATED))
         return outcomes
 

@@ -6,6 +6,7 @@ from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
+from sql import Column, Null
 from trytond.exceptions import UserError
 from trytond.i18n import gettext
 from trytond.model import Index, ModelSQL, ModelView, Unique, fields
@@ -114,11 +115,13 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         parties = common.find_parties(str(i.get("erp_customer_id")) for i in todo.values())
         products = {p.code: p for p in Product.search([("code", "in", sorted({str(i.get("product_code")) for i in todo.values()}))])}
         currencies = {c.code: c for c in Currency.search([])}
+        companies = common.find_companies(todo.values())
 
         vlist, created = [], []
         for line_id, item in todo.items():
             try:
-                vlist.append(cls._ingest_values(item, company, parties, products, currencies))
+                company_ = common.item_company(item, company, companies)
+                vlist.append(cls._ingest_values(item, company_, parties, products, currencies))
                 created.append(line_id)
             except Rejected as exc:
                 outcomes[line_id] = common.rejected(str(exc))
@@ -176,20 +179,43 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
 
     @classmethod
     def invoice_period(cls, period: Any, parties: list[str] | None = None, post: bool = False) -> list[dict[str, Any]]:
-        """Create one customer invoice per party and currency with the period's records that
-        are not invoiced yet: one line per product (quantity 1, unit price = the exact sum of
-        its usage records) and one negative line per prepaid grant used (its drawn less its
+        """Create one customer invoice per company, party and currency with the period's records
+        that are not invoiced yet: one line per product (quantity 1, unit price = the exact sum
+        of its usage records) and one negative line per prepaid grant used (its drawn less its
         returned credit records), so the invoice total is gross - credits applied.
 
-        Invoices stay draft unless post is true. Returns one dict per invoice."""
+        Each company (a legal entity's, SPEC §10.2) invoices its own records, in its own
+        context (accounts, payment term, fiscal year, numbering). Invoices stay draft unless
+        post is true. Returns one dict per invoice."""
+        pool = Pool()
+        Credit = pool.get("tallyflow.credit")
+        period = common.check_period(period)
+        common.company_id()  # the caller's context, as for every call
+        cls.lock()  # two concurrent calls must not invoice the same records
+        Credit.lock()
+        result = []
+        for company in cls._companies_to_invoice(period):
+            with Transaction().set_context(company=company):
+                result.extend(cls._invoice_company(period, company, parties, post))
+        return result
+
+    @classmethod
+    def _companies_to_invoice(cls, period: str) -> list[int]:
+        """The companies with records of the period not invoiced yet (plain SQL: one row each)."""
+        Credit = Pool().get("tallyflow.credit")
+        cursor = Transaction().connection.cursor()
+        found: set[int] = set()
+        for model, invoiced in ((cls, "invoice_line"), (Credit, "invoice")):
+            t = model.__table__()
+            cursor.execute(*t.select(t.company, where=(t.period == period) & (Column(t, invoiced) == Null), group_by=[t.company]))
+            found.update(company for (company,) in cursor)
+        return sorted(found)
+
+    @classmethod
+    def _invoice_company(cls, period: str, company: int, parties: list[str] | None, post: bool) -> list[dict[str, Any]]:
         pool = Pool()
         Invoice = pool.get("account.invoice")
         Credit = pool.get("tallyflow.credit")
-        period = common.check_period(period)
-        company = common.company_id()
-        cls.lock()  # two concurrent calls must not invoice the same records
-        Credit.lock()
-
         domain: list[Any] = [("period", "=", period), ("invoice_line", "=", None), ("company", "=", company)]
         credit_domain: list[Any] = [("period", "=", period), ("invoice", "=", None), ("company", "=", company), ("kind", "in", APPLIED)]
         if parties is not None:
@@ -257,6 +283,7 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
             result.append(
                 {
                     "invoice": invoice.id,
+                    "company": invoice.company.party.code or invoice.company.party.name,
                     "party": invoice.party.code,
                     "currency": invoice.currency.code,
                     "gross": gross,

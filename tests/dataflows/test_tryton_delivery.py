@@ -25,6 +25,7 @@ from runtime.kafka import read_topic
 from runtime.settings import Settings, to_env
 from schemas.outputs import ENCODER
 from sinks.tryton import TrytonClient
+from state import review
 from state.ledger import Ledger
 from tallyflow.cli import main as tallyflow
 from tests.dataflows.test_delivery import FlowProcess, produce, with_exceptions_topic
@@ -261,3 +262,40 @@ def test_invoice_states_reach_the_party_in_trytons_crm_once(tsettings: Settings,
     assert sorted(r["state"] for r in rows) == ["draft", "draft", "paid", "posted"]
     (party,) = client.call("model.party.party.search_read", [["code", "=", "ERP-1"]], 0, None, None, ["tallyflow_billing_status"])
     assert party["tallyflow_billing_status"] == "tryton-1: paid"
+
+
+def test_each_entity_is_invoiced_by_its_company_and_review_decides_what_is_billed(
+    tsettings: Settings, tryton: TrytonServer, tryton_catalog: Path, erp_flow: Any
+) -> None:
+    """SPEC §10.2 and §10.1 end to end: the ERP delivery books each entity's lines under its
+    company; `tallyflow invoice` invoices per company and reports per entity; a line still
+    held for review is a difference (and counted as held) until a person decides: approved,
+    it is posted and invoiced; rejected, it is not billed and not counted."""
+    s = tsettings.replace(catalog=str(tryton_catalog))
+    us = [msgspec.structs.replace(line(a), legal_entity="us") for a in ("3.00", "4.50")]
+    euro = dict(tenant_id="euro-co", erp_customer_id="ERP-4", currency="EUR", legal_entity="eu")
+    eu = [msgspec.structs.replace(line("7.00"), **euro)]
+    spike, bogus = (msgspec.structs.replace(line(a), **euro, review="tenant_review: euro-co") for a in ("900.00", "450.00"))
+    produce(s, s.topics.rated, [*us, spike, *eu, bogus])
+    erp_flow(s)
+    client = tryton.client()
+    wait_until(lambda: len(in_tryton(client)) == 3, 60, "the lines not held in Tryton")
+
+    before = invoice.close_period(s, "2026-03")
+    assert before["held_for_review"] == 2 and [(d["entity"], d["customer"]) for d in before["differences"]] == [("eu", "ERP-4")]
+    assert before["invoices_created"] == 2 and before["by_entity"]["us/USD"]["invoiced"] == "7.50"
+
+    desk = review.load(s)
+    review.decide(s, desk, "approve", [spike.line_id], None, "ann", "the customer confirmed the spike")
+    review.decide(s, desk, "reject", [bogus.line_id], None, "ann", "a metering bug, credited by hand")
+    wait_until(lambda: spike.line_id in in_tryton(client), 60, "the approved line in Tryton")
+    out = invoice.close_period(s, "2026-03", post=True)
+    assert out["differences"] == [] and out["held_for_review"] == 0 and out["invoices_created"] == 1
+    assert {k: v["invoiced"] for k, v in out["by_entity"].items()} == {"eu/EUR": "907.00", "us/USD": "7.50"}
+    fields = ["company.party.code", "currency.code", "untaxed_amount", "state"]
+    invoices = client.call("model.account.invoice.search_read", [], 0, None, [("id", "ASC")], fields)
+    assert [(i["company."]["party."]["code"], i["currency."]["code"], i["untaxed_amount"], i["state"]) for i in invoices] == [
+        ("TF-US", "USD", D("7.50"), "draft"),
+        ("TF-EU", "EUR", D("7.00"), "draft"),
+        ("TF-EU", "EUR", D("900.00"), "posted"),
+    ]

@@ -467,11 +467,13 @@ def _rating(o: Observed) -> bool:
 
 
 def _gross_credits(rows: Any) -> dict[str, tuple[Decimal, Decimal]]:
-    """Per currency: the lines' gross and the credits they applied."""
+    """Per legal entity and currency (`eu/EUR`; the currency alone without entities): the
+    lines' gross and the credits they applied."""
     out: dict[str, tuple[Decimal, Decimal]] = {}
-    for cur, amount, uses in rows:
-        g, c = out.get(cur, (Decimal(0), Decimal(0)))
-        out[cur] = (g + amount, c + sum((a for _, a in uses), Decimal(0)))
+    for entity, cur, amount, uses in rows:
+        key = f"{entity}/{cur}" if entity else cur
+        g, c = out.get(key, (Decimal(0), Decimal(0)))
+        out[key] = (g + amount, c + sum((a for _, a in uses), Decimal(0)))
     return out
 
 
@@ -597,10 +599,18 @@ def _reconcile(o: Observed) -> bool:
     for cur in sorted(set(rated_money) | set(erp_money)):
         print(_row(f"amount {cur}", f"rated {rated_money.get(cur, 0):,} = ERP {erp_money.get(cur, 0):,}"))
     print(_row("per tenant and currency", "all equal" if per_tenant else "DIFFER"))
-    # Gross, credits applied and net, per currency: what the lines say, and what the ERP got.
-    rated_gcn = _gross_credits((ln.currency, ln.amount, [(c.grant_id, c.amount) for c in ln.credits or []]) for ln in o.lines)
+    # Gross, credits applied and net, per entity and currency: what the lines say, and what the ERP got.
+    rated_gcn = _gross_credits(
+        (ln.legal_entity, ln.currency, ln.amount, [(c.grant_id, c.amount) for c in ln.credits or []]) for ln in o.lines
+    )
     erp_gcn = _gross_credits(
-        (x["currency"], Decimal(x["amount"]), [(c["grant_id"], Decimal(c["amount"])) for c in x.get("credits") or []]) for x in erp.values()
+        (
+            x.get("legal_entity"),
+            x["currency"],
+            Decimal(x["amount"]),
+            [(u["grant_id"], Decimal(u["amount"])) for u in x.get("credits") or ()],
+        )
+        for x in erp.values()
     )
     for cur in sorted(rated_gcn):
         (g, c), (eg, ec) = rated_gcn[cur], erp_gcn.get(cur, (Decimal(0), Decimal(0)))

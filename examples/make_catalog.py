@@ -167,6 +167,13 @@ plans:
         product_code: EU-PAYMENTS
         price: {model: percentage, rate: "0.019", fixed_fee: "0.20"}
 
+# Two companies of the group invoice the tenants (SPEC §10.2): the US one those on dollar
+# plans, the German one those on the euro plan. The ERP books each tenant's lines under its
+# entity's `erp_company` (in Tryton: the company whose party has that code).
+entities:
+  - {id: us, name: "Tallyflow Inc.", currency: USD, erp_company: TF-US}
+  - {id: eu, name: "Tallyflow GmbH", currency: EUR, erp_company: TF-EU}
+
 # Every 50th tenant upgrades from starter to pro at 23:50 on 31 October, in the middle of the demo.
 tenants:
 """
@@ -181,7 +188,7 @@ def main() -> None:
             extra = ", plan_changes: [{plan: pro, effective_from: '2026-10-31T23:50:00Z'}]"
         lines.append(
             f"  - {{tenant_id: t-{i:04d}, plan: {plan}, crm_account_id: CRM-{i:05d}, erp_customer_id: ERP-{i:05d}, "
-            f"contract_id: C-{2026}-{i:04d}{extra}}}\n"
+            f"contract_id: C-{2026}-{i:04d}, legal_entity: {'eu' if plan == 'enterprise' else 'us'}{extra}}}\n"
         )
     (Path(__file__).resolve().parent.parent / "k8s" / "base" / "catalog.yaml").write_text("".join(lines))
 

@@ -4,7 +4,9 @@ cause is fixed (the customer or product created in the ERP, the CRM account mapp
 Each record of the exceptions topic holds the destination, the items as they were sent and
 the reason per id. A re-drive makes the rejected ids deliverable again in the delivery ledger
 and produces the items back to the topic their delivery dataflow reads (rated lines to
-`usage.rated`, alerts to `usage.alerts`), keyed by tenant. Ids a destination has accepted
+`usage.rated`, alerts to `usage.alerts`, invoice states the CRM refused to `erp.status`), keyed
+by tenant. An invoice state parked because no tenant had its ERP customer (`erp-status`: from
+the webhook or the Tryton poller) is told again once the catalog has that customer. Ids a destination has accepted
 (or is sending) since are left alone, so running `--redrive` twice is harmless; and an ERP or CRM that
 enforces unique ids (Tryton with the Tallyflow module) would answer "existing" anyway.
 """
@@ -18,11 +20,14 @@ from typing import Any
 
 import msgspec
 
+from operators.catalog_index import CatalogIndex
+from operators.status import status_of
 from ops import arguments
 from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
-from schemas.outputs import CreditRecord, RatedUsageLine, ThresholdAlert
+from schemas.catalog import load_catalog
+from schemas.outputs import ENCODER, CreditRecord, InvoiceStatus, RatedUsageLine, StatusNotice, ThresholdAlert
 from sinks.erp import CREDITS
 from state.ledger import Ledger
 
@@ -53,6 +58,9 @@ def _item_id(dest: str, raw: msgspec.Raw) -> tuple[str, str, str]:
     if dest == CREDITS:
         r = msgspec.json.decode(raw, type=CreditRecord)
         return r.record_id, r.tenant_id, "credits"
+    if dest == "crm-status":
+        st = msgspec.json.decode(raw, type=InvoiceStatus)
+        return st.status_id, st.tenant_id, "status"
     a = msgspec.json.decode(raw, type=ThresholdAlert)
     return a.alert_id, a.tenant_id, "alerts"
 
@@ -68,12 +76,22 @@ def summary(parked: list[Parked]) -> dict[str, Any]:
 def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
     """Re-send what is still rejected; returns counts per destination."""
     ledger = Ledger(s.stores)
-    topics = {"rated": s.topics.rated, "alerts": s.topics.alerts, "credits": s.topics.credits}
+    topics = {"rated": s.topics.rated, "alerts": s.topics.alerts, "credits": s.topics.credits, "status": s.topics.status}
     sent: Counter[str] = Counter()
     records: list[tuple[str, bytes, bytes | None]] = []
     seen: set[tuple[str, str]] = set()
+    cat: list[CatalogIndex] = []
     for e in parked:
         if e.destination == "review":  # a person rejected it: not sent again behind their back
+            continue
+        if e.destination == "erp-status":  # no tenant had the customer: told if the catalog has one now
+            cat = cat or [CatalogIndex.build(load_catalog(s.process.catalog))]
+            for raw in e.items:
+                told = status_of(cat[0], msgspec.json.decode(raw, type=StatusNotice))
+                if isinstance(told, InvoiceStatus) and (e.destination, told.status_id) not in seen:
+                    records.append((s.topics.status, ENCODER.encode(told), told.tenant_id.encode()))
+                    seen.add((e.destination, told.status_id))
+                    sent[e.destination] += 1
             continue
         items = [(raw, *_item_id(e.destination, raw)) for raw in e.items]
         items = [it for it in items if (e.destination, it[1]) not in seen]
@@ -91,12 +109,15 @@ def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
-        "--destination", action="append", default=[], help="only this destination: erp, erp-credits, crm, success, review (repeatable)"
+        "--destination",
+        action="append",
+        default=[],
+        help="only this destination: erp, erp-credits, crm, success, crm-status, erp-status, review (repeatable)",
     )
     ap.add_argument("--redrive", action="store_true", help="send the still-rejected items again (after fixing their cause)")
 
 
-DESTINATIONS = ("erp", CREDITS, "crm", "success", "review")  # the couriers' names (sinks/*.py `name`)
+DESTINATIONS = ("erp", CREDITS, "crm", "success", "crm-status", "erp-status", "review")  # the couriers' names (sinks/*.py `name`)
 
 
 def check(a: argparse.Namespace) -> None:

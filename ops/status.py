@@ -4,7 +4,9 @@ for what was created or written since its cursor, and tells each state an invoic
 (draft, posted, paid, cancelled; `validated` is not told) once: the last state told per
 invoice and the cursor are kept in Redis, written after the broker confirmed the statuses
 (a crash in between tells them again under the same ids, which the delivery ledger knows).
-An invoice of a customer no tenant has is parked on the exceptions topic with its reason.
+An invoice of a customer no tenant has is parked on the exceptions topic with its reason;
+the catalog is re-read when it changes, and `tallyflow exceptions --destination erp-status
+--redrive` tells a parked state once the catalog has its customer.
 
     tallyflow erp-status [--interval 10] [--once]
 """
@@ -22,8 +24,11 @@ from typing import Any
 import redis
 
 from operators.catalog_index import CatalogIndex
+from operators.stats import Stats
 from operators.status import status_of
 from runtime import kafka
+from runtime.catalog_watch import CatalogWatch
+from runtime.logs import setup_logging
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
 from schemas.outputs import ENCODER, StatusNotice
@@ -51,9 +56,13 @@ class TrytonInvoices:
         self.client = client or TrytonClient(s.tryton)
         self.r = redis.Redis.from_url(s.stores.redis_url, socket_timeout=5, socket_connect_timeout=5)
         self.key = s.stores.key("status:tryton")
-        self.cat = CatalogIndex.build(load_catalog(s.process.catalog))
+        # The catalog maps ERP customers to tenants; a tenant added later is found without a restart.
+        self.catalog = CatalogWatch(
+            s.process.catalog, CatalogIndex.build(load_catalog(s.process.catalog)), s.process.catalog_reload_seconds, Stats()
+        )
 
     def once(self) -> dict[str, int]:
+        self.catalog.poll()
         raw = self.r.hget(self.key, "cursor")
         cursor = dt.datetime.fromisoformat(raw.decode()) if isinstance(raw, bytes) else None
         domain: list[Any] = [] if cursor is None else ["OR", ["write_date", ">=", cursor], ["create_date", ">=", cursor]]
@@ -77,7 +86,7 @@ class TrytonInvoices:
                 amount=row.get("total_amount"),
                 currency=(row.get("currency.") or {}).get("code"),
             )
-            st = status_of(self.cat, notice)
+            st = status_of(self.catalog.index, notice)
             if isinstance(st, str):
                 record = parked("erp-status", f"{invoice_id}:{state}", [notice], [invoice_id], {invoice_id: st})
                 records.append((self.s.topics.exceptions, record, b"erp-status"))
@@ -107,6 +116,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     s = load_settings()
+    setup_logging(s.process.log_format, s.process.log_level, "erp-status")  # a long-running poller: its logs are its health
     poller = TrytonInvoices(s)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,11 +20,14 @@ from devkit.pipeline import wait_until
 from devkit.sandbox import Sandbox
 from devkit.stack import LocalStack
 from operators.status import secret_bytes
+from ops import exceptions
 from runtime.kafka import read_topic
 from runtime.settings import Settings
 from schemas.outputs import InvoiceStatus
 from sinks.success import sign
 from tests.dataflows.test_delivery import FlowProcess
+from tests.support.events import CATALOG
+from tests.support.flows import write_catalog
 
 SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGhlLWVycA=="  # base64 of "secret-key-for-the-erp"
 
@@ -99,6 +102,13 @@ def test_each_invoice_state_reaches_the_crm_once_and_an_unknown_customer_is_park
     assert parked["destination"] == "erp-status" and parked["ids"] == ["INV-7"] and "ERP-404" in parked["reasons"]["INV-7"]
     sts = _statuses(s)
     assert [(st.state, st.tenant_id, st.crm_account_id) for st in sts] == [("posted", "acme", "CRM-1")] * 2 + [("paid", "acme", "CRM-1")]
+    # The customer joins the catalog: a re-drive tells the parked state (its status id is the
+    # same however often it is re-driven, so the CRM gets it once).
+    newco = {**CATALOG["tenants"][0], "tenant_id": "new-co", "erp_customer_id": "ERP-404", "crm_account_id": "CRM-9"}
+    joined = {**CATALOG, "tenants": [*CATALOG["tenants"], newco]}
+    write_catalog(Path(s.process.catalog), joined)
+    assert exceptions.redrive(s, exceptions.load(s, ["erp-status"])) == {"erp-status": 1}
+    assert [(st.invoice_id, st.tenant_id, st.crm_account_id) for st in _statuses(s)[3:]] == [("INV-7", "new-co", "CRM-9")]
 
     crm = sandbox.state.endpoints["crm-status"]
     want = {posted.json()["status_id"], paid.json()["status_id"]}

@@ -5,20 +5,26 @@ validated against the Kubernetes JSON schemas in strict mode (unknown fields fai
 CRD kinds (KEDA, Prometheus Operator) are checked for the structure we rely on, and the
 invariants a Bytewax cluster on StatefulSets needs are asserted on the rendered objects,
 as are those of the stateless HTTP API (`tallyflow api`, a Deployment behind a Service).
+The opt-in components (k8s/components/tryton-erp: Tryton as the ERP and its invoice-status
+poller) are rendered the way k8s/README.md says to enable them, on a copy of k8s/, and
+checked with the same tests.
 """
 
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from runtime.settings import DATAFLOW_SECRETS, FILE_FIELDS, FLAT, KAFKA_PREFIX, PREFIX, load_settings
 from schemas.catalog import load_catalog
 from serving.auth import Tokens
+from tallyflow.cli import parser as cli_parser
 from tests.support.k8s import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +51,25 @@ API = "tallyflow-api"
 API_PORT = 8080
 API_TOKENS_KEY = "api_tokens.yaml"  # the key of the credentials Secret the API mounts
 API_CLIENT_LABEL = "tallyflow.dev/api-client"
+# Tryton as the ERP (components/tryton-erp) and its invoice-status poller, `tallyflow erp-status`.
+TRYTON = "tryton-erp"
+POLLER = "tallyflow-erp-status"
+TRYTON_PASSWORD_KEY = "tryton_password"
+TRYTON_PORTS = (443, 8000)  # Tryton behind TLS; trytond's own port
+# An overlay that opts into a component, as k8s/README.md says: the component under
+# `components:`, and these settings among the overlay's tallyflow-settings literals.
+OPT_INS = {
+    f"prod+{TRYTON}": (
+        "prod",
+        TRYTON,
+        {
+            "TALLYFLOW_TRYTON_URL": "https://tryton.example.com",
+            "TALLYFLOW_TRYTON_DATABASE": "tallyflow",
+            "TALLYFLOW_TRYTON_USER": "tallyflow",
+        },
+    ),
+}
+PROD_RENDERS = ["prod", *(name for name, (base, _, _) in OPT_INS.items() if base == "prod")]
 # librdkafka sasl.mechanism -> the KEDA kafka trigger's `sasl`
 KEDA_SASL = {
     "PLAIN": "plaintext",
@@ -58,14 +83,44 @@ KEDA_SASL = {
 # --- rendering and lookups ---------------------------------------------------------------
 
 
-@pytest.fixture(params=OVERLAYS)
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory):
+    """Render by name: an overlay, or an overlay with a component opted into (OPT_INS),
+    edited as k8s/README.md says in a copy of k8s/ (relative paths kept)."""
+    cache = {}
+
+    def get(name):
+        if name not in OPT_INS:
+            return render(name)
+        if name not in cache:
+            base, component, settings = OPT_INS[name]
+            root = tmp_path_factory.mktemp(re.sub(r"\W", "-", name)) / "k8s"
+            shutil.copytree(K8S, root)
+            path = root / "overlays" / base / "kustomization.yaml"
+            k = yaml.safe_load(path.read_text())
+            k.setdefault("components", []).append(f"../../components/{component}")
+            (gen,) = [g for g in k.get("configMapGenerator", []) if g["name"] == "tallyflow-settings"]
+            gen.setdefault("literals", []).extend(f"{key}={value}" for key, value in settings.items())
+            path.write_text(yaml.safe_dump(k, sort_keys=False))
+            cache[name] = render(path.parent)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=[*OVERLAYS, *OPT_INS])
 def overlay(request):
     return request.param
 
 
 @pytest.fixture
-def docs(overlay):
-    return render(overlay)
+def docs(overlay, rendered):
+    return rendered(overlay)
+
+
+def out_of_band(overlay):
+    """The Secrets `overlay` (or the overlay an opt-in builds on) expects to exist already."""
+    return OUT_OF_BAND_SECRETS.get(OPT_INS[overlay][0] if overlay in OPT_INS else overlay, set())
 
 
 def of_kind(docs, kind):
@@ -129,9 +184,14 @@ def dataflow_scalers(docs):
     return [so for so in of_kind(docs, "ScaledObject") if so["spec"]["scaleTargetRef"].get("kind") == "StatefulSet"]
 
 
+def pollers(docs):
+    """Every workload of our image that runs `tallyflow erp-status` (the Tryton poller)."""
+    return [w for w in our_workloads(docs) if any((c.get("args") or [None])[0] == "erp-status" for c in all_containers(pod_spec(w)))]
+
+
 def long_running(docs):
-    """The workloads that run the app as a long-lived process: the dataflows and the API."""
-    return [*dataflows(docs), api(docs)]
+    """The workloads that run the app as a long-lived process: the dataflows, the API, the poller."""
+    return [*dataflows(docs), api(docs), *pollers(docs)]
 
 
 def our_workloads(docs):
@@ -365,11 +425,11 @@ def test_one_pinned_image_for_every_tallyflow_container(docs):
 
 def test_referenced_configmaps_secrets_and_claims_exist(overlay, docs):
     present = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    out_of_band = OUT_OF_BAND_SECRETS.get(overlay, set())
+    oob = out_of_band(overlay)
     missing = []
 
     def need(kind, name):
-        if (kind, name) not in present and not (kind == "Secret" and name in out_of_band):
+        if (kind, name) not in present and not (kind == "Secret" and name in oob):
             missing.append(f"{kind} {name}")
 
     for w in workloads(docs):
@@ -399,7 +459,7 @@ def test_referenced_configmaps_secrets_and_claims_exist(overlay, docs):
         for ref in ta["spec"].get("secretTargetRef", []):
             need("Secret", ref["name"])
     assert not missing, missing
-    assert not {("Secret", s) for s in out_of_band} & present, "an out-of-band Secret must not be rendered"
+    assert not {("Secret", s) for s in oob} & present, "an out-of-band Secret must not be rendered"
 
 
 def test_catalog_is_a_live_directory_mount(docs):
@@ -432,7 +492,7 @@ def test_credentials_are_mounted_files_readable_by_the_pod_only(overlay, docs):
             for field in DATAFLOW_SECRETS:
                 assert env[f"{PREFIX}{field.upper()}_FILE"]["value"] == f"{SECRETS_MOUNT}/{field}"
                 assert f"{PREFIX}{field.upper()}" not in env, "secrets come from files, not from the manifest"
-            if overlay not in OUT_OF_BAND_SECRETS:
+            if not out_of_band(overlay):
                 data = named(docs, "Secret", secret["secretName"]).get("data", {})
                 assert set(DATAFLOW_SECRETS) <= set(data), "the Secret lacks a key the app reads"
 
@@ -723,7 +783,7 @@ def test_api_tokens_file_is_mounted_from_the_credentials_secret(overlay, docs, t
     assert key == API_TOKENS_KEY
     # Only the API's key: the dataflows' sink credentials stay out of the API's pods.
     assert set(items.values()) == {API_TOKENS_KEY}
-    if overlay not in OUT_OF_BAND_SECRETS:
+    if not out_of_band(overlay):
         data = named(docs, "Secret", secret["secretName"]).get("data", {})
         assert key in data, "the Secret lacks the API's tokens file"
         # The file loads as the API loads it, with at least one client that may ingest.
@@ -772,6 +832,132 @@ def test_api_network_policy_admits_clients_and_reaches_kafka_and_redis(docs):
             target_port = container_port(target, sp.get("targetPort", port))
             assert egress_allowed(docs, labels, target_port, pod_labels(target)), f"the API cannot reach {host}:{port}"
             assert ingress_allowed(docs, pod_labels(target), target_port, labels), f"{host} does not accept the API"
+
+
+# --- Tryton as the ERP: the invoice-status poller (components/tryton-erp) ----------------------
+
+
+def tryton_is_the_erp(docs):
+    return settings_of(docs).get("TALLYFLOW_ERP_KIND", "http") == "tryton"
+
+
+def test_the_status_poller_runs_exactly_where_tryton_is_the_erp(overlay, docs):
+    """`erp-status` polls Tryton's invoices: it belongs with TALLYFLOW_ERP_KIND=tryton and
+    nowhere else (an HTTP ERP tells the states through the API's webhook), and the ERP
+    delivery then logs in to Tryton with the password from the credentials Secret."""
+    tryton = tryton_is_the_erp(docs)
+    if overlay in OPT_INS and OPT_INS[overlay][1] == TRYTON:
+        assert tryton, "the tryton-erp component sets TALLYFLOW_ERP_KIND=tryton, and an overlay cannot undo it"
+    assert [w["metadata"]["name"] for w in pollers(docs)] == ([POLLER] if tryton else [])
+    if not tryton:
+        return
+    erp = named(docs, "StatefulSet", "tallyflow-erp")
+    c = main_container(erp)
+    path = env_map(c)["TALLYFLOW_TRYTON_PASSWORD_FILE"]["value"]
+    (mount,) = [m for p, m in mounts(c).items() if path.startswith(p.rstrip("/") + "/")]
+    secret = volumes(pod_spec(erp))[mount["name"]]["secret"]
+    items = {i["path"]: i["key"] for i in secret.get("items", [])}
+    relative = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    assert secret["secretName"].startswith("tallyflow-credentials")
+    assert (items[relative] if items else relative) == TRYTON_PASSWORD_KEY
+    # Where Tryton is: set by the overlay, not the app's local default.
+    assert app_settings(c, docs).tryton.url != load_settings({}).tryton.url, "set TALLYFLOW_TRYTON_URL in the overlay"
+
+
+def test_status_poller_is_one_replica_that_never_overlaps(overlay, docs):
+    for w in pollers(docs):
+        name, spec, labels = w["metadata"]["name"], w["spec"], pod_labels(w)
+        # One poller on one cursor: one replica, and a rollout stops the old pod first.
+        assert w["kind"] == "Deployment" and spec["replicas"] == 1, f"{name}: exactly one poller"
+        assert spec["strategy"] == {"type": "Recreate"}, f"{name}: a rolling update runs two pollers at once"
+        assert not [h for h in of_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == name]
+        assert not [so for so in of_kind(docs, "ScaledObject") if so["spec"]["scaleTargetRef"]["name"] == name]
+        assert selects(spec["selector"], labels)
+        assert not any(selects(spec["selector"], pod_labels(o)) for o in workloads(docs) if o is not w)
+        # `tallyflow erp-status` (the image's entrypoint), polling: valid flags, never --once.
+        assert len(pod_spec(w)["containers"]) == 1 and not pod_spec(w).get("initContainers")
+        c = main_container(w)
+        assert ours(c) and "command" not in c
+        try:
+            a = cli_parser().parse_args(c["args"])
+        except SystemExit:
+            pytest.fail(f"{name}: `tallyflow {' '.join(c['args'])}` does not parse")
+        assert a.cmd == "erp-status" and not a.once and a.interval > 0, c["args"]
+        # It serves no endpoint: no ports, probes, Service or scrape annotations to fake one.
+        s = app_settings(c, docs)
+        assert s.process.metrics_port == 0
+        assert not c.get("ports") and not {"startupProbe", "livenessProbe", "readinessProbe"} & set(c)
+        assert not [
+            sv for sv in of_kind(docs, "Service") if sv["spec"].get("selector") and selects({"matchLabels": sv["spec"]["selector"]}, labels)
+        ]
+        assert "prometheus.io/scrape" not in (w["spec"]["template"]["metadata"].get("annotations") or {})
+        assert not [pdb for pdb in of_kind(docs, "PodDisruptionBudget") if selects(pdb["spec"]["selector"], labels)]
+        # It polls Tryton as the ERP; a stop lets the poll under way finish its Tryton call.
+        assert s.erp.kind == "tryton"
+        assert pod_spec(w)["terminationGracePeriodSeconds"] >= s.tryton.timeout_seconds
+        # Its own account, without a token or a grant: it never calls the Kubernetes API.
+        ps = pod_spec(w)
+        assert ps.get("automountServiceAccountToken") is False
+        assert ps.get("serviceAccountName") not in (None, "default", "tallyflow", API)
+        assert named(docs, "ServiceAccount", ps["serviceAccountName"]).get("automountServiceAccountToken") is False
+        assert not any(
+            subject["kind"] == "ServiceAccount" and subject["name"] == ps["serviceAccountName"]
+            for b in of_kind(docs, "RoleBinding")
+            for subject in b["subjects"]
+        )
+        # Only the Tryton password of the credentials Secret, read from a file.
+        path = env_map(c)["TALLYFLOW_TRYTON_PASSWORD_FILE"]["value"]
+        assert "TALLYFLOW_TRYTON_PASSWORD" not in effective_env(c, docs)
+        (mount,) = [m for p, m in mounts(c).items() if path.startswith(p.rstrip("/") + "/")]
+        assert mount.get("readOnly") is True and "subPath" not in mount
+        secret = volumes(ps)[mount["name"]]["secret"]
+        assert secret["secretName"].startswith("tallyflow-credentials") and secret["defaultMode"] == 0o440
+        items = {i["path"]: i["key"] for i in secret.get("items", [])}
+        assert items == {path[len(mount["mountPath"].rstrip("/")) + 1 :]: TRYTON_PASSWORD_KEY}
+        if not out_of_band(overlay):
+            assert TRYTON_PASSWORD_KEY in named(docs, "Secret", secret["secretName"]).get("data", {})
+
+
+def reaches(docs, labels, host, port):
+    """Whether pods with `labels` may open host:port: by port for an endpoint outside the
+    namespace; for an in-namespace Service, to its pods, which must also let them in."""
+    svc = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}.get(host)
+    if svc is None:
+        return egress_allowed(docs, labels, port)
+    (target,) = [w for w in workloads(docs) if selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+    (sp,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    target_port = container_port(target, sp.get("targetPort", port))
+    return egress_allowed(docs, labels, target_port, pod_labels(target)) and ingress_allowed(docs, pod_labels(target), target_port, labels)
+
+
+def test_status_poller_reaches_kafka_redis_and_tryton_and_takes_no_connection(docs):
+    for w in pollers(docs):
+        labels = pod_labels(w)
+        own = named(docs, "NetworkPolicy", POLLER)
+        assert selects(own["spec"]["podSelector"], labels) and set(own["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        assert not own["spec"].get("ingress"), "the poller listens on nothing"
+        # Its own policy states what it needs: DNS, and Kafka, Redis and Tryton as the settings
+        # name them (Tryton on either port the component supports); all policies let it.
+        settings = effective_env(main_container(w), docs)
+        brokers = [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in settings["TALLYFLOW_BROKERS"].split(",")]
+        redis = urlsplit(settings["TALLYFLOW_REDIS_URL"])
+        tryton = urlsplit(settings["TALLYFLOW_TRYTON_URL"])
+        tryton_port = tryton.port or {"https": 443, "http": 80}[tryton.scheme]
+        assert tryton_port in TRYTON_PORTS, f"{tryton.geturl()}: open its port in components/{TRYTON}"
+        needed = [*brokers, (redis.hostname, redis.port or 6379), *((tryton.hostname, p) for p in TRYTON_PORTS)]
+        for host, port in [("dns", 53), *needed]:
+            assert egress_allowed([own], labels, port), f"the poller's policy does not allow {host}:{port}"
+        assert egress_allowed([own], labels, 53, protocol="UDP")
+        for host, port in needed:
+            assert reaches(docs, labels, host, port), f"the poller cannot reach {host}:{port}"
+        # The ERP delivery books the lines in Tryton: it reaches Tryton on the same ports.
+        erp = pod_labels(named(docs, "StatefulSet", "tallyflow-erp"))
+        for port in TRYTON_PORTS:
+            assert reaches(docs, erp, tryton.hostname, port), f"tallyflow-erp cannot reach Tryton on {port}"
+        # Nothing may connect to it: no policy admits any peer on any port beyond the
+        # shared metrics port, where nothing listens in this pod.
+        for r in policies_for(docs, labels, "Ingress"):
+            assert r.get("ports") and all(p.get("port") == METRICS_PORT for p in r["ports"]), r
 
 
 # --- CRDs: KEDA and the Prometheus Operator --------------------------------------------------
@@ -883,8 +1069,9 @@ def test_dev_stack_pods_accept_only_tallyflow_pods():
         assert egress_allowed(docs, tallyflow, port, labels), f"Tallyflow may not send to {name}:{port}"
 
 
-def test_prod_uses_external_endpoints_shared_rwx_storage_and_spreads_rating():
-    docs = render("prod")
+@pytest.mark.parametrize("name", PROD_RENDERS)
+def test_prod_uses_external_endpoints_shared_rwx_storage_and_spreads_rating(rendered, name):
+    docs = rendered(name)
     assert {d["metadata"].get("namespace") for d in docs} == {"tallyflow"}
     assert not of_kind(docs, "Namespace") and not of_kind(docs, "Secret")
     assert of_kind(docs, "ScaledObject") and of_kind(docs, "ServiceMonitor") and of_kind(docs, "PodMonitor")
@@ -952,8 +1139,9 @@ def test_dockerignore_keeps_the_context_small():
     assert {".venv", ".git", "tests"} <= ignored
 
 
-def test_prod_gives_every_workload_that_talks_to_kafka_its_password():
-    docs = render("prod")
+@pytest.mark.parametrize("name", PROD_RENDERS)
+def test_prod_gives_every_workload_that_talks_to_kafka_its_password(rendered, name):
+    docs = rendered(name)
     workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
     assert {d["metadata"]["name"] for d in workloads} >= {"tallyflow-api", "tallyflow-rating"}
     for d in workloads:

@@ -67,7 +67,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
         (["dlq", "--redrive", "--reason", "too_late"], "--redrive --reason too_late: they would be too late again"),
         (
             ["exceptions", "--destination", "ERP"],
-            "--destination 'ERP': not one of erp, erp-credits, crm, success, review; did you mean 'erp'?",
+            "--destination 'ERP': not one of erp, erp-credits, crm, success, crm-status, erp-status, review; did you mean 'erp'?",
         ),
         (["generate", "--start", "banana"], "--start 'banana': not an RFC 3339 time"),
         (["generate", "--start", "2026-10-31T12:00"], "--start '2026-10-31T12:00': no time zone; add Z or an offset"),

@@ -158,6 +158,7 @@ class TenantState:
     gross: dict[str, Decimal] = field(default_factory=dict)  # a closing period's rated gross, for its minimum
     true_ups: dict[str, tuple[str, Decimal, int]] = field(default_factory=dict)  # period -> (version, amount, end ms), for the read model
     emitted: dict[str, Decimal] = field(default_factory=dict)  # per period: the gross of its lines so far (review's spike rule)
+    held: dict[str, set[Any]] = field(default_factory=dict)  # per period: the windows whose line review held (their corrections wait too)
 
 
 @dataclass(slots=True)

@@ -142,6 +142,11 @@ class Windows:
         why = review.hold_reason(
             self.cat.catalog.review, self.cat.tenants[t.tenant_id].tenant.review, ln.amount, ln.currency, gross, previous
         )
+        held = getattr(t, "held", None)  # absent in snapshots of earlier versions
+        if held is None:
+            held = t.held = {}
+        if why is not None or (held and ln.revision):
+            why = review.hold_correction(held, period.key, (ln.meter, ln.pricing_version, at_ms, cell), ln.revision, why)
         if why is not None:
             ln.review = why
         token: CreditsToken = ()

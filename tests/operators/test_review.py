@@ -58,6 +58,22 @@ def test_a_line_over_its_currencys_limit_is_held_and_a_smaller_one_is_not() -> N
     assert by["bolt"].amount == D("0.50") and by["bolt"].review is None
 
 
+def test_a_correction_of_a_held_window_waits_with_it_and_others_do_not() -> None:
+    """A late event reopens acme's held window: its correction (USD 0.10, under the limit) is
+    held too, since posting a delta of a line that waits, or was rejected, bills nothing real;
+    bolt's correction of a posted window posts."""
+    h = Harness(catalog=_catalog(line_amount_over={"USD": "1.00"}))
+    h.feed(*[ev(t, at=i * S) for t in ("acme", "bolt") for i in range(25)])  # each 1.50: held
+    h.feed(*[ev("bolt", at=MIN + i * S) for i in range(5)], *[ev("acme", at=MIN + i * S) for i in range(5)])
+    h.feed(ev("acme", at=3 * MIN), ev("bolt", at=3 * MIN))  # closes their first and second windows
+    h.feed(ev("acme", at=30 * S), ev("bolt", at=MIN + 30 * S))  # late: acme's held window, bolt's posted second one
+    h.flush()
+    got = sorted((ln.tenant_id, ln.revision, ln.amount, (ln.review or "").split(":")[0]) for ln in h.lines)
+    assert ("acme", 1, D("0.10"), "correction_of_held") in got
+    assert ("bolt", 1, D("0.10"), "") in got
+    assert all(review == "amount_over_limit" for _, rev, amount, review in got if rev == 0 and amount > 1)
+
+
 def test_a_tenant_marked_for_review_has_every_line_and_draw_held() -> None:
     cat = _catalog()
     cat["tenants"][0]["review"] = True

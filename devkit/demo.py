@@ -80,6 +80,7 @@ DEMO_ENV = {
 }
 # `demo_alert_latency_ms.p99`, event produced -> CRM, over the whole run: above it the verdict fails.
 ALERT_P99_BUDGET_MS = 500.0
+INPUT_DELAY = "tallyflow_input_delay_seconds"
 
 
 class Pacer:
@@ -89,15 +90,20 @@ class Pacer:
     the demo takes at most about twice as long, and a machine that cannot rate even that
     shows a backlog, and fails the latency budget, rather than a demo that never ends.
 
-    Two signals: the input rating has not taken in yet (the backlog, which shows a problem
-    once latency has grown), and the machine's idle CPU (which shows it coming: with no core
-    idle, every process here queues for one, and whatever else runs on the machine decides
-    how much is left). After a cut it waits `SETTLE_TICKS` before cutting again: a cut shows
-    in what rating takes in only a scrape and a few batches later."""
+    Three signals: the input rating has not taken in yet (the backlog, which shows a problem
+    once latency has grown); how long the oldest record of rating's latest batch waited since
+    its producer (`tallyflow_input_delay_seconds`: rating may take in all it is fed in
+    batches whose first records waited, and that wait is the alerts' latency, long before a
+    backlog shows); and
+    the machine's idle CPU (which shows it coming: with no core idle, every process here
+    queues for one, and whatever else runs on the machine decides how much is left). After a
+    cut it waits `SETTLE_TICKS` before cutting again: a cut shows in what rating takes in
+    only a scrape and a few batches later."""
 
     TICK_S = 0.2
     BEHIND_S = 0.3  # input waiting longer than this (at the current rate) is a backlog forming
     CAUGHT_UP_S = 0.15  # below this, rating keeps up: go back towards the asked rate
+    DELAYED_S = 0.15  # records taken in after waiting longer than this: latency forming
     SATURATED = 0.05  # idle share of the machine's CPU below which everything queues
     HEADROOM = 0.15  # idle share above which the rate may rise again
     SETTLE_TICKS = 3
@@ -111,20 +117,23 @@ class Pacer:
         self.ticks = self.cut_at = 0
         self.trace: list[tuple[int, float]] = []  # (backlog, rate) per tick
 
-    def update(self, backlog: int, idle: float | None = None) -> float:
+    def update(self, backlog: int, idle: float | None = None, delay: float | None = None) -> float:
         """`backlog`: events produced that the rating dataflow has not taken in yet; `idle`:
-        the machine's idle share of CPU since the last tick (None where it is not known)."""
+        the machine's idle share of CPU since the last tick (None where it is not known);
+        `delay`: how long rating's latest records waited since their producer (None: not known)."""
         self.ticks += 1
         if idle is not None:
             self.idle = idle if self.idle is None else 0.6 * self.idle + 0.4 * idle
         saturated = self.idle is not None and self.idle < self.SATURATED
         roomy = self.idle is None or self.idle > self.HEADROOM
         waiting_s = backlog / self.rate
-        if (waiting_s > self.BEHIND_S and backlog >= self.last) or saturated:
+        delayed = delay is not None and delay > self.DELAYED_S
+        prompt = delay is None or delay < self.DELAYED_S / 2
+        if (waiting_s > self.BEHIND_S and backlog >= self.last) or saturated or delayed:
             if self.ticks - self.cut_at >= self.SETTLE_TICKS:
                 self.rate = max(self.floor, self.rate * 0.8)
                 self.cut_at = self.ticks
-        elif waiting_s < self.CAUGHT_UP_S and roomy:
+        elif waiting_s < self.CAUGHT_UP_S and roomy and prompt:
             self.rate = min(self.ceiling, self.rate + self.ceiling * 0.02)
         self.last = backlog
         self.lowest = min(self.lowest, self.rate)
@@ -261,9 +270,10 @@ def _produce(
         idle()
         while not done.wait(p.TICK_S):
             before = pace.produced
-            taken = lp.metrics().get(RECORDS_IN)  # a scrape takes tens of ms: compare with the middle
+            m = lp.metrics()  # a scrape takes tens of ms: compare with the middle
+            taken = m.get(RECORDS_IN)
             if taken is not None:
-                p.update(max(0, (before + pace.produced) // 2 - int(taken)), idle())
+                p.update(max(0, (before + pace.produced) // 2 - int(taken)), idle(), m.get(INPUT_DELAY))
 
     if pacer is not None:
         threading.Thread(target=watch, args=(pacer,), name="pacer", daemon=True).start()

@@ -30,6 +30,7 @@ class Stats:
     catalog_reload_errors: int = 0
     read_model_docs: int = 0  # documents written to the read model
     read_model_seconds: float = 0.0  # wall time spent building and writing them (its cost to throughput)
+    input_delay_s: float = 0.0  # a gauge: how long the oldest record of the last batch waited (producer to intake)
 
     def conservation_gap(self) -> int:
         """records_in - (accepted + duplicates + dead letters); 0 when nothing is lost."""

@@ -92,6 +92,11 @@ class StatsCollector(Collector):
             amount.add_metric([cur], float(a))  # exposition only; money stays Decimal everywhere else
         yield amount
         yield GaugeMetricFamily("tallyflow_open_windows", "Windows holding usage not yet rated.", value=s.open_windows)
+        yield GaugeMetricFamily(
+            "tallyflow_input_delay_seconds",
+            "How long the oldest record of the last batch waited between its producer and the rating dataflow.",
+            value=s.input_delay_s,
+        )
         yield GaugeMetricFamily("tallyflow_redis_up", "0 while input waits for Redis (dedup store, register).", value=int(s.redis_up))
         yield CounterMetricFamily("tallyflow_resent_lines", "Pending rated lines of a dead process produced again.", value=s.resent_lines)
         yield CounterMetricFamily("tallyflow_read_model_documents", "Read model documents written to Redis.", value=s.read_model_docs)

@@ -93,6 +93,7 @@ def test_catalog_change_mid_stream_onboards_and_upgrades_without_restart(setting
         wait_until(
             lambda: scrape(port).get("tallyflow_open_windows") == 0 and len(rated_lines(s)) > 0 and rated_count(s) == 92, 60, "all rated"
         )
+        assert 0 <= scrape(port)["tallyflow_input_delay_seconds"] < 30  # the last batch: produced moments ago
     finally:
         proc.kill()
         proc.wait(10)

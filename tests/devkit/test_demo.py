@@ -67,6 +67,22 @@ def test_a_saturated_machine_slows_the_pacer_before_a_backlog_shows_and_headroom
     assert q.rate == 12_500
 
 
+def test_records_that_waited_for_rating_slow_the_pacer_though_no_backlog_shows():
+    """Rating takes in all it is fed, but each batch's first records waited: that wait is the
+    alerts' latency, so it cuts the rate; the rate rises again only once records are prompt."""
+    p = Pacer(12_500)
+    for _ in range(12):
+        p.update(backlog=0, idle=0.40, delay=0.30)
+    assert p.rate < 12_500 * 0.6
+    low = p.rate
+    for _ in range(12):
+        p.update(backlog=0, idle=0.40, delay=0.10)  # neither delayed nor prompt: hold
+    assert p.rate == low
+    for _ in range(100):
+        p.update(backlog=0, idle=0.40, delay=0.02)
+    assert p.rate == 12_500
+
+
 def test_the_idle_sampler_reads_the_machines_cpu():
     sample = idle_share()
     assert sample() is None or isinstance(sample(), float)

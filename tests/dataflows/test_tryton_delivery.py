@@ -218,6 +218,45 @@ def test_tryton_invoice_states_are_told_once_each_for_the_crm(tsettings: Setting
     assert len({st.status_id for st in told()}) == 3
 
 
+def test_a_poller_that_dies_after_the_broker_confirmed_tells_the_same_states_again(
+    tsettings: Settings, tryton: TrytonServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The poller's crash window: statuses on erp.status, its cursor and what it told not yet
+    in Redis. The next poller tells them again under the same status ids, so the status
+    delivery's ledger (keyed by status id) takes each change once; nothing is lost."""
+    import redis as redis_lib
+
+    from ops.status import TrytonInvoices
+    from schemas.outputs import InvoiceStatus
+    from sinks.tryton import TrytonErp
+    from tests.sinks.test_tryton import line as tline
+
+    assert not TrytonErp(tsettings.tryton).send("u", [tline("10.00"), tline("2.50", customer="ERP-2")]).rejected
+    invoice.close_period(tsettings, "2026-03")  # two draft invoices
+
+    def told() -> list[InvoiceStatus]:
+        return [msgspec.json.decode(v, type=InvoiceStatus) for v in read_topic(tsettings.kafka.config(), tsettings.topics.status)]
+
+    dying = TrytonInvoices(tsettings)
+
+    class Lost:  # the process died here: Redis never hears of the poll
+        def __getattr__(self, name: str) -> Any:
+            def fail(*args: Any, **kwargs: Any) -> Any:
+                raise redis_lib.ConnectionError("killed")
+
+            return fail if name == "execute" else lambda *a, **k: None
+
+    monkeypatch.setattr(dying.r, "pipeline", lambda **_: Lost())
+    with pytest.raises(redis_lib.ConnectionError):
+        dying.once()
+    first = told()
+    assert len(first) == 2
+    assert TrytonInvoices(tsettings).once()["told"] == 2  # the next poller: told again ...
+    again = told()[2:]
+    assert sorted(st.status_id for st in again) == sorted(st.status_id for st in first)  # ... as the same changes
+    assert TrytonInvoices(tsettings).once()["told"] == 0  # and now remembered
+
+
 def test_invoice_states_reach_the_party_in_trytons_crm_once(tsettings: Settings, tryton: TrytonServer, tmp_path: Path) -> None:
     """`deliver status` with the Tryton CRM: each state a billing-status record of the party of
     its CRM account, once per status id (told twice, and read again after a kill -9), and the

@@ -43,6 +43,7 @@ MUST_CHART = {
     "batch sizes": "tallyflow_batch_records_bucket",
     "backlog": "tallyflow_consumer_lag_messages",
     "alert latency": "tallyflow_alert_delivery_latency_seconds_bucket",
+    "rating's input delay": "tallyflow_input_delay_seconds",
 }
 
 

@@ -49,14 +49,11 @@ CORRECTION = "correction_of_held: its window's first line waits for review; deci
 def hold_correction(held: dict[str, set[object]], period: str, window: object, revision: int, why: str | None) -> str | None:
     """A correction is a signed delta of its window's line: posting it while that line waits
     (or was rejected) would bill a change of nothing. So a correction of a held window is
-    held too, and a held line's window remembered (for the periods `emitted` keeps)."""
+    held too, and a held line's window remembered until its period is final (the engine
+    drops it there: no correction can come after)."""
     if why is None:
         if revision and window in held.get(period, ()):
             return CORRECTION
         return None
     held.setdefault(period, set()).add(window)
-    if len(held) > KEEP_PERIODS:
-        for old in sorted(held)[: len(held) - KEEP_PERIODS]:
-            if old != period:
-                del held[old]
     return why

@@ -205,6 +205,9 @@ class Windows:
             if any(mp.period.key == key for mp in t.periods.values()):
                 continue  # a meter of it still has an open window: the period closes with the last
             self._true_up(t, period, t.gross.pop(key), out)
+            held = getattr(t, "held", None)  # absent in snapshots of earlier versions
+            if held:
+                held.pop(key, None)  # final: no correction of its held windows can come
 
     def _gross(self, slug: str, mp: MeterPeriod) -> Decimal:
         """What a meter's period was rated in all (closed windows, all versions and cells)."""

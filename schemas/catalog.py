@@ -323,10 +323,17 @@ def _check_entities(cat: Catalog) -> None:
     """Entities are unique; with any declared, each tenant belongs to one of them, and its
     plans are in that entity's currency (it invoices in it)."""
     entities: dict[str, LegalEntity] = {}
+    companies: dict[str, str] = {}
     for i, e in enumerate(cat.entities):
         if e.id in entities:
             raise CatalogError(f"$.entities[{i}].id: entity '{e.id}' is declared twice; give each entity a unique id")
+        if e.erp_company in companies:
+            raise CatalogError(
+                f"$.entities[{i}].erp_company: '{e.erp_company}' is already entity '{companies[e.erp_company]}''s; "
+                "each entity posts under an ERP company of its own (merge the two entities, or name its own company)"
+            )
         entities[e.id] = e
+        companies[e.erp_company] = e.id
     currency = {p.id: p.currency for p in cat.plans}
     for i, t in enumerate(cat.tenants):
         where = f"$.tenants[{i}].legal_entity"

@@ -24,6 +24,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import time
 from collections.abc import Sequence
 from decimal import Decimal
@@ -139,24 +140,35 @@ ERP_COMPANY = "erp_company"  # the item's key the module books it under (tryton/
 class EntityCompanies:
     """Each legal entity's ERP company (SPEC §10.2), from the catalog file: the Tryton module
     books an item under the company whose party has that code (or name). The file is read
-    again, at most every RELOAD_S, when an item names an entity not known yet (the catalog
-    gained one since)."""
+    again when it changed (looked at, at most, every RELOAD_S), like the dataflows' catalog:
+    an entity added, or its company corrected, reaches this process without a restart."""
 
     RELOAD_S = 5.0
 
     def __init__(self, catalog_path: str) -> None:
         self.path = catalog_path
+        self._stamp = self._stat()
         self._companies = self._load()
-        self._loaded = time.monotonic()
+        self._looked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
 
     def _load(self) -> dict[str, str]:
         return {e.id: e.erp_company for e in load_catalog(self.path).entities}
 
     def __call__(self, entity: str) -> str | None:
-        if entity not in self._companies and time.monotonic() - self._loaded >= self.RELOAD_S:
-            self._loaded = time.monotonic()
-            with contextlib.suppress(CatalogError):  # a catalog being edited: the last good one stands
-                self._companies = self._load()
+        if time.monotonic() - self._looked >= self.RELOAD_S:
+            self._looked = time.monotonic()
+            stamp = self._stat()
+            if stamp != self._stamp:
+                with contextlib.suppress(CatalogError):  # a catalog being edited: the last good one stands
+                    self._companies = self._load()
+                    self._stamp = stamp
         return self._companies.get(entity)
 
 

@@ -66,6 +66,10 @@ def test_a_catalog_without_entities_leaves_lines_as_they_were() -> None:
             r"\$\.tenants\[0\]\.plan: plan 'basic' is in USD but entity 'eu' invoices",
         ),
         (lambda c: c["entities"].append(dict(ENTITIES[0])), r"\$\.entities\[2\]\.id: entity 'us' is declared twice"),
+        (
+            lambda c: c["entities"][1].update(erp_company="Tallyflow Inc."),
+            r"\$\.entities\[1\]\.erp_company: 'Tallyflow Inc\.' is already entity 'us''s",
+        ),
     ],
 )
 def test_a_catalog_naming_an_entity_wrongly_stops_with_the_field_named(change: Any, message: str) -> None:

@@ -74,6 +74,20 @@ def test_a_correction_of_a_held_window_waits_with_it_and_others_do_not() -> None
     assert all(review == "amount_over_limit" for _, rev, amount, review in got if rev == 0 and amount > 1)
 
 
+def test_held_windows_are_remembered_until_their_period_is_final() -> None:
+    """What keeps a held window's corrections waiting lasts as long as corrections can come:
+    dropped once its period is past its grace, not before (a daily plan's periods pass in a
+    day; grace may be longer)."""
+    h = Harness(catalog=_catalog(line_amount_over={"USD": "1.00"}))
+    h.feed(*[ev("acme", at=i * S) for i in range(25)], ev("acme", at=3 * MIN))
+    assert "2026-03" in h.engine.tenants["acme"].held
+    april = timedelta(days=22)  # T0 is 10 March, noon: 1 April, noon
+    h.feed(ev("acme", at=april - timedelta(hours=12, minutes=30)))  # April, within March's hour of grace ...
+    assert "2026-03" in h.engine.tenants["acme"].held
+    h.feed(ev("acme", at=april))  # ... and now past it
+    assert "2026-03" not in h.engine.tenants["acme"].held
+
+
 def test_a_tenant_marked_for_review_has_every_line_and_draw_held() -> None:
     cat = _catalog()
     cat["tenants"][0]["review"] = True

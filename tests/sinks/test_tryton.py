@@ -278,3 +278,39 @@ def test_each_legal_entity_books_under_its_company_and_invoices_there(tryton: Tr
     assert got == {("TF-US", "ERP-1", "USD"): (D("10.00"), "posted"), ("TF-EU", "ERP-4", "EUR"): (D("15.50"), "posted")}
     invoices = client.call("model.account.invoice.read", [r["invoice"] for r in posted], ["company.party.code", "number", "move.company"])
     assert all(inv["number"] and inv["move."]["company"] == inv["company."]["id"] for inv in invoices)
+
+
+def test_a_user_who_cannot_work_in_an_entitys_company_is_told_so_and_nothing_is_invoiced(
+    tryton: TrytonServer, tryton_catalog: Path
+) -> None:
+    """Tryton's record rules use the user's companies under its company filter: with filter
+    "one" the user works in its current company only. An item of the other company is then
+    rejected with the fix named, and invoicing a period with records there refuses the
+    whole call, rather than invoicing one company and not the other."""
+    s = tryton.settings(Settings()).tryton
+    companies = EntityCompanies(str(tryton_catalog))
+    us = msgspec.structs.replace(line("1.00"), legal_entity="us")
+    eu = rated_line(tenant_id="euro-co", erp_customer_id="ERP-4", currency="EUR", amount="2.00", legal_entity="eu")
+    assert not TrytonErp(s, companies=companies).send("k", [us, eu]).rejected  # both companies booked
+    client = tryton.client()
+    (admin,) = client.call("model.res.user.search", [("login", "=", "admin")], 0, None, None)
+    client.call("model.res.user.write", [admin], {"company_filter": "one"})
+    later = rated_line(tenant_id="euro-co", erp_customer_id="ERP-4", currency="EUR", amount="3.00", legal_entity="eu")
+    why = TrytonErp(s, companies=companies).send("k2", [later]).rejected[0]
+    assert why.startswith("unknown ERP company TF-EU") and "company filter to All" in why
+    with pytest.raises(TrytonError, match='company "Tallyflow GmbH" waits to be invoiced, but this user cannot work in it'):
+        client.call("model.tallyflow.usage.invoice_period", "2026-03", None, False)
+    assert client.call("model.account.invoice.search_count", []) == 0
+
+
+def test_the_entity_map_follows_the_catalog_file(tmp_path: Path, tryton_catalog: Path) -> None:
+    """An entity's company corrected in the catalog reaches the ERP delivery without a restart."""
+    path = tmp_path / "catalog.yaml"
+    path.write_bytes(tryton_catalog.read_bytes())
+    companies = EntityCompanies(str(path))
+    companies.RELOAD_S = 0.0
+    assert companies("eu") == "TF-EU" and companies("uk") is None
+    path.write_text(path.read_text().replace("TF-EU", "TF-DE"))
+    assert companies("eu") == "TF-DE"
+    path.write_text("entities: [")  # an edit half-way: the last good catalog stands
+    assert companies("eu") == "TF-DE"

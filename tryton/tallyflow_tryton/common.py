@@ -51,10 +51,9 @@ def find_companies(items: Iterable[dict[str, Any]]) -> dict[str, int]:
     wanted = sorted({str(v) for i in items if (v := i.get(ERP_COMPANY))})
     if not wanted:
         return {}
-    user = Transaction().user
     with without_check_access():
         companies = Company.search(["OR", ("party.code", "in", wanted), ("party.name", "in", wanted)])
-        allowed = {c.id for c in companies} if user == 0 else {c.id for c in User(user).companies}
+    allowed = {c.id for c in companies} if Transaction().user == 0 else set(User.get_companies())
     found = {c.party.code: c.id for c in companies if c.party.code in wanted}
     by_name: dict[str, set[int]] = {}
     for c in companies:
@@ -72,9 +71,24 @@ def item_company(item: dict[str, Any], default: int, companies: dict[str, int]) 
     company = companies.get(str(name))
     if company is None:
         raise Rejected(
-            f"unknown ERP company {name}: create a company whose party has that code (or name) and add it to the Tallyflow user's companies"
+            f"unknown ERP company {name}: create a company whose party has that code (or name), add it "
+            "to the Tallyflow user's companies and set its company filter to All"
         )
     return company
+
+
+def check_companies(companies: Iterable[int]) -> None:
+    """Refuse to work in a company the user cannot (its companies with company filter "All":
+    Tryton's record rules use those): better than invoicing some companies and not others."""
+    pool = Pool()
+    if Transaction().user == 0:
+        return
+    allowed = set(pool.get("res.user").get_companies())
+    for company in companies:
+        if company not in allowed:
+            with without_check_access():
+                name = pool.get("company.company")(company).rec_name
+            raise UserError(gettext("tallyflow.msg_company_not_allowed", company=name))
 
 
 def check_batch(batch: Any) -> list[dict[str, Any]]:

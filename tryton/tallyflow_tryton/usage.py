@@ -6,7 +6,7 @@ from decimal import Decimal
 from itertools import groupby
 from typing import Any
 
-from sql import Column, Null
+from sql import Null
 from trytond.exceptions import UserError
 from trytond.i18n import gettext
 from trytond.model import Index, ModelSQL, ModelView, Unique, fields
@@ -194,7 +194,9 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         cls.lock()  # two concurrent calls must not invoice the same records
         Credit.lock()
         result = []
-        for company in cls._companies_to_invoice(period):
+        companies = cls._companies_to_invoice(period)
+        common.check_companies(companies)
+        for company in companies:
             with Transaction().set_context(company=company):
                 result.extend(cls._invoice_company(period, company, parties, post))
         return result
@@ -205,9 +207,12 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         Credit = Pool().get("tallyflow.credit")
         cursor = Transaction().connection.cursor()
         found: set[int] = set()
-        for model, invoiced in ((cls, "invoice_line"), (Credit, "invoice")):
-            t = model.__table__()
-            cursor.execute(*t.select(t.company, where=(t.period == period) & (Column(t, invoiced) == Null), group_by=[t.company]))
+        usage, credit = cls.__table__(), Credit.__table__()
+        for t, where in (
+            (usage, usage.invoice_line == Null),
+            (credit, (credit.invoice == Null) & credit.kind.in_(list(APPLIED))),
+        ):
+            cursor.execute(*t.select(t.company, where=(t.period == period) & where, group_by=[t.company]))
             found.update(company for (company,) in cursor)
         return sorted(found)
 

@@ -131,9 +131,9 @@ class Intake:
         if not msgs:
             return []
         now_ms = int(time.time() * 1000)
-        ts = msgs[0].timestamp()[1]  # the oldest's producer time (CreateTime): what waiting for intake costs alerts
+        m0 = msgs[0]  # a source item holds one partition's messages, oldest first
+        ts = m0.timestamp()[1]  # its producer's time (CreateTime): what waiting for intake costs alerts
         self.stats.input_delay_s = max(0, now_ms - ts) / 1000 if ts > 0 else 0.0
-        m0 = msgs[0]  # a source item holds one partition's messages
         topic, partition = m0.topic() or "", m0.partition() or 0
         groups, dead = self.validator.route(msgs, topic, partition, iso(now_ms), now_ms, self.sharder)
         items: list[tuple[str, ShardItem]] = [(k, (batch, topic, partition, [])) for k, batch in groups.items()]

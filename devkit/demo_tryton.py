@@ -191,19 +191,22 @@ def _show_review(s: Settings, client: TrytonClient, held: list[RatedUsageLine], 
         )
     }
 
-    def parked() -> set[str]:
-        return {i for v in read_topic(s.kafka.config(), s.topics.exceptions) for i in orjson.loads(v).get("ids", ())}
+    parked: set[str] = set()
 
-    wait_until(lambda: set(rejected) <= parked(), 60, "the rejected lines parked")
+    def all_parked() -> bool:
+        parked.update(i for v in read_topic(s.kafka.config(), s.topics.exceptions) for i in orjson.loads(v).get("ids", ()))
+        return set(rejected) <= parked
+
+    wait_until(all_parked, 60, "the rejected lines parked")
     print(_row("approved -> in Tryton", f"{len(approved)} -> {len(booked & set(approved))}"))
     print(
         _row(
             "rejected -> parked, not in Tryton",
-            f"{len(rejected)} -> {len(parked() & set(rejected))} parked, {len(booked & set(rejected))} in Tryton",
+            f"{len(rejected)} -> {len(parked & set(rejected))} parked, {len(booked & set(rejected))} in Tryton",
         )
     )
     spiked = {ln.tenant_id for ln in held}
-    return spiked >= {t for t, _, _ in SPIKES} and booked == set(approved) and set(rejected) <= parked() and bool(approved and rejected)
+    return spiked >= {t for t, _, _ in SPIKES} and booked == set(approved) and bool(approved and rejected)
 
 
 def _pay_one(tryton: TrytonServer) -> str:

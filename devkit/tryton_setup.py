@@ -1,5 +1,6 @@
 """A Tryton 8.2 SQLite database with the Tallyflow module and a ready-to-invoice set-up:
-a company per legal entity of the catalog (else one), currencies (USD, EUR), chart of accounts, fiscal years, payment term, one service
+a company per legal entity of the catalog (else one), each with its chart of accounts,
+fiscal years, payment term and cash payment method; currencies (USD, EUR), one service
 product per `product_code` of the catalog and one for prepaid credits applied
 (`TALLYFLOW-CREDIT`), one party per tenant (code: its `erp_customer_id`, identifier: its
 `crm_account_id`, so the ERP and CRM adapters both find it).

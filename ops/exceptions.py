@@ -6,9 +6,10 @@ the reason per id. A re-drive makes the rejected ids deliverable again in the de
 and produces the items back to the topic their delivery dataflow reads (rated lines to
 `usage.rated`, alerts to `usage.alerts`, invoice states the CRM refused to `erp.status`), keyed
 by tenant. An invoice state parked because no tenant had its ERP customer (`erp-status`: from
-the webhook or the Tryton poller) is told again once the catalog has that customer. Ids a destination has accepted
-(or is sending) since are left alone, so running `--redrive` twice is harmless; and an ERP or CRM that
-enforces unique ids (Tryton with the Tallyflow module) would answer "existing" anyway.
+the webhook or the Tryton poller) is told again once the catalog has that customer. Ids a
+destination has accepted (or is sending) since are left alone, so running `--redrive` twice
+is harmless; and an ERP or CRM that enforces unique ids (Tryton with the Tallyflow module)
+would answer "existing" anyway.
 """
 
 from __future__ import annotations
@@ -80,14 +81,14 @@ def redrive(s: Settings, parked: list[Parked]) -> dict[str, int]:
     sent: Counter[str] = Counter()
     records: list[tuple[str, bytes, bytes | None]] = []
     seen: set[tuple[str, str]] = set()
-    cat: list[CatalogIndex] = []
+    cat: CatalogIndex | None = None
     for e in parked:
         if e.destination == "review":  # a person rejected it: not sent again behind their back
             continue
         if e.destination == "erp-status":  # no tenant had the customer: told if the catalog has one now
-            cat = cat or [CatalogIndex.build(load_catalog(s.process.catalog))]
+            cat = cat or CatalogIndex.build(load_catalog(s.process.catalog))
             for raw in e.items:
-                told = status_of(cat[0], msgspec.json.decode(raw, type=StatusNotice))
+                told = status_of(cat, msgspec.json.decode(raw, type=StatusNotice))
                 if isinstance(told, InvoiceStatus) and (e.destination, told.status_id) not in seen:
                     records.append((s.topics.status, ENCODER.encode(told), told.tenant_id.encode()))
                     seen.add((e.destination, told.status_id))

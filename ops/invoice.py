@@ -38,8 +38,9 @@ from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
 from schemas.errors import TallyflowError
-from schemas.outputs import CreditRecord, RatedUsageLine, ReviewDecision
+from schemas.outputs import CreditRecord, RatedUsageLine
 from sinks.tryton import TrytonClient, TrytonError
+from state.review import decisions
 
 Key = tuple[str, str, str]  # legal entity ("" without entities), customer (erp_customer_id), currency
 ZERO = Decimal(0)
@@ -64,10 +65,7 @@ class Rated:
 def rated(s: Settings, period: str) -> Rated:
     """The period's rated gross and credits; a line id and a record id count once (first copy).
     What a person rejected in review is left out (never billed); what waits is counted."""
-    decided: dict[str, str] = {}
-    for v in read_topic(s.kafka.config(), s.topics.audit):
-        d = msgspec.json.decode(v, type=ReviewDecision)
-        decided.setdefault(d.review_id, d.decision)
+    decided = {i: d.decision for i, d in decisions(s).items()}
     out = Rated()
 
     def billed(item_id: str, review: str | None) -> bool:

@@ -42,8 +42,9 @@ from runtime import kafka
 from runtime.kafka import read_topic
 from runtime.settings import Settings, load_settings
 from schemas.catalog import load_catalog
-from schemas.outputs import CreditRecord, RatedUsageLine, ReviewDecision
+from schemas.outputs import CreditRecord, RatedUsageLine
 from sinks.erp import CREDITS
+from state.review import decisions
 
 Key = tuple[str, str, str]  # tenant, meter, period
 MoneyKey = tuple[str, str, str]  # tenant, period, currency
@@ -125,12 +126,7 @@ def first_copies(values: Iterable[bytes], kind: type[T], id_of: Callable[[T], st
 
 def rejected_in_review(s: Settings) -> set[str]:
     """The review ids a person rejected (`usage.audit`): never posted, by decision."""
-    out: set[str] = set()
-    for v in read_topic(s.kafka.config(), s.topics.audit):
-        d = msgspec.json.decode(v, type=ReviewDecision)
-        if d.decision == "reject":
-            out.add(d.review_id)
-    return out
+    return {i for i, d in decisions(s).items() if d.decision == "reject"}
 
 
 def rated_and_acknowledged(

@@ -4,6 +4,7 @@ restart; a bad one is refused and the catalog in use stays."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,15 @@ from operators.stats import Stats
 from schemas.catalog import CatalogError, load_catalog
 
 log = logging.getLogger(__name__)
+
+
+def file_stamp(path: str | Path) -> tuple[int, int]:
+    """What tells a changed catalog file: its modification time and size ((0, 0) while absent)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
 
 
 class CatalogWatch:
@@ -38,11 +48,7 @@ class CatalogWatch:
             threading.Thread(target=self._watch, name="catalog-watch", daemon=True).start()
 
     def _stat(self) -> tuple[int, int]:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_size)
+        return file_stamp(self.path)
 
     def _watch(self) -> None:
         while True:

@@ -24,7 +24,6 @@ import base64
 import contextlib
 import datetime as dt
 import json
-import os
 import time
 from collections.abc import Sequence
 from decimal import Decimal
@@ -33,6 +32,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from runtime.catalog_watch import file_stamp
 from runtime.settings import TrytonSettings
 from schemas.catalog import CatalogError, load_catalog
 from schemas.outputs import CreditRecord, InvoiceStatus, RatedUsageLine, ThresholdAlert
@@ -147,16 +147,9 @@ class EntityCompanies:
 
     def __init__(self, catalog_path: str) -> None:
         self.path = catalog_path
-        self._stamp = self._stat()
+        self._stamp = file_stamp(self.path)
         self._companies = self._load()
         self._looked = time.monotonic()
-
-    def _stat(self) -> tuple[int, int]:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_size)
 
     def _load(self) -> dict[str, str]:
         return {e.id: e.erp_company for e in load_catalog(self.path).entities}
@@ -164,7 +157,7 @@ class EntityCompanies:
     def __call__(self, entity: str) -> str | None:
         if time.monotonic() - self._looked >= self.RELOAD_S:
             self._looked = time.monotonic()
-            stamp = self._stat()
+            stamp = file_stamp(self.path)
             if stamp != self._stamp:
                 with contextlib.suppress(CatalogError):  # a catalog being edited: the last good one stands
                     self._companies = self._load()

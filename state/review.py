@@ -34,16 +34,21 @@ class Desk(msgspec.Struct):
         )
 
 
+def decisions(s: Settings) -> dict[str, ReviewDecision]:
+    """Every decision on `usage.audit`, by review id: the first (a later one was refused)."""
+    decided: dict[str, ReviewDecision] = {}
+    for v in read_topic(s.kafka.config(), s.topics.audit):
+        d = msgspec.json.decode(v, type=ReviewDecision)
+        decided.setdefault(d.review_id, d)
+    return decided
+
+
 def load(s: Settings) -> Desk:
     held: dict[str, HeldItem] = {}
     for v in read_topic(s.kafka.config(), s.topics.review):
         h = msgspec.json.decode(v, type=HeldItem)
         held.setdefault(h.review_id, h)
-    decided: dict[str, ReviewDecision] = {}
-    for v in read_topic(s.kafka.config(), s.topics.audit):
-        d = msgspec.json.decode(v, type=ReviewDecision)
-        decided.setdefault(d.review_id, d)
-    return Desk(held, decided)
+    return Desk(held, decisions(s))
 
 
 class Refused(Exception):

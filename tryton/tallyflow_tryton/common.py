@@ -47,13 +47,13 @@ def find_companies(items: Iterable[dict[str, Any]]) -> dict[str, int]:
     only those the calling user may work for (its companies)."""
     pool = Pool()
     Company = pool.get("company.company")
-    User = pool.get("res.user")
     wanted = sorted({str(v) for i in items if (v := i.get(ERP_COMPANY))})
     if not wanted:
         return {}
     with without_check_access():
         companies = Company.search(["OR", ("party.code", "in", wanted), ("party.name", "in", wanted)])
-    allowed = {c.id for c in companies} if Transaction().user == 0 else set(User.get_companies())
+    working = _working_in()
+    allowed = {c.id for c in companies} if working is None else working
     found = {c.party.code: c.id for c in companies if c.party.code in wanted}
     by_name: dict[str, set[int]] = {}
     for c in companies:
@@ -77,15 +77,21 @@ def item_company(item: dict[str, Any], default: int, companies: dict[str, int]) 
     return company
 
 
+def _working_in() -> set[int] | None:
+    """The companies the calling user works in: its companies under its company filter, as
+    Tryton's record rules see them (None for the root user, who is not restricted)."""
+    if Transaction().user == 0:
+        return None
+    return set(Pool().get("res.user").get_companies())
+
+
 def check_companies(companies: Iterable[int]) -> None:
     """Refuse to work in a company the user cannot (its companies with company filter "All":
     Tryton's record rules use those): better than invoicing some companies and not others."""
     pool = Pool()
-    if Transaction().user == 0:
-        return
-    allowed = set(pool.get("res.user").get_companies())
+    allowed = _working_in()
     for company in companies:
-        if company not in allowed:
+        if allowed is not None and company not in allowed:
             with without_check_access():
                 name = pool.get("company.company")(company).rec_name
             raise UserError(gettext("tallyflow.msg_company_not_allowed", company=name))

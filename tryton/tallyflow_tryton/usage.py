@@ -196,9 +196,10 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         result = []
         companies = cls._companies_to_invoice(period)
         common.check_companies(companies)
+        party_ids = None if parties is None else [p.id for p in common.find_parties(parties).values()]
         for company in companies:
             with Transaction().set_context(company=company):
-                result.extend(cls._invoice_company(period, company, parties, post))
+                result.extend(cls._invoice_company(period, company, party_ids, post))
         return result
 
     @classmethod
@@ -217,16 +218,15 @@ class Usage(ModelSQL, ModelView):  # type: ignore[misc]
         return sorted(found)
 
     @classmethod
-    def _invoice_company(cls, period: str, company: int, parties: list[str] | None, post: bool) -> list[dict[str, Any]]:
+    def _invoice_company(cls, period: str, company: int, party_ids: list[int] | None, post: bool) -> list[dict[str, Any]]:
         pool = Pool()
         Invoice = pool.get("account.invoice")
         Credit = pool.get("tallyflow.credit")
         domain: list[Any] = [("period", "=", period), ("invoice_line", "=", None), ("company", "=", company)]
         credit_domain: list[Any] = [("period", "=", period), ("invoice", "=", None), ("company", "=", company), ("kind", "in", APPLIED)]
-        if parties is not None:
-            found = common.find_parties(parties)
-            domain.append(("party", "in", [p.id for p in found.values()]))
-            credit_domain.append(("party", "in", [p.id for p in found.values()]))
+        if party_ids is not None:
+            domain.append(("party", "in", party_ids))
+            credit_domain.append(("party", "in", party_ids))
         records = cls.search(domain, order=[("party", "ASC"), ("currency", "ASC"), ("product", "ASC"), ("id", "ASC")])
         credits = Credit.search(credit_domain, order=[("party", "ASC"), ("currency", "ASC"), ("grant_id", "ASC"), ("id", "ASC")])
 
